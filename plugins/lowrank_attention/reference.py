@@ -1,0 +1,92 @@
+"""PyTorch reference of the low-rank attention op (DESIGN 6): the spec the Triton kernel,
+the ONNX graph and the TensorRT plugin are checked against.
+
+Semantics, for q [B, H, S, r_k], k [B, H_kv, P+S, r_k], v [B, H_kv, P+S, r_v]:
+- query i of the S new tokens sits at absolute position P+i and sees keys 0..P+i (causal,
+  offset by the past length P = k.shape[2] - S);
+- key j is visible only where attention_mask[b, j] != 0 (1 = real token, 0 = padding);
+- query head h reads KV head h // (H // H_kv), as HF `repeat_kv` does;
+- scores are scaled by the explicit `scale`, which is 1/sqrt(d_original), never 1/sqrt(r)
+  (DESIGN 3.1: the fold keeps q.k, so the original scale keeps the softmax unchanged);
+- softmax runs in fp32; masked scores take finfo(fp32).min rather than -inf (DESIGN 5);
+- a query row with no visible key (a left-padding query) outputs zeros: softmax over an
+  all-masked row is uniform and meaningless, so the probabilities are zeroed explicitly.
+  Zeros keep the row finite; the row is padding, so its value is never used downstream.
+The output is [B, H, S, r_v] in q's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+# Ranks are padded to a power of two inside the kernel; beyond this the register tiles get too
+# large to be useful, and no model we target has head_dim > 256.
+MAX_RANK = 256
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scale: float) -> None:
+    """Raise ValueError with a one-line message naming the tensor and the expected shape."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"lowrank_attention: {name} must be 4-D "
+                             f"{_expected(name)}, got shape {tuple(t.shape)}")
+    batch, heads, seq, rank_k = q.shape
+    _, heads_kv, total, _ = k.shape
+    rank_v = v.shape[3]
+    if k.shape[0] != batch or k.shape[3] != rank_k:
+        raise ValueError(f"lowrank_attention: k must be [B={batch}, H_kv, P+S, r_k={rank_k}], "
+                         f"got {tuple(k.shape)}")
+    if heads_kv == 0 or heads % heads_kv != 0:
+        raise ValueError(f"lowrank_attention: k has H_kv={heads_kv} heads, which must divide "
+                         f"q's H={heads} (GQA groups)")
+    if total < seq:
+        raise ValueError(f"lowrank_attention: k must hold the past plus the S={seq} new tokens "
+                         f"([B, H_kv, P+S >= {seq}, r_k]), got length {total}")
+    if tuple(v.shape[:3]) != (batch, heads_kv, total):
+        raise ValueError(f"lowrank_attention: v must be [B={batch}, H_kv={heads_kv}, "
+                         f"P+S={total}, r_v], got {tuple(v.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, total):
+        raise ValueError(f"lowrank_attention: attention_mask must be [B={batch}, P+S={total}], "
+                         f"got {tuple(attention_mask.shape)}")
+    for name, rank in (("r_k", rank_k), ("r_v", rank_v)):
+        if not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"lowrank_attention: {name}={rank} is outside 1..{MAX_RANK}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"lowrank_attention: q, k, v must share one dtype, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (isinstance(scale, (float, int)) and scale > 0):
+        raise ValueError(f"lowrank_attention: scale must be a positive float "
+                         f"(1/sqrt(d_original)), got {scale!r}")
+
+
+def _expected(name: str) -> str:
+    return {"q": "[B, H, S, r_k]", "k": "[B, H_kv, P+S, r_k]", "v": "[B, H_kv, P+S, r_v]"}[name]
+
+
+def visible_keys(attention_mask: torch.Tensor | None, batch: int, seq: int, total: int,
+                 device: torch.device) -> torch.Tensor:
+    """Boolean [B, 1, S, P+S]: which keys each new query may attend to (causal and not padding)."""
+    past = total - seq
+    query_pos = past + torch.arange(seq, device=device)
+    key_pos = torch.arange(total, device=device)
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # [1, 1, S, P+S]
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask != 0)[:, None, None, :]  # [B, 1, S, P+S]
+    return allowed.expand(batch, 1, seq, total)
+
+
+def lowrank_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Causal GQA attention in the low-rank space; see the module docstring for the semantics."""
+    check_inputs(q, k, v, attention_mask, scale)
+    batch, heads, seq, _ = q.shape
+    heads_kv, total = k.shape[1], k.shape[2]
+    group = heads // heads_kv
+    # k, v: [B, H_kv, T, r] -> [B, H, T, r], query head h reads KV head h // group
+    k_heads = k.float().repeat_interleave(group, dim=1)
+    v_heads = v.float().repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k_heads.transpose(-1, -2)) * scale  # [B, H, S, T]
+    allowed = visible_keys(attention_mask, batch, seq, total, q.device)
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1) * allowed  # all-masked rows -> zeros
+    return torch.matmul(probs, v_heads).to(q.dtype)  # [B, H, S, r_v]

@@ -1,0 +1,385 @@
+"""Triton kernels of the low-rank attention op (DESIGN 6); semantics in reference.py.
+
+Two paths, picked by the number of new tokens S:
+- prefill (S > 1): flash-attention style; one program per (block of queries, batch, query head),
+  online softmax over key blocks, keys past the block's causal horizon never loaded.
+- decode (S == 1): flash-decoding; the cache is split along its length into chunks, one program per
+  (chunk, batch, KV head) handles every query head of that KV head's GQA group, so each cached key
+  and value is read once per group (decode is bound by cache bandwidth, not by compute). Each
+  program writes an unnormalised partial output with its running max and sum; a reduce kernel
+  combines the chunks.
+Ranks are padded to the next power of two (tl.arange and tl.dot need it, >= 16 for tl.dot) and the
+padding is masked on load, so ranks like 40, 56 or 77 need no copy of the cache. Every tensor is
+addressed through explicit strides: the cache may be a view into a larger preallocated buffer.
+Accumulation is fp32 for every input dtype; fp32 inputs use IEEE dots (TF32 would cost ~1e-3).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import check_inputs
+
+LOG2E = 1.4426950408889634
+# Finite start for the running max: with -inf, a block whose keys are all masked would compute
+# exp2(-inf - -inf) = nan. Any real scaled score is far above it.
+_NO_SCORE = tl.constexpr(-1.0e30)
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    # Split the cache until there are about this many programs per SM: decode is latency bound on
+    # memory, so each SM needs several programs' loads in flight.
+    programs_per_sm: int = 4
+    # Shortest chunk worth a program; a fixed chunk_len (a multiple of block_n) overrides the split.
+    min_chunk: int = 256
+    chunk_len: int | None = None
+
+
+# Sizes and counts are not specialised on (only strides are, for vectorised loads): otherwise every
+# new cache length or split count would compile another kernel variant.
+@triton.jit(do_not_specialize=["num_heads", "seq_len", "total_len", "group_size"])
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+    stride_qb, stride_qh, stride_qs, stride_qr,
+    stride_kb, stride_kh, stride_kt, stride_kr,
+    stride_vb, stride_vh, stride_vt, stride_vr,
+    stride_mb, stride_mt,
+    stride_ob, stride_oh, stride_os, stride_or,
+    num_heads, seq_len, total_len, group_size, rank_k, rank_v, qk_scale_log2,
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
+):
+    block_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    # int64 offsets: batch * batch_stride of a large cache overflows int32 (32 x 32 x 32k x 128).
+    b = (batch_head // num_heads).to(tl.int64)
+    head = batch_head % num_heads
+    kv_head = (head // group_size).to(tl.int64)
+    head = head.to(tl.int64)
+    past = total_len - seq_len
+
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_rk = tl.arange(0, RK_PAD)
+    offs_rv = tl.arange(0, RV_PAD)
+    row_ok = offs_m < seq_len
+    rk_ok = offs_rk < rank_k
+    rv_ok = offs_rv < rank_v
+
+    q = tl.load(q_ptr + b * stride_qb + head * stride_qh
+                + offs_m[:, None] * stride_qs + offs_rk[None, :] * stride_qr,
+                mask=row_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_M, RK_PAD]
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, RV_PAD], tl.float32)
+    # The last query of this block sits at past + (block_m + 1) * BLOCK_M - 1: later keys are unseen.
+    key_end = tl.minimum(total_len, past + (block_m + 1) * BLOCK_M)
+    for start_n in range(0, key_end, BLOCK_N):
+        keys = start_n + offs_n
+        key_ok = keys < total_len
+        k = tl.load(k_base + keys[:, None] * stride_kt + offs_rk[None, :] * stride_kr,
+                    mask=key_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
+        v = tl.load(v_base + keys[:, None] * stride_vt + offs_rv[None, :] * stride_vr,
+                    mask=key_ok[:, None] & rv_ok[None, :], other=0.0)  # [BLOCK_N, RV_PAD]
+        if IEEE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * qk_scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+        visible = key_ok[None, :] & (keys[None, :] <= past + offs_m[:, None])
+        if HAS_MASK:
+            real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
+            visible = visible & (real != 0)[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE_DOT:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    # l_i >= 1 wherever a key was visible (the max key contributes exp2(0)); a row with none
+    # has acc == 0, so dividing by max(l_i, 1) yields the documented zeros.
+    out = acc / tl.maximum(l_i, 1.0)[:, None]
+    tl.store(out_ptr + b * stride_ob + head * stride_oh
+             + offs_m[:, None] * stride_os + offs_rv[None, :] * stride_or,
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & rv_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_kv_heads", "total_len", "group_size",
+                               "chunk_len", "num_splits"])
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    stride_qb, stride_qh, stride_qr,
+    stride_kb, stride_kh, stride_kt, stride_kr,
+    stride_vb, stride_vh, stride_vt, stride_vr,
+    stride_mb, stride_mt,
+    num_kv_heads, total_len, group_size, rank_k, rank_v, chunk_len, num_splits, qk_scale_log2,
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
+):
+    split = tl.program_id(0)
+    batch_kv = tl.program_id(1)
+    b = (batch_kv // num_kv_heads).to(tl.int64)
+    kv_head = batch_kv % num_kv_heads
+
+    offs_g = tl.arange(0, BLOCK_H)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_rk = tl.arange(0, RK_PAD)
+    offs_rv = tl.arange(0, RV_PAD)
+    in_group = offs_g < group_size
+    rk_ok = offs_rk < rank_k
+    rv_ok = offs_rv < rank_v
+    heads = (kv_head * group_size + offs_g).to(tl.int64)  # the query heads reading this KV head
+    kv_head = kv_head.to(tl.int64)
+
+    # The one new token of each query head; rows past the group are zero padding for tl.dot.
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_rk[None, :] * stride_qr,
+                mask=in_group[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_H, RK_PAD]
+    k_base = k_ptr + b * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_H], _NO_SCORE, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, RV_PAD], tl.float32)
+    # The new token sits at position total_len - 1, so causality hides nothing: only padding.
+    start = split * chunk_len
+    end = tl.minimum(start + chunk_len, total_len)
+    for start_n in range(start, end, BLOCK_N):
+        keys = start_n + offs_n
+        key_ok = keys < end
+        k = tl.load(k_base + keys[:, None] * stride_kt + offs_rk[None, :] * stride_kr,
+                    mask=key_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
+        v = tl.load(v_base + keys[:, None] * stride_vt + offs_rv[None, :] * stride_vr,
+                    mask=key_ok[:, None] & rv_ok[None, :], other=0.0)  # [BLOCK_N, RV_PAD]
+        if IEEE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = scores * qk_scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
+        visible = key_ok
+        if HAS_MASK:
+            real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
+            visible = visible & (real != 0)
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE_DOT:
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    # partials: [B, H, num_splits, (RV_PAD)] contiguous fp32, allocated by the launcher
+    num_heads = num_kv_heads * group_size
+    row = (b * num_heads + heads) * num_splits + split  # [BLOCK_H]
+    tl.store(part_max_ptr + row, m_i, mask=in_group)
+    tl.store(part_sum_ptr + row, l_i, mask=in_group)
+    tl.store(part_acc_ptr + row[:, None] * RV_PAD + offs_rv[None, :], acc, mask=in_group[:, None])
+
+
+@triton.jit(do_not_specialize=["num_heads", "num_splits"])
+def _decode_reduce_kernel(
+    part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+    stride_ob, stride_oh, stride_or,
+    num_heads, num_splits, rank_v,
+    SPLIT_BLOCK: tl.constexpr, RV_PAD: tl.constexpr,
+):
+    batch_head = tl.program_id(0)
+    b = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    first_row = batch_head.to(tl.int64) * num_splits
+    offs_s = tl.arange(0, SPLIT_BLOCK)
+    offs_rv = tl.arange(0, RV_PAD)
+
+    # Pass 1: the global max, so every chunk's weight exp2(m_chunk - m_max) is <= 1.
+    m_max = tl.full([SPLIT_BLOCK], _NO_SCORE, tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        ok = s0 + offs_s < num_splits
+        m_max = tl.maximum(m_max, tl.load(part_max_ptr + first_row + s0 + offs_s, mask=ok,
+                                          other=_NO_SCORE))
+    m_all = tl.max(m_max, 0)
+
+    # Pass 2: sum the rescaled partial outputs and softmax denominators.
+    numer = tl.zeros([RV_PAD], tl.float32)
+    denom = tl.zeros([SPLIT_BLOCK], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        ok = s0 + offs_s < num_splits
+        rows = first_row + s0 + offs_s
+        m = tl.load(part_max_ptr + rows, mask=ok, other=_NO_SCORE)
+        l = tl.load(part_sum_ptr + rows, mask=ok, other=0.0)
+        acc = tl.load(part_acc_ptr + rows[:, None] * RV_PAD + offs_rv[None, :],
+                      mask=ok[:, None], other=0.0)  # [SPLIT_BLOCK, RV_PAD]
+        weight = tl.exp2(m - m_all)
+        numer += tl.sum(weight[:, None] * acc, 0)
+        denom += weight * l
+    # As in the prefill kernel: the denominator is >= 1 unless no key was visible (then numer == 0).
+    out = numer / tl.maximum(tl.sum(denom, 0), 1.0)
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + offs_rv * stride_or,
+             out.to(out_ptr.dtype.element_ty), mask=offs_rv < rank_v)
+
+
+def _padded(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the CPU interpreter: a small number still exercises several chunks
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def decode_split_plan(total_len: int, batch: int, heads_kv: int, config: DecodeConfig,
+                      num_sms: int) -> tuple[int, int]:
+    """(chunk_len, num_splits) for a cache of total_len keys; chunk_len is a multiple of block_n."""
+    block_n = config.block_n
+    if config.chunk_len is not None:
+        chunk = triton.cdiv(config.chunk_len, block_n) * block_n
+    else:
+        wanted_splits = max(1, triton.cdiv(config.programs_per_sm * num_sms, batch * heads_kv))
+        chunk = max(triton.cdiv(total_len, wanted_splits), config.min_chunk)
+        chunk = triton.cdiv(chunk, block_n) * block_n
+    chunk = max(chunk, block_n)
+    return chunk, triton.cdiv(total_len, chunk)
+
+
+def _mask_for_kernel(attention_mask: torch.Tensor | None, fallback: torch.Tensor):
+    if attention_mask is None:
+        return fallback, 0, 0, False  # never read: HAS_MASK is False
+    if attention_mask.dtype == torch.bool:
+        attention_mask = attention_mask.view(torch.uint8)  # same bytes, a dtype Triton loads
+    return attention_mask, attention_mask.stride(0), attention_mask.stride(1), True
+
+
+def lowrank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scale: float, *,
+                      prefill_config: PrefillConfig | None = None,
+                      decode_config: DecodeConfig | None = None) -> torch.Tensor:
+    """Causal GQA attention in the low-rank space -> [B, H, S, r_v] in q's dtype.
+
+    q [B, H, S, r_k]; k [B, H_kv, P+S, r_k]; v [B, H_kv, P+S, r_v]; attention_mask [B, P+S]
+    (1 = real token, 0 = padding; None = no padding); scale = 1/sqrt(d_original).
+    S == 1 runs the flash-decoding kernels, S > 1 the prefill kernel.
+    """
+    check_inputs(q, k, v, attention_mask, scale)
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"lowrank_attention: dtype must be float32, float16 or bfloat16, "
+                         f"got {q.dtype}")
+    tensors = [q, k, v] + ([attention_mask] if attention_mask is not None else [])
+    if any(t.device != q.device for t in tensors):
+        raise ValueError("lowrank_attention: q, k, v and attention_mask must be on one device, "
+                         f"got {[str(t.device) for t in tensors]}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"lowrank_attention: tensors are on {q.device}; the Triton kernels need "
+                         "a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)")
+
+    batch, heads, seq, rank_k = q.shape
+    heads_kv, total = k.shape[1], k.shape[2]
+    rank_v = v.shape[3]
+    out = torch.empty((batch, heads, seq, rank_v), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    mask, stride_mb, stride_mt, has_mask = _mask_for_kernel(attention_mask, q)
+    common = dict(group_size=heads // heads_kv, rank_k=rank_k, rank_v=rank_v,
+                  qk_scale_log2=float(scale) * LOG2E, HAS_MASK=has_mask,
+                  IEEE_DOT=q.dtype == torch.float32, RK_PAD=_padded(rank_k),
+                  RV_PAD=_padded(rank_v))
+    if seq == 1:
+        _launch_decode(q, k, v, mask, stride_mb, stride_mt, out, common,
+                       decode_config or _default_decode_config(common))
+    else:
+        _launch_prefill(q, k, v, mask, stride_mb, stride_mt, out, common,
+                        prefill_config or _default_prefill_config(common))
+    return out
+
+
+def _default_prefill_config(common: dict) -> PrefillConfig:
+    if max(common["RK_PAD"], common["RV_PAD"]) > 128 or common["IEEE_DOT"]:
+        return PrefillConfig(block_m=64, block_n=32)  # keep the tiles within shared memory
+    return PrefillConfig()
+
+
+def _default_decode_config(common: dict) -> DecodeConfig:
+    if max(common["RK_PAD"], common["RV_PAD"]) > 128 or common["IEEE_DOT"]:
+        return DecodeConfig(block_n=32)
+    return DecodeConfig()
+
+
+def _launch_prefill(q, k, v, mask, stride_mb, stride_mt, out, common, config: PrefillConfig):
+    batch, heads, seq, _ = q.shape
+    grid = (triton.cdiv(seq, config.block_m), batch * heads)
+    _prefill_kernel[grid](
+        q, k, v, mask, out,
+        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mt, *out.stride(),
+        heads, seq, k.shape[2], **common,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+# The reduce kernel walks the chunks in blocks of this many (a few hundred chunks at most).
+_SPLIT_BLOCK = 32
+
+
+def _launch_decode(q, k, v, mask, stride_mb, stride_mt, out, common, config: DecodeConfig):
+    batch, heads, _, _ = q.shape
+    heads_kv, total = k.shape[1], k.shape[2]
+    chunk_len, num_splits = decode_split_plan(total, batch, heads_kv, config, _num_sms(q.device))
+    rv_pad = common["RV_PAD"]
+    # partials: acc [B, H, num_splits, RV_PAD], running max / sum [B, H, num_splits]; fp32
+    part_acc = torch.empty((batch, heads, num_splits, rv_pad), dtype=torch.float32, device=q.device)
+    part_max = torch.empty((batch, heads, num_splits), dtype=torch.float32, device=q.device)
+    part_sum = torch.empty_like(part_max)
+    block_h = max(16, triton.next_power_of_2(common["group_size"]))  # tl.dot needs M >= 16
+    _decode_split_kernel[(num_splits, batch * heads_kv)](
+        q, k, v, mask, part_acc, part_max, part_sum,
+        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), stride_mb, stride_mt,
+        heads_kv, total, common["group_size"], common["rank_k"], common["rank_v"],
+        chunk_len, num_splits, common["qk_scale_log2"],
+        HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"], BLOCK_H=block_h,
+        BLOCK_N=config.block_n, RK_PAD=common["RK_PAD"], RV_PAD=rv_pad,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    _decode_reduce_kernel[(batch * heads,)](
+        part_acc, part_max, part_sum, out,
+        out.stride(0), out.stride(1), out.stride(3),
+        heads, num_splits, common["rank_v"],
+        SPLIT_BLOCK=_SPLIT_BLOCK, RV_PAD=rv_pad, num_warps=4,
+    )
+
+
+__all__ = ["lowrank_attention", "PrefillConfig", "DecodeConfig", "decode_split_plan"]

@@ -1,0 +1,269 @@
+"""The low-rank attention op (DESIGN 6): the PyTorch reference against a naive loop and SDPA, and
+the Triton kernels against the reference under the CPU interpreter (TRITON_INTERPRET=1).
+
+triton reads TRITON_INTERPRET when its kernels are decorated, and another test module may already
+have imported triton (or torch, which can import it) in this process. So the kernel grid runs in
+one subprocess started with the variable set; its per-case results are then asserted here, one
+pytest case each. bf16 is left to bench/gpu_check.py: the interpreter's bf16 is unreliable.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # plugins/ is importable from the repo root
+    sys.path.insert(0, str(REPO))
+
+from plugins.lowrank_attention.reference import (  # noqa: E402
+    check_inputs,
+    lowrank_attention_reference,
+)
+
+TOLERANCES = {"float32": (1e-5, 1e-5), "float16": (2e-3, 2e-3)}  # (atol, rtol)
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    heads: int
+    heads_kv: int
+    seq: int  # S new tokens; 1 = decode kernel
+    past: int  # P cached tokens
+    rank_k: int
+    rank_v: int
+    dtype: str
+    left_pad: tuple[int, ...] = ()  # padding tokens at the start of each batch row
+    view: bool = False  # q a transpose of [B, S, H, r]; k, v slices of a larger cache buffer
+    chunk_len: int | None = None  # decode: force many small chunks (some fully padded)
+
+    @property
+    def name(self) -> str:
+        kind = "decode" if self.seq == 1 else f"prefill{self.seq}"
+        pad = f"-pad{'.'.join(map(str, self.left_pad))}" if self.left_pad else ""
+        extra = ("-view" if self.view else "") + (f"-chunk{self.chunk_len}" if self.chunk_len else "")
+        return (f"{kind}-b{self.batch}-h{self.heads}kv{self.heads_kv}-past{self.past}"
+                f"-r{self.rank_k}x{self.rank_v}-{self.dtype}{pad}{extra}")
+
+
+CASES = [
+    # decode (S = 1): past 0 / 1 / odd / long, GQA ratios 1 / 3 / 4
+    Case(1, 4, 4, 1, 0, 8, 8, "float32"),
+    Case(3, 6, 2, 1, 1, 40, 56, "float16", left_pad=(0, 1, 0)),
+    Case(3, 8, 2, 1, 37, 77, 40, "float32", left_pad=(4, 0, 9), view=True),
+    Case(1, 3, 1, 1, 300, 64, 48, "float16"),
+    Case(3, 4, 4, 1, 300, 56, 64, "float32", left_pad=(0, 120, 7), chunk_len=32),
+    Case(3, 12, 4, 1, 300, 77, 77, "float16", left_pad=(100, 0, 301), chunk_len=64, view=True),
+    Case(1, 8, 2, 1, 129, 33, 17, "float16", chunk_len=16),
+    # prefill (S > 1); rows of left padding have no visible key and must come out as zeros
+    Case(1, 4, 4, 7, 0, 8, 16, "float32"),
+    Case(3, 6, 2, 5, 1, 40, 56, "float16", left_pad=(3, 0, 1)),
+    Case(3, 8, 2, 33, 17, 77, 40, "float32", left_pad=(20, 0, 3), view=True),
+    Case(1, 3, 1, 16, 300, 64, 48, "float16"),
+    Case(3, 4, 4, 70, 0, 56, 24, "float16", left_pad=(0, 66, 5)),
+    Case(1, 12, 4, 9, 300, 33, 64, "float32", view=True),
+    Case(1, 4, 2, 65, 3, 64, 64, "float16", left_pad=(10,)),
+]
+
+# Each should fail validation with a one-line error naming the tensor: (description, message part)
+BAD_SHAPES = [
+    ("q_3d", "q must be 4-D"),
+    ("k_rank", "k must be [B=2, H_kv, P+S, r_k=16]"),
+    ("v_len", "v must be [B=2, H_kv=2, P+S=6"),
+    ("heads", "must divide q's H=4"),
+    ("mask_len", "attention_mask must be [B=2, P+S=6]"),
+    ("k_short", "k must hold the past plus the S=3"),
+    ("dtype_mix", "must share one dtype"),
+    ("rank_big", "r_v=300 is outside"),
+]
+
+
+def make_inputs(case: Case, seed: int = 0):
+    """q, k, v, attention_mask, scale for a case (k, v possibly views into a larger buffer)."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    total = case.past + case.seq
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    if case.view:
+        q = randn(case.batch, case.seq, case.heads, case.rank_k).transpose(1, 2)  # [B, H, S, r_k]
+        capacity = total + 11  # a preallocated cache with room left: k is [:, :, :P+S]
+        k = randn(case.batch, case.heads_kv, capacity, case.rank_k)[:, :, :total]
+        v = randn(case.batch, case.heads_kv, capacity, case.rank_v)[:, :, :total]
+    else:
+        q = randn(case.batch, case.heads, case.seq, case.rank_k)
+        k = randn(case.batch, case.heads_kv, total, case.rank_k)
+        v = randn(case.batch, case.heads_kv, total, case.rank_v)
+    mask = torch.ones(case.batch, total, dtype=torch.int64)
+    for row, pad in enumerate(case.left_pad):
+        mask[row, :pad] = 0
+    # 1/sqrt(d_original) with d_original above the ranks, as after a fold (DESIGN 3.1)
+    scale = 1.0 / math.sqrt(max(case.rank_k, 64) * 1.5)
+    return q, k, v, mask, scale
+
+
+# ---------------------------------------------------------------- the reference, in-process
+
+
+def _naive_attention(q, k, v, mask, scale):
+    """One query at a time, in float64: an independent statement of the semantics."""
+    batch, heads, seq, _ = q.shape
+    heads_kv, total = k.shape[1], k.shape[2]
+    group, past = heads // heads_kv, total - seq
+    out = torch.zeros(batch, heads, seq, v.shape[3], dtype=torch.float64)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seq):
+                keys = [j for j in range(past + i + 1) if mask is None or mask[b, j] != 0]
+                if not keys:
+                    continue  # a padding query: zeros by definition
+                kk = k[b, h // group, keys].double()
+                weights = torch.softmax(kk @ q[b, h, i].double() * scale, dim=0)
+                out[b, h, i] = weights @ v[b, h // group, keys].double()
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.dtype == "float32"], ids=lambda c: c.name)
+def test_reference_matches_naive_loop(case):
+    q, k, v, mask, scale = make_inputs(case)
+    got = lowrank_attention_reference(q, k, v, mask, scale)
+    assert got.shape == (case.batch, case.heads, case.seq, case.rank_v)
+    assert got.dtype == q.dtype
+    torch.testing.assert_close(got.double(), _naive_attention(q, k, v, mask, scale),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_reference_padding_queries_are_zero_and_finite():
+    case = Case(2, 4, 2, 6, 0, 16, 8, "float16", left_pad=(4, 0))
+    q, k, v, mask, scale = make_inputs(case)
+    out = lowrank_attention_reference(q, k, v, mask, scale)
+    assert torch.isfinite(out).all()
+    assert (out[0, :, :4] == 0).all()  # queries 0..3 of row 0 are padding: no visible key
+    assert (out[0, :, 4:] != 0).any()
+
+
+def test_reference_equals_sdpa_with_gqa_and_offset_causal_mask():
+    """At full rank with no padding the op is ordinary causal GQA attention."""
+    q, k, v, _, _ = make_inputs(Case(2, 6, 2, 5, 7, 32, 32, "float32"))
+    scale = 1 / math.sqrt(32)
+    k_heads, v_heads = k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1)
+    causal = torch.ones(5, 12, dtype=torch.bool).tril(diagonal=7)  # query i sees keys 0..7+i
+    want = torch.nn.functional.scaled_dot_product_attention(q, k_heads, v_heads,
+                                                            attn_mask=causal, scale=scale)
+    got = lowrank_attention_reference(q, k, v, None, scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _bad_inputs(kind: str):
+    """Valid inputs (B=2, H=4, H_kv=2, S=3, P=3, r_k=16, r_v=8) with one thing broken."""
+    q, k, v = torch.zeros(2, 4, 3, 16), torch.zeros(2, 2, 6, 16), torch.zeros(2, 2, 6, 8)
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    if kind == "q_3d":
+        q = q[0]
+    elif kind == "k_rank":
+        k = torch.zeros(2, 2, 6, 12)
+    elif kind == "v_len":
+        v = torch.zeros(2, 2, 5, 8)
+    elif kind == "heads":
+        k, v = torch.zeros(2, 3, 6, 16), torch.zeros(2, 3, 6, 8)
+    elif kind == "mask_len":
+        mask = torch.ones(2, 5, dtype=torch.int64)
+    elif kind == "k_short":
+        k, v, mask = torch.zeros(2, 2, 2, 16), torch.zeros(2, 2, 2, 8), torch.ones(2, 2)
+    elif kind == "dtype_mix":
+        k = k.half()
+    elif kind == "rank_big":
+        v = torch.zeros(2, 2, 6, 300)
+    return q, k, v, mask, 0.125
+
+
+@pytest.mark.parametrize("kind,message", BAD_SHAPES, ids=[b[0] for b in BAD_SHAPES])
+def test_reference_rejects_bad_shapes_clearly(kind, message):
+    with pytest.raises(ValueError, match="lowrank_attention: ") as err:
+        check_inputs(*_bad_inputs(kind))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- the kernels, in a subprocess
+
+
+@pytest.fixture(scope="module")
+def kernel_results():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' provides it)")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, __file__, "--kernel-worker"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"kernel worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    results = json.loads(lines[-1])
+    if "skip" in results:
+        pytest.skip(results["skip"])
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_matches_reference(kernel_results, case):
+    result = kernel_results["cases"][case.name]
+    assert "error" not in result, result.get("error")
+    atol, rtol = TOLERANCES[case.dtype]
+    assert result["finite"], "non-finite output"
+    assert result["excess"] <= 0, (f"max abs error {result['max_abs_err']:.3g} exceeds "
+                                   f"atol {atol} + rtol {rtol} * |ref| by {result['excess']:.3g}")
+
+
+@pytest.mark.parametrize("kind,message", BAD_SHAPES, ids=[b[0] for b in BAD_SHAPES])
+def test_kernel_entry_rejects_bad_shapes_clearly(kernel_results, kind, message):
+    got = kernel_results["bad_shapes"][kind]
+    assert message in got and "\n" not in got, got
+
+
+def _kernel_worker() -> dict:
+    """Runs under TRITON_INTERPRET=1: every case through the kernel entry, errors as numbers."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    try:
+        from plugins.lowrank_attention.triton_kernels import DecodeConfig, lowrank_attention
+    except ImportError as err:
+        return {"skip": f"triton is not importable: {err}"}
+    cases = {}
+    for case in CASES:
+        try:
+            q, k, v, mask, scale = make_inputs(case)
+            config = DecodeConfig(block_n=16, chunk_len=case.chunk_len) if case.chunk_len else None
+            got = lowrank_attention(q, k, v, mask, scale, decode_config=config).float()
+            want = lowrank_attention_reference(q, k, v, mask, scale).float()
+            atol, rtol = TOLERANCES[case.dtype]
+            err = (got - want).abs()
+            cases[case.name] = {
+                "max_abs_err": err.max().item(),
+                "excess": (err - atol - rtol * want.abs()).max().item(),
+                "finite": bool(torch.isfinite(got).all()),
+                "case": asdict(case),
+            }
+        except Exception as exc:  # reported per case, so one failure does not hide the rest
+            cases[case.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    bad = {}
+    for kind, _ in BAD_SHAPES:
+        try:
+            lowrank_attention(*_bad_inputs(kind))
+            bad[kind] = "no error raised"
+        except ValueError as exc:
+            bad[kind] = str(exc)
+    return {"cases": cases, "bad_shapes": bad}
+
+
+if __name__ == "__main__" and "--kernel-worker" in sys.argv:
+    print(json.dumps(_kernel_worker()))
