@@ -314,15 +314,23 @@ class GpuCheck:
         return record
 
     def correctness(self) -> dict:
+        DecodeConfig = self.kernels.DecodeConfig
+        grid = [(item["shape"], item["dtype"],
+                 DecodeConfig(block_n=16, chunk_len=item["shape"][-1]) if item["shape"][-1] else None)
+                for item in self.correctness_grid()]
+        # the register-prefetch decode variant, which the sweep may choose
+        grid += [((3, 12, 4, 1, 300, 77, 77, (100, 0, 301), True, None), "float32",
+                  DecodeConfig(block_n=32, chunk_len=64, prefetch=True)),
+                 ((2, 8, 2, 1, 1000, 77, 64, (300, 0), True, None), "float16",
+                  DecodeConfig(block_n=64, num_warps=8, prefetch=True))]
         cases = []
-        for item in self.correctness_grid():
-            shape, dtype = item["shape"], item["dtype"]
-            chunk = shape[-1]
-            config = self.kernels.DecodeConfig(block_n=16, chunk_len=chunk) if chunk else None
+        for shape, dtype, config in grid:
             try:
                 record = self.check_case(shape, dtype, config)
+                record["config"] = _config_dict(config) if config else None
             except Exception as exc:
                 record = {"shape": shape, "dtype": dtype, "pass": False,
+                          "config": _config_dict(config) if config else None,
                           "error": f"{type(exc).__name__}: {exc}"}
             cases.append(record)
             if not record["pass"]:
@@ -345,17 +353,18 @@ class GpuCheck:
         DecodeConfig = self.kernels.DecodeConfig
         if self.dry:
             shapes = {"unaligned": (2, 2, 256, 13), "aligned": (1, 4, 512, 16)}
-            configs = [DecodeConfig(block_n=16), DecodeConfig(block_n=32, min_chunk=64)]
+            configs = [DecodeConfig(block_n=16), DecodeConfig(block_n=32, min_chunk=64, prefetch=True)]
         else:
             # (B, H_kv, context, rank): GQA at rank 77, MHA at rank 64; both far past L2
             shapes = {"unaligned": (8, 8, 16384, 77), "aligned": (1, 32, 32768, 64)}
             configs = [DecodeConfig(block_n=64, num_warps=4, num_stages=3),
                        DecodeConfig(block_n=64, num_warps=4, num_stages=2),
                        DecodeConfig(block_n=64, num_warps=8, num_stages=3),
-                       DecodeConfig(block_n=128, num_warps=4, num_stages=2),
                        DecodeConfig(block_n=128, num_warps=8, num_stages=3),
                        DecodeConfig(block_n=32, num_warps=4, num_stages=4),
-                       DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8)]
+                       DecodeConfig(block_n=64, num_warps=4, num_stages=3, programs_per_sm=8),
+                       DecodeConfig(block_n=64, num_warps=8, num_stages=3, prefetch=True),
+                       DecodeConfig(block_n=32, num_warps=4, num_stages=3, prefetch=True)]
         report = {"shapes": {}, "best": {}, "best_correctness": {}}
         for kind, (batch, heads_kv, context, rank) in shapes.items():
             q, k, v = self.decode_buffers(batch, heads_kv, context, rank, rank, copies=1)[0]
@@ -628,10 +637,11 @@ def render_markdown(results: dict) -> str:
         out.append("")
     sweep = results.get("decode_sweep", {})
     if "best" in sweep:
-        out += ["## Decode launch configs (block_n / warps / stages / programs per SM: us)", ""]
+        out += ["## Decode launch configs (block_n / warps / stages / programs per SM [/ prefetch]: us)", ""]
         for kind, shape in sweep["shapes"].items():
             tried = "; ".join(f"{r['config']['block_n']}/{r['config']['num_warps']}/"
-                              f"{r['config']['num_stages']}/{r['config']['programs_per_sm']}: "
+                              f"{r['config']['num_stages']}/{r['config']['programs_per_sm']}"
+                              f"{'/prefetch' if r['config'].get('prefetch') else ''}: "
                               f"{_fmt(r.get('us'))}" for r in shape["configs"])
             out.append(f"- {kind} rows (B={shape['B']}, H_kv={shape['H_kv']}, ctx={shape['context']}, "
                        f"r={shape['rank']}): chosen `{sweep['best'].get(kind)}`; tried {tried}")

@@ -45,12 +45,14 @@ class Case:
     left_pad: tuple[int, ...] = ()  # padding tokens at the start of each batch row
     view: bool = False  # q a transpose of [B, S, H, r]; k, v slices of a larger cache buffer
     chunk_len: int | None = None  # decode: force many small chunks (some fully padded)
+    prefetch: bool = False  # decode: register double buffering of the next key block
 
     @property
     def name(self) -> str:
         kind = "decode" if self.seq == 1 else f"prefill{self.seq}"
         pad = f"-pad{'.'.join(map(str, self.left_pad))}" if self.left_pad else ""
         extra = ("-view" if self.view else "") + (f"-chunk{self.chunk_len}" if self.chunk_len else "")
+        extra += "-prefetch" if self.prefetch else ""
         return (f"{kind}-b{self.batch}-h{self.heads}kv{self.heads_kv}-past{self.past}"
                 f"-r{self.rank_k}x{self.rank_v}-{self.dtype}{pad}{extra}")
 
@@ -64,6 +66,8 @@ CASES = [
     Case(3, 4, 4, 1, 300, 56, 64, "float32", left_pad=(0, 120, 7), chunk_len=32),
     Case(3, 12, 4, 1, 300, 77, 77, "float16", left_pad=(100, 0, 301), chunk_len=64, view=True),
     Case(1, 8, 2, 1, 129, 33, 17, "float16", chunk_len=16),
+    Case(3, 12, 4, 1, 300, 77, 40, "float16", left_pad=(100, 0, 301), chunk_len=64, prefetch=True),
+    Case(1, 4, 4, 1, 70, 24, 56, "float32", view=True, chunk_len=48, prefetch=True),
     # prefill (S > 1); rows of left padding have no visible key and must come out as zeros
     Case(1, 4, 4, 7, 0, 8, 16, "float32"),
     Case(3, 6, 2, 5, 1, 40, 56, "float16", left_pad=(3, 0, 1)),
@@ -242,7 +246,8 @@ def _kernel_worker() -> dict:
     for case in CASES:
         try:
             q, k, v, mask, scale = make_inputs(case)
-            config = DecodeConfig(block_n=16, chunk_len=case.chunk_len) if case.chunk_len else None
+            config = (DecodeConfig(block_n=16, chunk_len=case.chunk_len, prefetch=case.prefetch)
+                      if case.chunk_len else None)
             got = lowrank_attention(q, k, v, mask, scale, decode_config=config).float()
             want = lowrank_attention_reference(q, k, v, mask, scale).float()
             atol, rtol = TOLERANCES[case.dtype]

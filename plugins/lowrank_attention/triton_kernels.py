@@ -50,6 +50,38 @@ class DecodeConfig:
     # Shortest chunk worth a program; a fixed chunk_len (a multiple of block_n) overrides the split.
     min_chunk: int = 256
     chunk_len: int | None = None
+    # Register double buffering of the next key block (see _decode_split_kernel); helps ranks whose
+    # rows are not 16-byte aligned, at the price of registers.
+    prefetch: bool = False
+
+
+@triton.jit
+def _attend_block(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, IEEE_DOT: tl.constexpr):
+    """One key block of the online softmax: q [M, RK], k [N, RK], v [N, RV], visible [M, N]."""
+    if IEEE_DOT:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = tl.where(visible, scores * qk_scale_log2, float("-inf"))  # [M, N], log2 domain
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE_DOT:
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _load_kv(k_base, v_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+             stride_kt, stride_kr, stride_vt, stride_vr):
+    k = tl.load(k_base + keys[:, None] * stride_kt + offs_rk[None, :] * stride_kr,
+                mask=key_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
+    v = tl.load(v_base + keys[:, None] * stride_vt + offs_rv[None, :] * stride_vr,
+                mask=key_ok[:, None] & rv_ok[None, :], other=0.0)  # [BLOCK_N, RV_PAD]
+    return k, v
 
 
 # Sizes and counts are not specialised on (only strides are, for vectorised loads): otherwise every
@@ -97,29 +129,13 @@ def _prefill_kernel(
     for start_n in range(0, key_end, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < total_len
-        k = tl.load(k_base + keys[:, None] * stride_kt + offs_rk[None, :] * stride_kr,
-                    mask=key_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
-        v = tl.load(v_base + keys[:, None] * stride_vt + offs_rv[None, :] * stride_vr,
-                    mask=key_ok[:, None] & rv_ok[None, :], other=0.0)  # [BLOCK_N, RV_PAD]
-        if IEEE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * qk_scale_log2  # [BLOCK_M, BLOCK_N], log2 domain
+        k, v = _load_kv(k_base, v_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+                        stride_kt, stride_kr, stride_vt, stride_vr)
         visible = key_ok[None, :] & (keys[None, :] <= past + offs_m[:, None])
         if HAS_MASK:
             real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
             visible = visible & (real != 0)[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE_DOT:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, IEEE_DOT)
 
     # l_i >= 1 wherever a key was visible (the max key contributes exp2(0)); a row with none
     # has acc == 0, so dividing by max(l_i, 1) yields the documented zeros.
@@ -138,7 +154,7 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vt, stride_vr,
     stride_mb, stride_mt,
     num_kv_heads, total_len, group_size, rank_k, rank_v, chunk_len, num_splits, qk_scale_log2,
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -168,32 +184,38 @@ def _decode_split_kernel(
     # The new token sits at position total_len - 1, so causality hides nothing: only padding.
     start = split * chunk_len
     end = tl.minimum(start + chunk_len, total_len)
-    for start_n in range(start, end, BLOCK_N):
-        keys = start_n + offs_n
-        key_ok = keys < end
-        k = tl.load(k_base + keys[:, None] * stride_kt + offs_rk[None, :] * stride_kr,
-                    mask=key_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
-        v = tl.load(v_base + keys[:, None] * stride_vt + offs_rv[None, :] * stride_vr,
-                    mask=key_ok[:, None] & rv_ok[None, :], other=0.0)  # [BLOCK_N, RV_PAD]
-        if IEEE_DOT:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = scores * qk_scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
-        visible = key_ok
-        if HAS_MASK:
-            real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
-            visible = visible & (real != 0)
-        scores = tl.where(visible[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE_DOT:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+    if PREFETCH:
+        # Rows of a rank that is not a multiple of 16 are not 16-byte aligned: their loads are
+        # 2-byte scalars that the compiler does not pipeline. Loading block i+1 into registers
+        # before computing block i keeps those loads in flight during the math.
+        keys = start + offs_n
+        k, v = _load_kv(k_base, v_base, keys, keys < end, offs_rk, offs_rv, rk_ok, rv_ok,
+                        stride_kt, stride_kr, stride_vt, stride_vr)
+        for start_n in range(start, end, BLOCK_N):
+            keys = start_n + offs_n
+            key_ok = keys < end
+            k_next, v_next = _load_kv(k_base, v_base, keys + BLOCK_N, keys + BLOCK_N < end,
+                                      offs_rk, offs_rv, rk_ok, rv_ok,
+                                      stride_kt, stride_kr, stride_vt, stride_vr)
+            visible = key_ok
+            if HAS_MASK:
+                real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
+                visible = visible & (real != 0)
+            m_i, l_i, acc = _attend_block(q, k, v, visible[None, :], m_i, l_i, acc,
+                                          qk_scale_log2, IEEE_DOT)
+            k, v = k_next, v_next
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            keys = start_n + offs_n
+            key_ok = keys < end
+            k, v = _load_kv(k_base, v_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+                            stride_kt, stride_kr, stride_vt, stride_vr)
+            visible = key_ok
+            if HAS_MASK:
+                real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
+                visible = visible & (real != 0)
+            m_i, l_i, acc = _attend_block(q, k, v, visible[None, :], m_i, l_i, acc,
+                                          qk_scale_log2, IEEE_DOT)
 
     # partials: [B, H, num_splits, (RV_PAD)] contiguous fp32, allocated by the launcher
     num_heads = num_kv_heads * group_size
@@ -370,7 +392,8 @@ def _launch_decode(q, k, v, mask, stride_mb, stride_mt, out, common, config: Dec
         q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), stride_mb, stride_mt,
         heads_kv, total, common["group_size"], common["rank_k"], common["rank_v"],
         chunk_len, num_splits, common["qk_scale_log2"],
-        HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"], BLOCK_H=block_h,
+        HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"], PREFETCH=config.prefetch,
+        BLOCK_H=block_h,
         BLOCK_N=config.block_n, RK_PAD=common["RK_PAD"], RV_PAD=rv_pad,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
