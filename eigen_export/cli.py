@@ -1,0 +1,204 @@
+"""eigen-export: one verb per stage; flags are the stage function's keyword arguments (STYLE 10).
+
+Heavy imports happen inside each verb so that --help is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EigenExportError
+
+log = logging.getLogger("eigen_export")
+
+
+def _calib_flags(p):
+    p.add_argument("--dataset", default="ptb", help="ptb | wikitext2 | c4 | path/to/file.txt (default: ptb)")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rope-mode", choices=("pre", "post"), default="post",
+                   help="RoPE models: basis before (paper) or after rotation (default: post)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--error-samples", type=int, default=4, help="samples used for the block-error curves")
+    p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple (kernel efficiency)")
+
+
+def _fold_flags(p):
+    p.add_argument("--kv-ratio", type=float, help="fraction of the original KV cache to keep, e.g. 0.7")
+    p.add_argument("--error-budget", type=float, help="per-layer relative block-output error budget instead")
+
+
+def _run_flags(p):
+    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument("--device", default="cpu")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eigen-export", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("calibrate", help="measure bases and error curves (writes calib/)")
+    p.add_argument("model", help="recipe name, local HF directory or hub id")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    _calib_flags(p)
+    _run_flags(p)
+
+    p = verbs.add_parser("fold", help="choose ranks and fold the bases into the weights (writes folded/)")
+    p.add_argument("model")
+    p.add_argument("--calib", required=True, help="directory written by `calibrate`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    _fold_flags(p)
+
+    p = verbs.add_parser("compress", help="calibrate + fold into OUT/calib and OUT/folded")
+    p.add_argument("model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    _calib_flags(p)
+    _fold_flags(p)
+    _run_flags(p)
+
+    p = verbs.add_parser("perplexity", help="perplexity of a folded or original model on held-out text")
+    p.add_argument("model")
+    p.add_argument("--dataset", default="ptb")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    _run_flags(p)
+
+    p = verbs.add_parser("generate", help="generate text with a folded or original model")
+    p.add_argument("model")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch (left padded)")
+    p.add_argument("--backend", choices=("torch",), default="torch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    _run_flags(p)
+
+    p = verbs.add_parser("engine", help="every stage for a recipe, skipping stages whose outputs are current")
+    p.add_argument("model", help="recipe name (models/<name>.toml) or local HF directory")
+    p.add_argument("--build-dir", default="build")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--device", default="cpu")
+    return parser
+
+
+def _fold_target(args):
+    if args.kv_ratio is None and args.error_budget is None:
+        args.kv_ratio = 0.7
+    return args.kv_ratio, args.error_budget
+
+
+def _calibrate_kwargs(args) -> dict:
+    return dict(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                rope_mode=args.rope_mode, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
+                error_samples=args.error_samples, rank_multiple=args.rank_multiple, force=args.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s")
+    try:
+        return _dispatch(args) or 0
+    except EigenExportError as e:
+        print(f"eigen-export: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args):
+    from .recipes import resolve_model
+
+    if args.verb == "engine":
+        from .engine import run_engine
+
+        return run_engine(args.model, build_dir=Path(args.build_dir), force=args.force, device=args.device)
+    source = resolve_model(args.model)
+    if args.verb == "calibrate":
+        from .calibrate import run_calibrate
+
+        run_calibrate(source, args.out, **_calibrate_kwargs(args))
+        print(f"calibration written to {args.out}")
+    elif args.verb == "fold":
+        from .fold import run_fold
+
+        kv, budget = _fold_target(args)
+        manifest = run_fold(source, args.calib, args.out, kv, budget, dtype=args.dtype, force=args.force)
+        print(f"folded model written to {args.out}: KV ratio {manifest.kv_ratio:.3f}")
+    elif args.verb == "compress":
+        from .calibrate import run_calibrate
+        from .fold import run_fold
+
+        out = Path(args.out)
+        run_calibrate(source, out / "calib", **_calibrate_kwargs(args))
+        kv, budget = _fold_target(args)
+        manifest = run_fold(source, out / "calib", out / "folded", kv, budget, force=args.force)
+        print(f"folded model written to {out / 'folded'}: KV ratio {manifest.kv_ratio:.3f}")
+    elif args.verb == "perplexity":
+        print(json.dumps(_perplexity(source, args)))
+    elif args.verb == "generate":
+        _generate(source, args)
+
+
+def _tokenizer(source):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:
+        raise EigenExportError(f"no tokenizer in {source} ({str(e).splitlines()[0]}): "
+                               "fold with a model directory that has one") from None
+
+
+def _perplexity(source, args) -> dict:
+    from . import load
+    from .data import eval_windows
+    from .runtime import TorchBackend, perplexity
+
+    model = load(source, dtype=args.dtype, device=args.device)
+    windows = eval_windows(_tokenizer(source), args.dataset, args.seqlen, split=args.split,
+                           max_windows=args.max_windows)
+    ppl = perplexity(TorchBackend(model), windows, batch_size=args.batch_size, progress=True)
+    return {"model": str(source), "dataset": args.dataset, "split": args.split, "seqlen": args.seqlen,
+            "windows": int(windows.shape[0]), "perplexity": round(ppl, 4)}
+
+
+def _generate(source, args) -> None:
+    from . import load
+    from .runtime import TorchBackend, generate
+
+    tokenizer = _tokenizer(source)
+    model = load(source, dtype=args.dtype, device=args.device)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    single = len(args.prompt) == 1
+    stream = (lambda t: print(tokenizer.decode(t[0]), end="", flush=True)) if single else None
+    if single:
+        print(args.prompt[0], end="", flush=True)
+    tokens = generate(TorchBackend(model), batch["input_ids"], batch["attention_mask"],
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, on_token=stream,
+                      stop_tokens=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else (),
+                      pad_token_id=tokenizer.pad_token_id or 0)
+    if single:
+        print()
+    else:
+        for prompt, row in zip(args.prompt, tokens):
+            print(prompt + tokenizer.decode(row, skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
