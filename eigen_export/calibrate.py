@@ -48,7 +48,7 @@ def _gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
         gram += torch.einsum("bgsd,bgse->gde", x, x)
 
 
-def _projections(model: Decoder, block, x, ctx, rope_mode):
+def layer_projections(model: Decoder, block, x, ctx, rope_mode):
     """The q, k, v a layer's basis is fitted to: post-RoPE in `post` mode, pre-RoPE keys in `pre`."""
     spec, attn = model.spec, block.attn
     h_in = block.attn_input(x)
@@ -103,7 +103,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
         g_k = torch.zeros(h_kv, d, d, dtype=torch.float64, device=device)
         g_v = torch.zeros_like(g_k)
         for s in batches:
-            q, k, v = _projections(model, block, x[s], ctx(s), rope_mode)
+            q, k, v = layer_projections(model, block, x[s], ctx(s), rope_mode)
             _gram_update(g_k, k)
             if rope_mode != "pre":   # the joint K+Q basis preserves q.k; pre mode keeps q full
                 b, _, length_, _ = q.shape
