@@ -50,15 +50,39 @@ def _gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
 
 def layer_projections(model: Decoder, block, x, ctx, rope_mode):
     """The q, k, v a layer's basis is fitted to: post-RoPE in `post` mode, pre-RoPE keys in `pre`."""
-    spec, attn = model.spec, block.attn
+    attn = block.attn
     h_in = block.attn_input(x)
-    q = attn._heads(h_in, attn.q, spec.num_heads)
-    k = attn._heads(h_in, attn.k, spec.num_kv_heads)
-    v = attn._heads(h_in, attn.v, spec.num_kv_heads)
+    return fit_targets(model, attn.q(h_in), attn.k(h_in), attn.v(h_in), ctx, rope_mode)
+
+
+def fit_targets(model: Decoder, q, k, v, ctx, rope_mode):
+    """Raw projection outputs [B, S, heads * d] -> per-head q [B, H, S, d], k, v [B, H_kv, S, d]."""
+    spec = model.spec
+    b, s, _ = q.shape
+    q = q.view(b, s, spec.num_heads, -1).transpose(1, 2)
+    k = k.view(b, s, spec.num_kv_heads, -1).transpose(1, 2)
+    v = v.view(b, s, spec.num_kv_heads, -1).transpose(1, 2)
     if spec.positions == "rope" and rope_mode == "post":
         q = rotate(q, ctx.q_cos, ctx.q_sin, spec.rope_dim, spec.rope_layout)
         k = rotate(k, ctx.q_cos, ctx.q_sin, spec.rope_dim, spec.rope_layout)
     return q, k, v
+
+
+class _Capture:
+    """Forward hooks on a layer's q/k/v linears: the propagation pass doubles as the Gram pass."""
+
+    def __init__(self, attn):
+        self.outputs = {}
+        self.handles = [getattr(attn, name).register_forward_hook(self._hook(name)) for name in "qkv"]
+
+    def _hook(self, name):
+        def save(module, inputs, output):
+            self.outputs[name] = output
+        return save
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 def _chunks(n: int, size: int):
@@ -71,7 +95,7 @@ def _relative_error(y, ref) -> float:
 
 @torch.no_grad()
 def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "post",
-              eps_grid=EPS_GRID, error_samples: int = 4, batch_size: int = 4, rank_multiple: int = 1,
+              eps_grid=EPS_GRID, error_samples: int = 2, batch_size: int = 4, rank_multiple: int = 1,
               progress: bool = True) -> list[LayerCalibration]:
     """Bases and error curves for every layer of an uncompressed model on calib_ids [N, L]."""
     spec = model.spec
@@ -102,23 +126,31 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     for i, block in enumerate(bar):
         g_k = torch.zeros(h_kv, d, d, dtype=torch.float64, device=device)
         g_v = torch.zeros_like(g_k)
+        capture = _Capture(block.attn)
+        outputs = []
         for s in batches:
-            q, k, v = layer_projections(model, block, x[s], ctx(s), rope_mode)
+            outputs.append(block(x[s], ctx(s))[0])                        # the original layer's output
+            q, k, v = fit_targets(model, capture.outputs["q"], capture.outputs["k"], capture.outputs["v"],
+                                  ctx(s), rope_mode)
             _gram_update(g_k, k)
             if rope_mode != "pre":   # the joint K+Q basis preserves q.k; pre mode keeps q full
                 b, _, length_, _ = q.shape
                 _gram_update(g_k, q.reshape(b, h_kv, spec.group_size, length_, d))
             _gram_update(g_v, v)
+        capture.remove()
+        x_next = torch.cat(outputs)
         eig_k, basis_k = eigenbasis(g_k)
         eig_v, basis_v = eigenbasis(g_v)
         layer = LayerCalibration(eig_k.cpu(), basis_k.cpu(), eig_v.cpu(), basis_v.cpu())
 
         # error curve on the first samples: the block output with each distinct candidate rank pair
-        reference = torch.cat([block(x[s], ctx(s))[0] for s in err_slices])
-        layer_state = {k_: v_ for k_, v_ in block.state_dict().items()}
+        reference = x_next[:n_err]
+        layer_state = block.state_dict()
         tried = {}
         for eps in eps_grid:
             ranks = LayerRanks(layer_rank(eig_k, eps, rank_multiple), layer_rank(eig_v, eps, rank_multiple))
+            if ranks == LayerRanks(d, d):
+                tried[ranks] = 0.0      # a full-rank fold is exact up to float error (tests/test_fold.py)
             if ranks not in tried:
                 folded = fold_layer(layer_state, basis_k[..., : ranks.k].to(x.dtype),
                                     basis_v[..., : ranks.v].to(x.dtype), spec, rope_mode)
@@ -127,7 +159,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
                 tried[ranks] = _relative_error(out, reference)
             layer.curve.append(CurvePoint(eps, ranks.k, ranks.v, tried[ranks]))
         results.append(layer)
-        x = torch.cat([block(x[s], ctx(s))[0] for s in batches])                             # propagate
+        x = x_next
         bar.set_postfix(layer=i, r99=f"{layer_rank(eig_k, 0.99)}/{layer_rank(eig_v, 0.99)}")
     return results
 
@@ -180,7 +212,7 @@ def load_calibration(calib_dir: Path) -> tuple[list[LayerCalibration], dict]:
 
 def run_calibrate(source: str, out_dir: str | Path, dataset: str = "ptb", nsamples: int = 32, seqlen: int = 512,
                   seed: int = 0, rope_mode: str = "post", dtype: str = "float32", device: str = "cpu",
-                  batch_size: int = 4, error_samples: int = 4, rank_multiple: int = 1, force: bool = False,
+                  batch_size: int = 4, error_samples: int = 2, rank_multiple: int = 1, force: bool = False,
                   progress: bool = True) -> Path:
     """CLI `calibrate`: load the model and text, measure, write calib/ (bases + curves)."""
     from transformers import AutoTokenizer

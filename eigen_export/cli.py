@@ -23,7 +23,7 @@ def _calib_flags(p):
     p.add_argument("--rope-mode", choices=("pre", "post"), default="post",
                    help="RoPE models: basis before (paper) or after rotation (default: post)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--error-samples", type=int, default=4, help="samples used for the block-error curves")
+    p.add_argument("--error-samples", type=int, default=2, help="samples used for the block-error curves")
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple (kernel efficiency)")
 
 
@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     _calib_flags(p)
     _fold_flags(p)
+    _run_flags(p)
+
+    p = verbs.add_parser("merge-heads", help="merge KV heads, MHA -> GQA, from calibration caches (writes a GQA model)")
+    p.add_argument("model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kv-heads", type=int, required=True, help="KV heads to keep (a divisor of the current count)")
+    p.add_argument("--merge-method", choices=("svd", "mean"), default="svd",
+                   help="svd: eigenvectors of the group caches (default); mean: mean-pool baseline")
+    p.add_argument("--dataset", default="ptb")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--force", action="store_true")
     _run_flags(p)
 
     p = verbs.add_parser("perplexity", help="perplexity of a folded or original model on held-out text")
@@ -145,6 +159,13 @@ def _dispatch(args):
         kv, budget = _fold_target(args)
         manifest = run_fold(source, out / "calib", out / "folded", kv, budget, force=args.force)
         print(f"folded model written to {out / 'folded'}: KV ratio {manifest.kv_ratio:.3f}")
+    elif args.verb == "merge-heads":
+        from .merge import run_merge
+
+        record = run_merge(source, args.out, args.kv_heads, method=args.merge_method, dataset=args.dataset,
+                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
+                           dtype=args.dtype, device=args.device, force=args.force, progress=not args.quiet)
+        print(f"merged model written to {args.out}: {record['kv_heads_before']} -> {record['kv_heads']} KV heads")
     elif args.verb == "perplexity":
         print(json.dumps(_perplexity(source, args)))
     elif args.verb == "generate":
@@ -181,8 +202,8 @@ def _generate(source, args) -> None:
     tokenizer = _tokenizer(source)
     model = load(source, dtype=args.dtype, device=args.device)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:     # padded positions are masked out: any token id will do
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
     single = len(args.prompt) == 1
     stream = (lambda t: print(tokenizer.decode(t[0]), end="", flush=True)) if single else None

@@ -140,12 +140,15 @@ def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = 
         raise EigenExportError(f"{weights} does not match the sha256 in eigen.json: the weights were changed "
                                "or belong to another fold; re-run `eigen-export fold`")
     spec = spec_from_config(config)
-    if (spec.num_layers, spec.num_kv_heads, spec.head_dim) != (manifest.num_layers, manifest.num_kv_heads,
-                                                               manifest.head_dim):
+    # A KV-head merge in a family whose config has no num_key_value_heads: the manifest holds the count.
+    merged = manifest.extra.get("merge", {}).get("kv_heads") == manifest.num_kv_heads
+    if (spec.num_layers, spec.head_dim) != (manifest.num_layers, manifest.head_dim) or \
+            (spec.num_kv_heads != manifest.num_kv_heads and not merged):
         raise EigenExportError(f"{path}: config.json and eigen.json disagree on layers/KV heads/head_dim")
     ranks = [LayerRanks(k, v) for k, v in manifest.ranks]
     state = load_file(str(weights))
-    return build_decoder(config, state, ranks, manifest.rope_mode, dtype=dtype, device=device)
+    return build_decoder(config, state, ranks, manifest.rope_mode, dtype=dtype, device=device,
+                         num_kv_heads=manifest.num_kv_heads)
 
 
 def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_target: float | None = None,
@@ -153,6 +156,7 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_t
     """CLI `fold`: decide ranks from the calibration curves, fold the bases, write the folded artifact."""
     from .calibrate import load_calibration
     from .loading import load_hf
+    from .merge import read_merge_record
 
     layers, settings = load_calibration(Path(calib_dir))
     config, model = load_hf(source, dtype="float32")
@@ -170,6 +174,7 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_t
 
     state = {k: v.to(resolve_dtype(dtype)) for k, v in state.items()}
     pairs = [(r.k, r.v) for r in ranks]
+    merge = read_merge_record(source)     # KV heads merged before this fold: one manifest records both
     fields = dict(
         model_type=config.model_type, family=spec.family, source=str(source), rope_mode=rope_mode,
         num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
@@ -178,6 +183,7 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_t
         calibration={**{k: v for k, v in settings.items() if k not in ("format", "version")},
                      "allocation": allocation},
         dtype=dtype,
+        extra={"merge": merge} if merge else {},
     )
     manifest = write_folded(Path(out_dir), config, state, fields, tokenizer_source=source, force=force)
     log.info("folded %s: KV ratio %.3f, ranks %s", source, manifest.kv_ratio, pairs)

@@ -240,10 +240,11 @@ class Decoder(nn.Module):
     # -- pieces, also used by calibration --------------------------------------------------------------
     def make_block(self, ranks: LayerRanks, rope_mode: str | None, layer_state: dict[str, torch.Tensor]) -> Block:
         """A stand-alone layer with other ranks (calibration tries candidates with it)."""
-        block = Block(self.spec, ranks, rope_mode if self.spec.positions == "rope" else None, *self._block_args)
-        load_weights(block, layer_state)
+        with torch.device("meta"):     # no random init: every tensor is replaced by layer_state
+            block = Block(self.spec, ranks, rope_mode if self.spec.positions == "rope" else None, *self._block_args)
         ref = next(self.parameters())
-        return block.to(device=ref.device, dtype=ref.dtype).eval()
+        load_weights(block, {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in layer_state.items()})
+        return block.eval()
 
     def embed_tokens(self, input_ids, position_ids):
         x = self.embed(input_ids)
@@ -339,4 +340,5 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise EigenExportError(f"tensor {name} has shape {tuple(tensor.shape)}, the manifest implies "
                                    f"{tuple(own[name].shape)}: the weights do not match their manifest")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+    meta = any(t.is_meta for t in own.values())
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True, assign=meta)

@@ -32,3 +32,15 @@ def smollm2_path():
     except EigenExportError as e:
         pytest.skip(str(e))
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_folded(smollm2_path, tmp_path_factory):
+    """SmolLM2-135M calibrated on 16 x 256 PTB-train tokens and folded at kv-ratio 0.7 (rope post), once."""
+    from eigen_export.calibrate import run_calibrate
+    from eigen_export.fold import run_fold
+
+    root = tmp_path_factory.mktemp("smollm2-r07")
+    run_calibrate(str(smollm2_path), root / "calib", nsamples=16, seqlen=256, rope_mode="post", progress=False)
+    run_fold(str(smollm2_path), root / "calib", root / "folded", kv_ratio_target=0.7)
+    return root / "folded"

@@ -1,0 +1,43 @@
+"""The reference model on CUDA in fp16 / bf16: cached generation still equals recomputation, and the
+low-precision logits stay close to fp32. Skips without a CUDA GPU (CI has none)."""
+import pytest
+import torch
+
+from eigen_export.calibrate import calibrate
+from eigen_export.fold import fold_state
+from eigen_export.loading import build_decoder, decoder_from_hf_model
+from eigen_export.modeling import LayerRanks, default_position_ids
+from tiny_models import ptb_like_ids, tiny_hf_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+# bf16 keeps 8 mantissa bits: logits of O(1) differ from fp32 by a few 1e-2
+TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 1.5e-1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name,mode", [("llama-gqa", "pre"), ("llama-gqa", "post"), ("opt", None), ("mpt", None)])
+def test_folded_model_on_cuda(name, mode, dtype):
+    hf = tiny_hf_model(name)
+    model = decoder_from_hf_model(hf)
+    layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False)
+    d = model.spec.head_dim
+    ranks = [LayerRanks(d // 2, 3 * d // 4)] * model.spec.num_layers
+    state = fold_state(model.state_dict(), [(c.basis_k, c.basis_v) for c in layers], ranks, model.spec, mode)
+    reference = build_decoder(hf.config, state, ranks, mode)                        # fp32 on CPU
+    gpu = build_decoder(hf.config, state, ranks, mode, dtype=dtype, device="cuda")
+    ids = ptb_like_ids(2, 12, seed=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = reference(ids, mask)[0]
+        got, past = gpu(ids.cuda(), mask.cuda())
+        assert past[0][0].dtype == dtype and past[0][0].shape[-1] == d // 2
+        real = mask.bool()
+        assert (got.float().cpu() - want)[real].abs().max().item() <= TOLERANCE[dtype]
+        # one cached decode step equals recomputing the longer sequence, in the same dtype
+        nxt = got[:, -1].argmax(-1, keepdim=True)
+        mask2 = torch.cat([mask.cuda(), torch.ones_like(nxt)], 1)
+        step = gpu(nxt, mask2, default_position_ids(mask2, ids.shape[1]), past)[0][:, -1]
+        full = gpu(torch.cat([ids.cuda(), nxt], 1), mask2)[0][:, -1]
+        assert (step.float() - full.float()).abs().max().item() <= TOLERANCE[dtype]

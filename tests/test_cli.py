@@ -1,0 +1,109 @@
+"""The CLI end to end on a tiny local model, and each bad input's one-line error."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as tf
+
+from eigen_export.cli import main
+from eigen_export.fold import MANIFEST
+from tiny_models import tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, word_tokenizer_module):
+    """A tiny Llama (GQA) saved as a local HF directory with a PTB word tokenizer."""
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    model = tiny_hf_model("llama-gqa")
+    model.config.vocab_size = len(word_tokenizer_module)
+    model.resize_token_embeddings(len(word_tokenizer_module))
+    model.save_pretrained(path)
+    word_tokenizer_module.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer_module(request):
+    return request.getfixturevalue("word_tokenizer")
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compress_perplexity_generate(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "build"
+    code, stdout, _ = _run(capsys, "compress", tiny_dir, "--out", out, "--nsamples", 4, "--seqlen", 32,
+                           "--kv-ratio", 0.6, "--rope-mode", "pre")
+    assert code == 0, stdout
+    manifest = json.loads((out / "folded" / MANIFEST).read_text())
+    assert manifest["kv_ratio"] <= 0.6 and manifest["rope_mode"] == "pre"
+    assert manifest["calibration"]["nsamples"] == 4 and manifest["calibration"]["allocation"]["rule"] == "kv_ratio"
+    code, stdout, _ = _run(capsys, "perplexity", out / "folded", "--seqlen", 32, "--max-windows", 3)
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["windows"] == 3 and result["perplexity"] > 1
+    code, stdout, _ = _run(capsys, "generate", out / "folded", "--prompt", "the company said", "--max-new-tokens", 5)
+    assert code == 0 and stdout.startswith("the company said")
+    code, stdout, _ = _run(capsys, "generate", out / "folded", "--prompt", "the company", "--prompt", "a",
+                           "--max-new-tokens", 4, "--temperature", 0.8, "--top-k", 5, "--top-p", 0.9)
+    assert code == 0 and len(stdout.strip().splitlines()) == 2
+
+
+def _error(capsys, *argv):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    # progress bars may precede it; the error itself is exactly one line, and the last
+    lines = [line for line in err.strip().splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    return lines[0]
+
+
+def test_bad_inputs_get_one_line_errors(tiny_dir, tmp_path, capsys):
+    assert "does not exist" in _error(capsys, "calibrate", tmp_path / "nope", "--out", tmp_path / "c")
+    calib = tmp_path / "calib"
+    assert _run(capsys, "calibrate", tiny_dir, "--out", calib, "--nsamples", 2, "--seqlen", 16)[0] == 0
+    assert "outside (0, 1]" in _error(capsys, "fold", tiny_dir, "--calib", calib, "--out", tmp_path / "f",
+                                      "--kv-ratio", 1.5)
+    assert "outside (0, 1]" in _error(capsys, "fold", tiny_dir, "--calib", calib, "--out", tmp_path / "f",
+                                      "--kv-ratio", 0)
+    assert "already exists" in _error(capsys, "calibrate", tiny_dir, "--out", calib)
+    assert "run `eigen-export calibrate` first" in _error(capsys, "fold", tiny_dir, "--calib", tmp_path / "none",
+                                                          "--out", tmp_path / "f")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "empty" in _error(capsys, "calibrate", tiny_dir, "--out", tmp_path / "c2", "--dataset", empty)
+    short = tmp_path / "short.txt"
+    short.write_text("the company said it would sell\n")
+    assert "lower --nsamples" in _error(capsys, "calibrate", tiny_dir, "--out", tmp_path / "c3", "--dataset", short)
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
+
+
+def test_unsupported_architecture_and_missing_weights(tmp_path, capsys):
+    bloom = tmp_path / "bloom"
+    tf.BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=50).save_pretrained(bloom)
+    assert "unsupported model_type 'bloom'" in _error(capsys, "calibrate", bloom, "--out", tmp_path / "c")
+    no_weights = tmp_path / "noweights"
+    tiny_hf_model("opt").config.save_pretrained(no_weights)
+    assert "model.safetensors" in _error(capsys, "calibrate", no_weights, "--out", tmp_path / "c")
+
+
+def test_rank_above_head_dim_is_refused():
+    from eigen_export.errors import EigenExportError
+    from eigen_export.loading import decoder_from_hf_model
+    from eigen_export.modeling import Decoder, LayerRanks
+
+    model = decoder_from_hf_model(tiny_hf_model("opt"))
+    with pytest.raises(EigenExportError, match=r"must lie in \[1, head_dim=16\]"):
+        Decoder(model.spec, [LayerRanks(17, 8)] * 2, None, model.state_dict())
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = ("import sys; from eigen_export.cli import build_parser; build_parser(); "
+            "print(any(m in sys.modules for m in ('torch', 'transformers', 'onnx')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
