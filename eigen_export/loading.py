@@ -53,8 +53,13 @@ def decoder_from_hf_model(hf_model, dtype=torch.float32, device="cpu") -> Decode
     return build_decoder(config, state, ranks=None, rope_mode=None, dtype=dtype, device=device)
 
 
-def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="cpu") -> Decoder:
+def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="cpu",
+                  num_kv_heads: int | None = None) -> Decoder:
+    """num_kv_heads: the manifest's count where it differs from the config (KV heads merged in a family whose
+    transformers config cannot state it)."""
     spec = spec_from_config(config)
+    if num_kv_heads is not None:
+        spec = spec.replace(num_kv_heads=num_kv_heads)
     adapter = get_adapter(config.model_type)
     inv_freq, scaling = adapter.rope_inv_freq(config) if adapter.rope_inv_freq else (None, 1.0)
     model = Decoder(spec, ranks, rope_mode, state, inv_freq=inv_freq, rope_scaling=scaling)
@@ -62,9 +67,13 @@ def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="
 
 
 def load_hf(source: str | Path, dtype="float32", device="cpu"):
-    """(HF config, Decoder) for a hub id or a local HF directory."""
+    """(HF config, Decoder) for a hub id or a local HF directory, or an eigen_export artifact still at full rank."""
     from transformers import AutoModelForCausalLM
 
+    from .fold import MANIFEST
+
+    if (Path(str(source)) / MANIFEST).is_file():
+        return load_hf_config(source), _full_rank_artifact(source, dtype, device)
     config = load_hf_config(source)
     spec_from_config(config)  # fail on an unsupported family before loading gigabytes
     try:
@@ -76,6 +85,18 @@ def load_hf(source: str | Path, dtype="float32", device="cpu"):
     model = decoder_from_hf_model(hf_model, dtype=dtype, device=device)
     del hf_model
     return config, model
+
+
+def _full_rank_artifact(path, dtype, device) -> Decoder:
+    """A merged-KV-head model of a family with no GQA in transformers is an artifact, yet still uncompressed:
+    calibrate and fold accept it as a source. A low-rank artifact is refused: its bases would be refitted."""
+    from .fold import load_folded
+
+    model = load_folded(path, dtype=dtype, device=device)
+    d = model.spec.head_dim
+    if model.rope_mode is not None or any((r.k, r.v) != (d, d) for r in model.ranks):
+        raise EigenExportError(f"{path} is already folded to low rank: calibrate and fold the model it came from")
+    return model
 
 
 def load(path: str | Path, dtype="float32", device="cpu") -> Decoder:

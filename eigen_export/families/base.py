@@ -71,6 +71,9 @@ class Adapter:
     to_canonical: Callable[[dict[str, torch.Tensor], ModelSpec], dict[str, torch.Tensor]]
     rope_inv_freq: Callable[[object], tuple[torch.Tensor, float]] | None = None
     check: Callable[[object], None] | None = None                           # reject unsupported options
+    # canonical -> HF names, for families whose transformers class can hold what we write (e.g. a GQA
+    # merge: num_key_value_heads); None where only eigen_export's own artifact can
+    from_canonical: Callable[[dict[str, torch.Tensor], ModelSpec], dict[str, torch.Tensor]] | None = None
 
 
 def split_fused(weight: torch.Tensor, parts: int, dim: int = 0) -> list[torch.Tensor]:
@@ -90,6 +93,11 @@ def rename(state_dict: dict[str, torch.Tensor], table: dict[str, str], num_layer
             if src in state_dict:
                 out[ours.format(i=i) if i is not None else ours] = state_dict[src]
     return out
+
+
+def inverted(table: dict[str, str]) -> dict[str, str]:
+    """A rename table read backwards (canonical -> HF): writing a checkpoint is loading it in reverse."""
+    return {ours: hf for hf, ours in table.items()}
 
 
 def rope_inv_freq_from_config(config) -> tuple[torch.Tensor, float]:

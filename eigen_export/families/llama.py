@@ -5,7 +5,7 @@ Mistral, Qwen2 (q/k/v biases) and SmolLM2 share the mechanism and cost one regis
 import logging
 
 from ..errors import EigenExportError
-from .base import Adapter, ModelSpec, rename, rope_inv_freq_from_config
+from .base import Adapter, ModelSpec, inverted, rename, rope_inv_freq_from_config
 
 log = logging.getLogger("eigen_export")
 
@@ -53,4 +53,5 @@ LLAMA_LIKE = Adapter(
     family="llama", model_types=("llama", "mistral", "qwen2"), spec=_spec,
     to_canonical=lambda sd, spec: rename(sd, _TABLE, spec.num_layers),
     rope_inv_freq=rope_inv_freq_from_config, check=_check,
+    from_canonical=lambda sd, spec: rename(sd, inverted(_TABLE), spec.num_layers),
 )
