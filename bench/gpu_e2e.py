@@ -135,7 +135,7 @@ def main() -> int:
     text = json.dumps(record, indent=1) + "\n"
     for folder in [REPO / "bench" / "results" if cuda else Path("/tmp")] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"gpu-e2e-{slug}.json").write_text(text)
+        (folder / f"gpu-e2e-{slug}-r{round(args.ratio * args.hidden / args.heads)}.json").write_text(text)
     return 0
 
 

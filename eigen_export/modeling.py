@@ -79,15 +79,16 @@ def attention_core(q, k, v, bias, scale: float):
     finfo.min where masked). scale = 1/sqrt(original head_dim): the low-rank q.k approximates the full one.
     Returns [B, H, S, r_v] in v's dtype; softmax is accumulated in fp32.
     """
-    b, h, s, _ = q.shape
-    h_kv = k.shape[1]
+    b, h, s, r_k = q.shape
+    h_kv, t = k.shape[1], k.shape[2]
     g = h // h_kv
-    qg = q.reshape(b, h_kv, g, s, q.shape[-1])                       # [B, H_kv, g, S, r_k]
-    scores = torch.matmul(qg * scale, k.unsqueeze(2).transpose(-1, -2)).float()  # [B, H_kv, g, S, T]
-    scores = scores + bias.reshape(bias.shape[0], -1, g if bias.shape[1] > 1 else 1, s, bias.shape[-1])
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.unsqueeze(2))                       # [B, H_kv, g, S, r_v]
-    return out.reshape(b, h, s, v.shape[-1])
+    # the g query heads of a KV head are stacked along the query axis: plain batched matmuls, no broadcast
+    # copies of the cache (query head h = h_kv_index * g + j, as HF's repeat_kv maps them)
+    qg = q.reshape(b, h_kv, g * s, r_k)                                          # [B, H_kv, g*S, r_k]
+    scores = torch.matmul(qg * scale, k.transpose(-1, -2)).float()               # [B, H_kv, g*S, T]
+    scores = scores.view(b, h_kv, g, s, t) + bias.reshape(bias.shape[0], -1, g if bias.shape[1] > 1 else 1, s, t)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, h_kv, g * s, t)
+    return torch.matmul(probs, v).view(b, h, s, v.shape[-1])                     # [B, H, S, r_v]
 
 
 @dataclass
