@@ -44,3 +44,16 @@ def smollm2_folded(smollm2_path, tmp_path_factory):
     run_calibrate(str(smollm2_path), root / "calib", nsamples=16, seqlen=256, rope_mode="post", progress=False)
     run_fold(str(smollm2_path), root / "calib", root / "folded", kv_ratio_target=0.7)
     return root / "folded"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, word_tokenizer):
+    """A tiny random Llama (GQA) saved as a local HF directory with a PTB word-level tokenizer."""
+    from tiny_models import tiny_hf_model
+
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    model = tiny_hf_model("llama-gqa")
+    model.resize_token_embeddings(len(word_tokenizer), mean_resizing=False)
+    model.save_pretrained(path)
+    word_tokenizer.save_pretrained(path)
+    return path

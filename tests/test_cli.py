@@ -4,29 +4,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers as tf
 
 from eigen_export.cli import main
 from eigen_export.fold import MANIFEST
 from tiny_models import tiny_hf_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, word_tokenizer_module):
-    """A tiny Llama (GQA) saved as a local HF directory with a PTB word tokenizer."""
-    path = tmp_path_factory.mktemp("tiny") / "llama"
-    model = tiny_hf_model("llama-gqa")
-    model.config.vocab_size = len(word_tokenizer_module)
-    model.resize_token_embeddings(len(word_tokenizer_module))
-    model.save_pretrained(path)
-    word_tokenizer_module.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def word_tokenizer_module(request):
-    return request.getfixturevalue("word_tokenizer")
 
 
 def _run(capsys, *argv):
@@ -35,9 +17,9 @@ def _run(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_compress_perplexity_generate(tiny_dir, tmp_path, capsys):
+def test_compress_perplexity_generate(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "build"
-    code, stdout, _ = _run(capsys, "compress", tiny_dir, "--out", out, "--nsamples", 4, "--seqlen", 32,
+    code, stdout, _ = _run(capsys, "compress", tiny_llama_dir, "--out", out, "--nsamples", 4, "--seqlen", 32,
                            "--kv-ratio", 0.6, "--rope-mode", "pre")
     assert code == 0, stdout
     manifest = json.loads((out / "folded" / MANIFEST).read_text())
@@ -63,23 +45,23 @@ def _error(capsys, *argv):
     return lines[0]
 
 
-def test_bad_inputs_get_one_line_errors(tiny_dir, tmp_path, capsys):
+def test_bad_inputs_get_one_line_errors(tiny_llama_dir, tmp_path, capsys):
     assert "does not exist" in _error(capsys, "calibrate", tmp_path / "nope", "--out", tmp_path / "c")
     calib = tmp_path / "calib"
-    assert _run(capsys, "calibrate", tiny_dir, "--out", calib, "--nsamples", 2, "--seqlen", 16)[0] == 0
-    assert "outside (0, 1]" in _error(capsys, "fold", tiny_dir, "--calib", calib, "--out", tmp_path / "f",
+    assert _run(capsys, "calibrate", tiny_llama_dir, "--out", calib, "--nsamples", 2, "--seqlen", 16)[0] == 0
+    assert "outside (0, 1]" in _error(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", tmp_path / "f",
                                       "--kv-ratio", 1.5)
-    assert "outside (0, 1]" in _error(capsys, "fold", tiny_dir, "--calib", calib, "--out", tmp_path / "f",
+    assert "outside (0, 1]" in _error(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", tmp_path / "f",
                                       "--kv-ratio", 0)
-    assert "already exists" in _error(capsys, "calibrate", tiny_dir, "--out", calib)
-    assert "run `eigen-export calibrate` first" in _error(capsys, "fold", tiny_dir, "--calib", tmp_path / "none",
+    assert "already exists" in _error(capsys, "calibrate", tiny_llama_dir, "--out", calib)
+    assert "run `eigen-export calibrate` first" in _error(capsys, "fold", tiny_llama_dir, "--calib", tmp_path / "none",
                                                           "--out", tmp_path / "f")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert "empty" in _error(capsys, "calibrate", tiny_dir, "--out", tmp_path / "c2", "--dataset", empty)
+    assert "empty" in _error(capsys, "calibrate", tiny_llama_dir, "--out", tmp_path / "c2", "--dataset", empty)
     short = tmp_path / "short.txt"
     short.write_text("the company said it would sell\n")
-    assert "lower --nsamples" in _error(capsys, "calibrate", tiny_dir, "--out", tmp_path / "c3", "--dataset", short)
+    assert "lower --nsamples" in _error(capsys, "calibrate", tiny_llama_dir, "--out", tmp_path / "c3", "--dataset", short)
     assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
 
 
