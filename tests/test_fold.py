@@ -150,3 +150,11 @@ def test_existing_output_is_kept_without_force(tmp_path):
     with pytest.raises(EigenExportError, match="already exists"):
         _write(tmp_path)
     assert (out / MANIFEST).read_text() == before
+
+
+def test_calibration_is_deterministic():
+    model = decoder_from_hf_model(tiny_hf_model("qwen2"))
+    ids = ptb_like_ids(4, 24)
+    first, second = (calibrate(model, ids, "post", progress=False) for _ in range(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a.basis_k, b.basis_k) and torch.equal(a.eig_v, b.eig_v) and a.curve == b.curve
