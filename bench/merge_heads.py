@@ -9,8 +9,8 @@ mean-pool baseline (Ainslie et al.), all from the same calibration Grams (PTB tr
 same PTB test windows. Then one composition: llama mini 4 -> 2 KV heads (SVD), then Eigen Attention at KV ratio
 0.7 of the merged cache, through the CLI stages (merge-heads -> calibrate -> fold), with Eigen Attention alone at
 the same fraction of the original cache next to it. Target: the SVD merge beats mean pooling at every setting.
-Writes bench/results/merge-heads-<host>.json (command, git commit, CPU, settings, every number), rewritten after
-each row so that an interrupted run keeps what finished.
+Writes bench/results/merge-heads-<host>.json (per run: command, git commit, CPU, settings; every number), rewritten
+after each row so that an interrupted run keeps what finished.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _ppl(model, windows) -> float:
     return round(perplexity(TorchBackend(model), windows, batch_size=4), 4)
 
 
-def bench_model(name, args, rows, save):
+def bench_model(name, args, record):
     from transformers import AutoTokenizer
 
     from eigen_export.data import calibration_batch, eval_windows
@@ -101,10 +101,8 @@ def bench_model(name, args, rows, save):
     spec = model.spec
     started = time.perf_counter()
     base = {"model": name, "source": source, "num_heads": spec.num_heads, "kv_heads_before": spec.num_kv_heads}
-    rows.append({**base, "kv_heads": spec.num_kv_heads, "method": "original", "kv_fraction": 1.0,
-                 "perplexity": _ppl(model, windows)})
-    print(json.dumps(rows[-1]), flush=True)
-    save()
+    record({**base, "kv_heads": spec.num_kv_heads, "method": "original", "kv_fraction": 1.0,
+            "perplexity": _ppl(model, windows)})
     for n in targets:
         t0 = time.perf_counter()
         grams = group_grams(model, calib, n, progress=False)
@@ -113,15 +111,13 @@ def bench_model(name, args, rows, save):
             state, errors = merge_state(model.state_dict(), grams, spec, n, method)
             merged = build_decoder(config, state, None, None, num_kv_heads=n)
             mean_err = {p: round(sum(e[p] for e in errors) / len(errors), 4) for p in ("key", "value")}
-            rows.append({**base, "kv_heads": n, "method": method, "kv_fraction": round(n / spec.num_kv_heads, 4),
-                         "perplexity": _ppl(merged, windows), "cache_error_mean": mean_err,
-                         "cache_error_per_layer": errors, "calibration_s": round(calib_s, 1)})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "cache_error_per_layer"}), flush=True)
-            save()
+            record({**base, "kv_heads": n, "method": method, "kv_fraction": round(n / spec.num_kv_heads, 4),
+                    "perplexity": _ppl(merged, windows), "cache_error_mean": mean_err,
+                    "cache_error_per_layer": errors, "calibration_s": round(calib_s, 1)})
     print(f"[{name}] done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def bench_compose(args, rows, save):
+def bench_compose(args, record):
     """merge-heads -> calibrate -> fold, as a user runs it; and Eigen Attention alone at the same total cache."""
     from transformers import AutoTokenizer
 
@@ -141,23 +137,19 @@ def bench_compose(args, rows, save):
     calib = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        record = run_merge(source, tmp / "merged", n, **calib)
+        merge = run_merge(source, tmp / "merged", n, **calib)
         run_calibrate(str(tmp / "merged"), tmp / "calib-merged", **calib)
         manifest = run_fold(str(tmp / "merged"), tmp / "calib-merged", tmp / "folded-merged", kv_ratio_target=ratio)
-        total = record["kv_heads"] / record["kv_heads_before"] * manifest.kv_ratio
-        rows.append({"model": name, "source": source, "method": f"svd merge {record['kv_heads_before']}->{n} "
-                     f"+ eigen attention kv_ratio {ratio}", "kv_heads": n, "kv_fraction": round(total, 4),
-                     "ranks": manifest.ranks, "manifest_has_merge": "merge" in manifest.extra,
-                     "perplexity": _ppl(load(tmp / "folded-merged"), windows)})
-        print(json.dumps(rows[-1]), flush=True)
-        save()
+        total = merge["kv_heads"] / merge["kv_heads_before"] * manifest.kv_ratio
+        record({"model": name, "source": source, "method": f"svd merge {merge['kv_heads_before']}->{n} "
+                f"+ eigen attention kv_ratio {ratio}", "kv_heads": n, "kv_fraction": round(total, 4),
+                "ranks": manifest.ranks, "manifest_has_merge": "merge" in manifest.extra,
+                "perplexity": _ppl(load(tmp / "folded-merged"), windows)})
         run_calibrate(source, tmp / "calib", **calib)
         alone = run_fold(source, tmp / "calib", tmp / "folded", kv_ratio_target=total)
-        rows.append({"model": name, "source": source, "method": f"eigen attention alone, kv_ratio {total:.3f}",
-                     "kv_heads": record["kv_heads_before"], "kv_fraction": alone.kv_ratio, "ranks": alone.ranks,
-                     "perplexity": _ppl(load(tmp / "folded"), windows)})
-        print(json.dumps(rows[-1]), flush=True)
-        save()
+        record({"model": name, "source": source, "method": f"eigen attention alone, kv_ratio {total:.3f}",
+                "kv_heads": merge["kv_heads_before"], "kv_fraction": alone.kv_ratio, "ranks": alone.ranks,
+                "perplexity": _ppl(load(tmp / "folded"), windows)})
 
 
 def verdict(rows) -> dict:
@@ -179,19 +171,29 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     out = args.out or REPO / "bench" / "results" / f"merge-heads-{socket.gethostname()}.json"
-    result = {"meta": _meta(args, argv), "rows": []}
+    # Models not re-run keep their rows from earlier runs (SmolLM2 alone takes ~30 min on a shared CPU); each
+    # row names the run that measured it.
+    result = json.loads(out.read_text()) if out.is_file() else {"runs": [], "rows": []}
+    result["rows"] = [r for r in result["rows"] if r["model"] not in args.models]
+    result["runs"].append({"models": args.models, **_meta(args, argv)})
+    run = len(result["runs"]) - 1
 
     def save():
         result["verdict"] = verdict(result["rows"])
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
 
+    def record(row):
+        result["rows"].append({**row, "run": run})
+        print(json.dumps({k: v for k, v in row.items() if k != "cache_error_per_layer"}), flush=True)
+        save()
+
     started = time.perf_counter()
     for name in args.models:
-        bench_model(name, args, result["rows"], save)
+        bench_model(name, args, record)
     if not args.no_compose and COMPOSE[0] in args.models:
-        bench_compose(args, result["rows"], save)
-    result["meta"]["wall_time_s"] = round(time.perf_counter() - started, 1)
+        bench_compose(args, record)
+    result["runs"][run]["wall_time_s"] = round(time.perf_counter() - started, 1)
     save()
     print(json.dumps(result["verdict"], indent=1))
     print(f"written to {out}")
