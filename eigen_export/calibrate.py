@@ -89,8 +89,11 @@ def _chunks(n: int, size: int):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _relative_error(y, ref) -> float:
-    return (torch.linalg.vector_norm((y - ref).double()) / torch.linalg.vector_norm(ref.double())).item()
+def _errors(y, ref, x) -> tuple[float, float]:
+    """(||y - ref|| / ||ref||, ||y - ref|| / ||ref - x||): see decompose.CurvePoint."""
+    diff = torch.linalg.vector_norm((y - ref).double())
+    return ((diff / torch.linalg.vector_norm(ref.double())).item(),
+            (diff / torch.linalg.vector_norm((ref - x).double())).item())
 
 
 @torch.no_grad()
@@ -150,14 +153,14 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
         for eps in eps_grid:
             ranks = LayerRanks(layer_rank(eig_k, eps, rank_multiple), layer_rank(eig_v, eps, rank_multiple))
             if ranks == LayerRanks(d, d):
-                tried[ranks] = 0.0      # a full-rank fold is exact up to float error (tests/test_fold.py)
+                tried[ranks] = (0.0, 0.0)   # a full-rank fold is exact up to float error (tests/test_fold.py)
             if ranks not in tried:
                 folded = fold_layer(layer_state, basis_k[..., : ranks.k].to(x.dtype),
                                     basis_v[..., : ranks.v].to(x.dtype), spec, rope_mode)
                 candidate = model.make_block(ranks, rope_mode, folded)
                 out = torch.cat([candidate(x[s], ctx(s))[0] for s in err_slices])
-                tried[ranks] = _relative_error(out, reference)
-            layer.curve.append(CurvePoint(eps, ranks.k, ranks.v, tried[ranks]))
+                tried[ranks] = _errors(out, reference, x[:n_err])
+            layer.curve.append(CurvePoint(eps, ranks.k, ranks.v, *tried[ranks]))
         results.append(layer)
         x = x_next
         bar.set_postfix(layer=i, r99=f"{layer_rank(eig_k, 0.99)}/{layer_rank(eig_v, 0.99)}")

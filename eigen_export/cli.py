@@ -30,6 +30,9 @@ def _calib_flags(p):
 def _fold_flags(p):
     p.add_argument("--kv-ratio", type=float, help="fraction of the original KV cache to keep, e.g. 0.7")
     p.add_argument("--error-budget", type=float, help="per-layer relative block-output error budget instead")
+    p.add_argument("--allocation", choices=("energy", "error", "update_error"), default="energy",
+                   help="how --kv-ratio spreads ranks over layers: one energy threshold (default) or the "
+                        "smallest worst-layer calibrated block error")
 
 
 def _run_flags(p):
@@ -80,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     _run_flags(p)
 
+    p = verbs.add_parser("export", help="export a folded or original model to ONNX (writes onnx/model.onnx, io.json)")
+    p.add_argument("model", help="folded directory, original HF directory or recipe name")
+    p.add_argument("--out", help="ONNX directory (default: onnx/ beside folded/, else MODEL/onnx)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="fp16/bf16 keep softmax and norms in fp32 (default: fp32)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--force", action="store_true")
+
     p = verbs.add_parser("perplexity", help="perplexity of a folded or original model on held-out text")
     p.add_argument("model")
     p.add_argument("--dataset", default="ptb")
@@ -92,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="generate text with a folded or original model")
     p.add_argument("model")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch (left padded)")
-    p.add_argument("--backend", choices=("torch",), default="torch")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime runs the model's `export` (its dtype applies, not --dtype)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -148,7 +161,8 @@ def _dispatch(args):
         from .fold import run_fold
 
         kv, budget = _fold_target(args)
-        manifest = run_fold(source, args.calib, args.out, kv, budget, dtype=args.dtype, force=args.force)
+        manifest = run_fold(source, args.calib, args.out, kv, budget, dtype=args.dtype, force=args.force,
+                            allocation=args.allocation)
         print(f"folded model written to {args.out}: KV ratio {manifest.kv_ratio:.3f}")
     elif args.verb == "compress":
         from .calibrate import run_calibrate
@@ -157,7 +171,8 @@ def _dispatch(args):
         out = Path(args.out)
         run_calibrate(source, out / "calib", **_calibrate_kwargs(args))
         kv, budget = _fold_target(args)
-        manifest = run_fold(source, out / "calib", out / "folded", kv, budget, force=args.force)
+        manifest = run_fold(source, out / "calib", out / "folded", kv, budget, force=args.force,
+                            allocation=args.allocation)
         print(f"folded model written to {out / 'folded'}: KV ratio {manifest.kv_ratio:.3f}")
     elif args.verb == "merge-heads":
         from .merge import run_merge
@@ -166,6 +181,11 @@ def _dispatch(args):
                            nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
                            dtype=args.dtype, device=args.device, force=args.force, progress=not args.quiet)
         print(f"merged model written to {args.out}: {record['kv_heads_before']} -> {record['kv_heads']} KV heads")
+    elif args.verb == "export":
+        from .export import export_onnx
+
+        out = export_onnx(source, args.out, dtype=args.dtype, opset=args.opset, force=args.force)
+        print(f"ONNX export written to {out}")
     elif args.verb == "perplexity":
         print(json.dumps(_perplexity(source, args)))
     elif args.verb == "generate":
@@ -195,12 +215,26 @@ def _perplexity(source, args) -> dict:
             "windows": int(windows.shape[0]), "perplexity": round(ppl, 4)}
 
 
-def _generate(source, args) -> None:
-    from . import load
-    from .runtime import TorchBackend, generate
+def _generation_backend(source, args):
+    """(backend, directory with the tokenizer): the model itself for torch, its ONNX export for onnxruntime."""
+    if args.backend == "onnxruntime":
+        from .export import IO_JSON, find_onnx_dir, read_io
+        from .runtime import OnnxRuntimeBackend
 
-    tokenizer = _tokenizer(source)
-    model = load(source, dtype=args.dtype, device=args.device)
+        onnx_dir = find_onnx_dir(source)
+        tokenizer_dir = read_io(onnx_dir)["source"] if (Path(source) / IO_JSON).exists() else source
+        return OnnxRuntimeBackend(onnx_dir, threads=args.threads), tokenizer_dir
+    from . import load
+    from .runtime import TorchBackend
+
+    return TorchBackend(load(source, dtype=args.dtype, device=args.device)), source
+
+
+def _generate(source, args) -> None:
+    from .runtime import generate
+
+    backend, tokenizer_dir = _generation_backend(source, args)
+    tokenizer = _tokenizer(tokenizer_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:     # padded positions are masked out: any token id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
@@ -209,7 +243,7 @@ def _generate(source, args) -> None:
     stream = (lambda t: print(tokenizer.decode(t[0]), end="", flush=True)) if single else None
     if single:
         print(args.prompt[0], end="", flush=True)
-    tokens = generate(TorchBackend(model), batch["input_ids"], batch["attention_mask"],
+    tokens = generate(backend, batch["input_ids"], batch["attention_mask"],
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, on_token=stream,
                       stop_tokens=(tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else (),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import atomic_dir
-from .decompose import choose_by_budget, choose_by_kv_ratio, kv_ratio
+from .decompose import choose_by_budget, choose_by_energy, choose_by_kv_ratio, kv_ratio
 from .errors import EigenExportError
 from .families import ModelSpec, spec_from_config
 from .manifest import Manifest
@@ -71,22 +71,46 @@ def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, t
     return folded
 
 
-def decide_ranks(curves, head_dim: int, kv_ratio_target: float | None, error_budget: float | None):
-    """(chosen curve points, allocation record) from exactly one of the two user rules (DESIGN 3.3)."""
+ALLOCATIONS = ("energy", "error", "update_error")
+
+
+def decide_ranks(layers, head_dim: int, kv_ratio_target: float | None, error_budget: float | None,
+                 allocation: str = "energy", rank_multiple: int = 1):
+    """(ranks, per-layer calibrated error or None, allocation record) from exactly one user rule (DESIGN 3.3).
+
+    --kv-ratio: `energy` (default) takes one energy threshold for all layers; `error` / `update_error`
+    take the smallest worst-layer calibrated block error that fits (decompose.CurvePoint). --error-budget
+    is the paper's per-layer rule on the block error.
+    """
     if (kv_ratio_target is None) == (error_budget is None):
         raise EigenExportError("give exactly one of --kv-ratio or --error-budget")
-    if kv_ratio_target is not None:
-        if not 0 < kv_ratio_target <= 1:
-            raise EigenExportError(f"--kv-ratio {kv_ratio_target} is outside (0, 1]: it is the fraction of the "
-                                   "original KV cache to keep, e.g. 0.7")
-        try:
-            chosen, budget = choose_by_kv_ratio(curves, kv_ratio_target, head_dim)
-        except ValueError as e:
-            raise EigenExportError(str(e)) from None
-        return chosen, {"rule": "kv_ratio", "target": kv_ratio_target, "error_budget_found": budget}
-    if error_budget <= 0:
-        raise EigenExportError(f"--error-budget {error_budget} must be positive (e.g. 0.02)")
-    return choose_by_budget(curves, error_budget), {"rule": "error_budget", "error_budget": error_budget}
+    if allocation not in ALLOCATIONS:
+        raise EigenExportError(f"--allocation {allocation!r} is unknown: use one of {', '.join(ALLOCATIONS)}")
+    if error_budget is not None:
+        if error_budget <= 0:
+            raise EigenExportError(f"--error-budget {error_budget} must be positive (e.g. 0.02)")
+        chosen = choose_by_budget([layer.curve for layer in layers], error_budget)
+        return _ranks_errors(chosen), {"rule": "error_budget", "error_budget": error_budget}
+    if not 0 < kv_ratio_target <= 1:
+        raise EigenExportError(f"--kv-ratio {kv_ratio_target} is outside (0, 1]: it is the fraction of the "
+                               "original KV cache to keep, e.g. 0.7")
+    record = {"rule": "kv_ratio", "target": kv_ratio_target, "allocation": allocation}
+    try:
+        if allocation == "energy":
+            pairs, eps = choose_by_energy([(layer.eig_k, layer.eig_v) for layer in layers], kv_ratio_target,
+                                          head_dim, rank_multiple)
+            measured = [{(p.rank_k, p.rank_v): p.error for p in layer.curve} for layer in layers]
+            ranks = [LayerRanks(k, v) for k, v in pairs]
+            return (ranks, [m.get(pair) for m, pair in zip(measured, pairs)]), record | {"energy_threshold": eps}
+        chosen, budget = choose_by_kv_ratio([layer.curve for layer in layers], kv_ratio_target, head_dim,
+                                            allocation)
+    except ValueError as e:
+        raise EigenExportError(str(e)) from None
+    return _ranks_errors(chosen), record | {"error_budget_found": budget}
+
+
+def _ranks_errors(points):
+    return [LayerRanks(p.rank_k, p.rank_v) for p in points], [p.error for p in points]
 
 
 def sha256_file(path: Path) -> str:
@@ -152,12 +176,15 @@ def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = 
 
 
 def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_target: float | None = None,
-             error_budget: float | None = None, dtype: str = "float32", force: bool = False) -> Manifest:
+             error_budget: float | None = None, dtype: str = "float32", force: bool = False,
+             allocation: str = "energy") -> Manifest:
     """CLI `fold`: decide ranks from the calibration curves, fold the bases, write the folded artifact."""
     from .calibrate import load_calibration
     from .loading import load_hf
     from .merge import read_merge_record
 
+    if kv_ratio_target is not None and not 0 < kv_ratio_target <= 1:   # fail before loading any weights
+        decide_ranks([], 1, kv_ratio_target, None, allocation)
     layers, settings = load_calibration(Path(calib_dir))
     config, model = load_hf(source, dtype="float32")
     spec = model.spec
@@ -165,8 +192,8 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_t
             layers[0].basis_k.shape[-1] != spec.head_dim:
         raise EigenExportError(f"calibration in {calib_dir} was made for {settings.get('source')!r}, not {source!r}: "
                                "re-run `eigen-export calibrate` for this model")
-    chosen, allocation = decide_ranks([layer.curve for layer in layers], spec.head_dim, kv_ratio_target, error_budget)
-    ranks = [LayerRanks(p.rank_k, p.rank_v) for p in chosen]
+    (ranks, layer_errors), allocation_record = decide_ranks(layers, spec.head_dim, kv_ratio_target, error_budget,
+                                                            allocation, settings.get("rank_multiple", 1))
     rope_mode = settings.get("rope_mode")
     state = fold_state(model.state_dict(), [(layer.basis_k, layer.basis_v) for layer in layers], ranks, spec,
                        rope_mode)
@@ -179,9 +206,9 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_t
         model_type=config.model_type, family=spec.family, source=str(source), rope_mode=rope_mode,
         num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, softmax_scale=spec.softmax_scale, ranks=[list(p) for p in pairs],
-        kv_ratio=round(kv_ratio(pairs, spec.head_dim), 6), layer_errors=[p.error for p in chosen],
+        kv_ratio=round(kv_ratio(pairs, spec.head_dim), 6), layer_errors=layer_errors,
         calibration={**{k: v for k, v in settings.items() if k not in ("format", "version")},
-                     "allocation": allocation},
+                     "allocation": allocation_record},
         dtype=dtype,
         extra={"merge": merge} if merge else {},
     )

@@ -25,7 +25,7 @@ class Manifest:
     softmax_scale: float
     ranks: list[list[int]]               # per layer [r_k, r_v]
     kv_ratio: float
-    layer_errors: list[float]            # relative block-output error per layer on calibration data
+    layer_errors: list[float | None]     # calibrated block-output error per layer (None: ranks not on the curve)
     calibration: dict                    # dataset, nsamples, seqlen, seed, allocation rule, ...
     weights_sha256: str
     dtype: str = "float32"

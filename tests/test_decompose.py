@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from eigen_export.decompose import (CurvePoint, choose_by_budget, choose_by_kv_ratio, eigenbasis, energy_rank,
+from eigen_export.decompose import (CurvePoint, choose_by_budget, choose_by_energy, choose_by_kv_ratio, eigenbasis, energy_rank,
                                     kv_ratio, layer_rank)
 
 
@@ -45,9 +45,32 @@ def test_budget_rule_takes_cheapest_passing_point():
 
 
 def test_kv_ratio_allocation_meets_target_with_least_worst_error():
-    chosen, budget = choose_by_kv_ratio(_curves(), 0.75, head_dim=8)   # 24 of 32 dims per token
+    chosen, budget = choose_by_kv_ratio(_curves(), 0.75, head_dim=8, metric="error")   # 24 of 32 dims
     assert sum(p.cost for p in chosen) <= 24
     assert budget == pytest.approx(0.05)            # (8,8)+(4,4) = 24 dims at worst error 0.05 beats 0.10
     assert [(p.rank_k, p.rank_v) for p in chosen] == [(8, 8), (4, 4)]
     with pytest.raises(ValueError, match="below the smallest ratio"):
         choose_by_kv_ratio(_curves(), 0.4, head_dim=8)
+
+
+def test_allocation_metric_is_selectable():
+    # the update-relative errors rank the layers the other way round: layer 1 is now the fragile one
+    curves = [[CurvePoint(p.eps, p.rank_k, p.rank_v, p.error, update_error=u) for p, u in zip(curve, errs)]
+              for curve, errs in zip(_curves(), ([0.0, 0.02, 0.05], [0.0, 0.10, 0.30]))]
+    chosen, budget = choose_by_kv_ratio(curves, 0.75, head_dim=8, metric="update_error")
+    assert [(p.rank_k, p.rank_v) for p in chosen] == [(4, 4), (8, 8)] and budget == pytest.approx(0.05)
+    chosen, _ = choose_by_kv_ratio(curves, 0.75, head_dim=8, metric="error")
+    assert [(p.rank_k, p.rank_v) for p in chosen] == [(8, 8), (4, 4)]
+
+
+def test_energy_allocation_takes_one_threshold_for_all_layers():
+    flat = torch.ones(1, 8, dtype=torch.float64)                       # every dim holds 1/8 of the energy
+    steep = torch.tensor([[64.0, 32, 16, 8, 4, 2, 1, 1]], dtype=torch.float64)
+    pairs, eps = choose_by_energy([(flat, steep), (steep, flat)], target=0.75, head_dim=8)
+    assert kv_ratio(pairs, 8) <= 0.75
+    # one threshold: the flat spectrum needs many more dims than the steep one for the same share
+    assert pairs[0][0] > pairs[0][1] and pairs[1][1] > pairs[1][0]
+    assert [energy_rank(flat[0], eps), energy_rank(steep[0], eps)] == list(pairs[0])
+    assert choose_by_energy([(flat, flat)], 1.0, 8)[0] == [(8, 8)]
+    with pytest.raises(ValueError, match="below what rank 1"):
+        choose_by_energy([(flat, flat)], 0.05, 8)

@@ -1,0 +1,38 @@
+"""SmolLM2-135M end to end: calibrate 16 x 256 PTB-train tokens, fold at kv-ratio 0.7, evaluate on PTB test."""
+import pytest
+import torch
+
+import eigen_export
+from eigen_export.manifest import Manifest
+
+pytestmark = pytest.mark.slow
+
+BASELINE_PPL = 66.95          # 8 x 512 PTB-test windows, fp32 (tests/test_assets.py measures it too)
+# Measured for this fixture (16 x 256 calibration, rope post, kv-ratio 0.7, energy allocation): 102.07.
+# The bound leaves ~5% for platform float noise; a wrong fold or rank rule lands far above it.
+FOLDED_PPL_BOUND = 107.0
+
+
+@pytest.fixture(scope="module")
+def ptb_windows(smollm2_path):
+    from transformers import AutoTokenizer
+
+    from eigen_export.data import eval_windows
+
+    return eval_windows(AutoTokenizer.from_pretrained(str(smollm2_path)), "ptb", 512, max_windows=8)
+
+
+def test_folded_smollm2_keeps_perplexity_within_measured_bound(smollm2_path, smollm2_folded, ptb_windows):
+    from eigen_export.runtime import TorchBackend, perplexity
+
+    manifest = Manifest.read(smollm2_folded / "eigen.json")
+    assert 0.68 <= manifest.kv_ratio <= 0.7
+    folded = eigen_export.load(smollm2_folded)
+    ppl = perplexity(TorchBackend(folded), ptb_windows)
+    print(f"folded SmolLM2 at KV ratio {manifest.kv_ratio}: PTB-test perplexity {ppl:.3f}")
+    assert ppl > BASELINE_PPL            # compression is not free: the fold really changed the model
+    assert ppl <= FOLDED_PPL_BOUND, f"perplexity {ppl:.2f} above the measured bound {FOLDED_PPL_BOUND}"
+    # the cache is really r_k / r_v wide, layer by layer
+    _, presents = folded(ptb_windows[:1, :16])
+    assert [[k.shape[-1], v.shape[-1]] for k, v in presents] == manifest.ranks
+    assert all(k.shape[1] == 3 for k, _ in presents)
