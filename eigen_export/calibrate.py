@@ -97,7 +97,7 @@ def _errors(y, ref, x) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "post",
+def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "pre",
               eps_grid=EPS_GRID, error_samples: int = 2, batch_size: int = 4, rank_multiple: int = 1,
               progress: bool = True) -> list[LayerCalibration]:
     """Bases and error curves for every layer of an uncompressed model on calib_ids [N, L]."""
@@ -214,7 +214,7 @@ def load_calibration(calib_dir: Path) -> tuple[list[LayerCalibration], dict]:
 
 
 def run_calibrate(source: str, out_dir: str | Path, dataset: str = "ptb", nsamples: int = 32, seqlen: int = 512,
-                  seed: int = 0, rope_mode: str = "post", dtype: str = "float32", device: str = "cpu",
+                  seed: int = 0, rope_mode: str = "pre", dtype: str = "float32", device: str = "cpu",
                   batch_size: int = 4, error_samples: int = 2, rank_multiple: int = 1, force: bool = False,
                   progress: bool = True) -> Path:
     """CLI `calibrate`: load the model and text, measure, write calib/ (bases + curves)."""

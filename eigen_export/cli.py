@@ -20,8 +20,9 @@ def _calib_flags(p):
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rope-mode", choices=("pre", "post"), default="post",
-                   help="RoPE models: basis before (paper) or after rotation (default: post)")
+    p.add_argument("--rope-mode", choices=("pre", "post"), default="pre",
+                   help="RoPE models: basis before (paper, default) or after rotation (faster decode, but on "
+                        "SmolLM2 it did not hold past the calibration length)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--error-samples", type=int, default=2, help="samples used for the block-error curves")
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple (kernel efficiency)")

@@ -24,7 +24,7 @@ class Recipe:
     seed: int = 0
     kv_ratio: float | None = 0.7
     error_budget: float | None = None
-    rope_mode: str = "post"
+    rope_mode: str = "pre"
     max_batch: int = 8
     max_context: int = 2048
 
