@@ -4,4 +4,13 @@ from .generate import generate
 from .perplexity import perplexity
 from .torch_backend import TorchBackend
 
-__all__ = ["Backend", "TorchBackend", "generate", "perplexity"]
+__all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "generate", "perplexity"]
+
+
+def __getattr__(name):
+    # onnxruntime is an optional, heavy import: load it only when its backend is asked for
+    if name == "OnnxRuntimeBackend":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,387 @@
+"""ONNX export of the reference Decoder with the reduced-dimension KV-cache signature (DESIGN 5).
+
+One graph serves prefill and decode: the cache inputs may have past length 0, and their last dims are
+the per-layer ranks r_k / r_v, not head_dim. The graph is the reference Decoder itself (any model the
+loader accepts: an original HF directory or a folded artifact in either RoPE mode), captured by the
+dynamo exporter through a wrapper with flat tensors, so no transformers cache object is ever traced.
+
+`onnx/io.json` describes the contract; the runtime checks it against the graph it loads.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifacts import atomic_dir
+from .errors import EigenExportError
+from .modeling import Decoder
+
+log = logging.getLogger("eigen_export")
+
+ONNX_DIR = "onnx"
+MODEL_ONNX = "model.onnx"
+IO_JSON = "io.json"
+IO_FORMAT = "eigen_export.onnx"
+IO_VERSION = 1
+MIN_OPSET = 18
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ONNX element type names as ONNX Runtime reports them ("tensor(float)"), keyed by our io.json names
+ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)",
+             "bfloat16": "tensor(bfloat16)"}
+TORCH_TYPE_NAMES = {torch.int64: "int64", torch.float32: "float32", torch.float16: "float16",
+                    torch.bfloat16: "bfloat16"}
+# Example sizes for tracing: >= 2 (0 and 1 would be specialised) and pairwise distinct, so that the
+# exporter cannot mistake one dynamic dim for another.
+EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
+
+
+def input_names(num_layers: int) -> list[str]:
+    return ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def output_names(num_layers: int) -> list[str]:
+    return ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+class FlatDecoder(nn.Module):
+    """The Decoder behind flat tensors: (ids, mask, positions, (k0, v0, k1, ...)) -> (logits, k0', v0', ...)."""
+
+    def __init__(self, model: Decoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        # The exporter gives every input dim its own symbol. No-op reshapes state once what the contract
+        # says (one past length for every layer, mask width = past + seq), so the model's shape logic
+        # sees one symbol per contract dim instead of guards between unrelated ones.
+        b, s, p = input_ids.shape[0], input_ids.shape[1], past[0].shape[2]
+        attention_mask = attention_mask.reshape(b, p + s)
+        past = [t.reshape(b, t.shape[1], p, t.shape[3]) for t in past]
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, presents = self.model(input_ids, attention_mask, position_ids, pairs)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def io_contract(model: Decoder, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
+    """The inputs and outputs DESIGN 5 promises for this model: names, element types, named dims."""
+    spec, ranks = model.spec, model.cache_widths()
+    cache = TORCH_TYPE_NAMES[dtype]
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
+              {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"]},
+              {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
+    outputs = [{"name": "logits", "dtype": cache, "shape": ["batch", "seq", spec.vocab_size]}]
+    for i, r in enumerate(ranks):
+        for kv, width in (("key", r.k), ("value", r.v)):
+            inputs.append({"name": f"past_key_values.{i}.{kv}", "dtype": cache,
+                           "shape": ["batch", spec.num_kv_heads, "past", width]})
+            outputs.append({"name": f"present.{i}.{kv}", "dtype": cache,
+                            "shape": ["batch", spec.num_kv_heads, "past + seq", width]})
+    return inputs, outputs
+
+
+def _example_inputs(model: Decoder, dtype: torch.dtype):
+    b, s, p = EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST
+    ids = torch.zeros(b, s, dtype=torch.long)
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    positions = torch.arange(p, p + s).expand(b, s).contiguous()
+    past = [torch.zeros(b, model.spec.num_kv_heads, p, w, dtype=dtype)
+            for r in model.cache_widths() for w in (r.k, r.v)]
+    # Names become Dim.DYNAMIC: the exporter may then record relations between dims (mask width =
+    # past + seq) instead of failing on them. Only the names are ours; FlatDecoder ties the symbols.
+    dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
+               "position_ids": {0: "batch", 1: "seq"}, "past": [{0: "batch", 2: "past"}] * len(past)}
+    return (ids, mask, positions, past), dynamic
+
+
+def _source_sha256(model_dir: Path) -> str:
+    """What the export was made from: the folded manifest (it carries the weights' hash) or the HF files."""
+    from .fold import MANIFEST, sha256_file
+
+    files = [model_dir / MANIFEST] if (model_dir / MANIFEST).exists() else sorted(
+        p for p in model_dir.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode() + sha256_file(path).encode())
+    return h.hexdigest()
+
+
+def default_out_dir(model_dir: Path) -> Path:
+    """build/<name>/folded -> build/<name>/onnx (DESIGN 1); any other model directory -> <dir>/onnx."""
+    from .fold import MANIFEST
+
+    model_dir = Path(model_dir)
+    if (model_dir / MANIFEST).exists() and model_dir.name == "folded":
+        return model_dir.parent / ONNX_DIR
+    return model_dir / ONNX_DIR
+
+
+def _load_for_export(model_dir: Path, dtype: torch.dtype) -> Decoder:
+    from .loading import load
+
+    model = load(model_dir, dtype="float32")
+    # RoPE frequencies and ALiBi slopes stay fp32: rounding inv_freq to fp16 turns into radians of
+    # angle error at positions in the thousands.
+    keep = {name: buf.clone() for name, buf in model.named_buffers() if name in ("inv_freq", "alibi")}
+    model = model.to(dtype)
+    for name, buf in keep.items():
+        setattr(model, name, buf)
+    return model.eval()
+
+
+def _metadata(model: Decoder, dtype_name: str, opset: int) -> dict:
+    spec, ranks = model.spec, model.cache_widths()
+    itemsize = EXPORT_DTYPES[dtype_name].itemsize
+    return {
+        "model_type": spec.model_type, "family": spec.family, "rope_mode": model.rope_mode,
+        "positions": spec.positions, "num_layers": spec.num_layers, "num_heads": spec.num_heads,
+        "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "softmax_scale": spec.softmax_scale,
+        "vocab_size": spec.vocab_size, "ranks": [[r.k, r.v] for r in ranks],
+        "kv_ratio": round(sum(r.k + r.v for r in ranks) / (2 * spec.head_dim * len(ranks)), 6),
+        "kv_bytes_per_token": sum(spec.num_kv_heads * (r.k + r.v) for r in ranks) * itemsize,
+        "dtype": dtype_name, "opset": opset,
+    }
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "fp32", opset: int = 18,
+                force: bool = False, external_data: bool | None = None) -> Path:
+    """Write `<artifact>/onnx/model.onnx` and `onnx/io.json` for an original or folded model directory.
+
+    external_data: store weights in `model.onnx.data` (None: only when the model needs it, > 2 GB).
+    A current export (same source hash, dtype and opset) is kept unless `force`. Returns the ONNX dir.
+    """
+    model_dir = Path(model_dir)
+    if dtype not in EXPORT_DTYPES:
+        raise EigenExportError(f"--dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    if opset < MIN_OPSET:
+        raise EigenExportError(f"--opset {opset} is below {MIN_OPSET}, the lowest this export supports (DESIGN 5)")
+    if not model_dir.is_dir():
+        raise EigenExportError(f"{model_dir} is not a directory: export needs a folded or original model directory")
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_dir)
+    source_sha = _source_sha256(model_dir)
+    if not force and _is_current(out_dir, source_sha, dtype, opset):
+        log.info("[export] skipped: %s is current (pass --force to redo it)", out_dir)
+        return out_dir
+    if out_dir.exists() and not force:      # say so before minutes of export, not after
+        raise EigenExportError(f"{out_dir} already exists and is not an export of this model with these settings: "
+                               "pass --force to replace it or choose another --out")
+    _require_onnx()
+    started, started_cpu = time.perf_counter(), time.process_time()
+    torch_dtype = EXPORT_DTYPES[dtype]
+    model = _load_for_export(model_dir, torch_dtype)
+    inputs, outputs = io_contract(model, torch_dtype)
+    io = {"format": IO_FORMAT, "version": IO_VERSION, "model": MODEL_ONNX, "external_data": None,
+          "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "source": str(model_dir),
+          "source_sha256": source_sha, **_metadata(model, dtype, opset), "inputs": inputs, "outputs": outputs}
+    program = _capture(model, torch_dtype, opset)
+    _optimize(program.model)
+    _name_dims(program.model, inputs, outputs)
+    for key, value in io.items():
+        if key not in ("inputs", "outputs", "external_data"):
+            program.model.metadata_props[f"eigen_export.{key}"] = json.dumps(value)
+    with atomic_dir(out_dir, force=force) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program.save(str(tmp / MODEL_ONNX), external_data=external_data)
+        data = sorted(p.name for p in tmp.iterdir() if p.name != MODEL_ONNX)
+        io["external_data"] = data[0] if data else None
+        check_io(io, graph_io_from_file(tmp / MODEL_ONNX), tmp / IO_JSON)
+        # wall and CPU time: on a shared machine the wall time measures the neighbours as much as the export
+        io["export_seconds"] = round(time.perf_counter() - started, 2)
+        io["export_cpu_seconds"] = round(time.process_time() - started_cpu, 2)
+        (tmp / IO_JSON).write_text(_io_text(io))                        # last: marks completion
+    log.info("[export] %s -> %s (%s, opset %d, %.1f s)", model_dir, out_dir, dtype, opset, io["export_seconds"])
+    return out_dir
+
+
+def _io_text(io: dict) -> str:
+    """io.json with one line per graph input/output, so that a person can read the contract at a glance."""
+    lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in io.items() if k not in ("inputs", "outputs")]
+    lines += [f' "{kind}": [\n' + ",\n".join("  " + json.dumps(e) for e in io[kind]) + "\n ]"
+              for kind in ("inputs", "outputs")]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise EigenExportError(f"ONNX export needs the `onnx` extra ({e.name} is missing): "
+                               "pip install 'eigen_export[onnx]'") from None
+
+
+def _capture(model: Decoder, dtype: torch.dtype, opset: int):
+    args, dynamic = _example_inputs(model, dtype)
+    n = model.spec.num_layers
+    with warnings.catch_warnings(), _quiet_exporter():
+        # The exporter warns once per input that shares a dim with an earlier one ("batch will not be
+        # used, since it shares ..."): that sharing is the contract, not a problem.
+        warnings.simplefilter("ignore")
+        try:
+            return torch.onnx.export(FlatDecoder(model), args, dynamo=True, dynamic_shapes=dynamic,
+                                     input_names=input_names(n), output_names=output_names(n),
+                                     opset_version=opset, verbose=False, optimize=False)
+        except Exception as e:   # the exporter raises many types; the user needs one line and the cause
+            raise EigenExportError(f"the dynamo ONNX export failed ({_exporter_cause(e)}); "
+                                   "run with -v for the exporter's full report") from e
+
+
+def _exporter_cause(error: Exception) -> str:
+    """The line of torch.onnx's multi-paragraph error that names the cause ("<class ...>: message")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if "## Exception summary" in lines:
+        after = lines[lines.index("## Exception summary") + 1:]
+        if after:
+            return after[0]
+    return lines[0] if lines else type(error).__name__
+
+
+def _optimize(model) -> None:
+    """Constant folding, dead nodes, shared constants and subexpressions, once.
+
+    torch.onnx's default optimizer adds onnxscript's pattern rewriter and repeats everything twice: 13 s of
+    a 60 s SmolLM2 export for 12 fewer nodes out of 1800, the kind of clean-up ORT repeats when it loads
+    the graph anyway.
+    """
+    import onnx_ir.passes.common as common
+    from onnxscript import optimizer
+
+    with _quiet_exporter():
+        optimizer.fold_constants(model)
+        optimizer.remove_unused_nodes(model)
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common.DeduplicateInitializersPass()(model)
+        common.CommonSubexpressionEliminationPass()(model)
+        optimizer.remove_unused_nodes(model)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporter's per-stage progress lines and its torchvision warnings unless -v."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _name_dims(model, inputs: list[dict], outputs: list[dict]) -> None:
+    """Give every graph input/output the contract's dim names (the exporter's own names are sympy
+    expressions of its symbols); a static dim that differs from the contract is an export bug."""
+    import onnx_ir as ir
+
+    for values, contract in ((model.graph.inputs, inputs), (model.graph.outputs, outputs)):
+        by_name = {v.name: v for v in values}
+        for entry in contract:
+            value = by_name.get(entry["name"])
+            if value is None:
+                raise EigenExportError(f"the exported graph has no {entry['name']!r}: the wrapper and the "
+                                       "contract disagree (export bug)")
+            actual = list(value.shape) if value.shape is not None else []
+            if len(actual) != len(entry["shape"]):
+                raise EigenExportError(f"exported {entry['name']} has rank {len(actual)}, expected {entry['shape']}")
+            dims = []
+            for want, got in zip(entry["shape"], actual):
+                if isinstance(want, int):
+                    if got != want:
+                        raise EigenExportError(f"exported {entry['name']} has dims {actual}, expected "
+                                               f"{entry['shape']} (export bug)")
+                    dims.append(want)
+                else:
+                    if isinstance(got, int):
+                        raise EigenExportError(f"exported {entry['name']} has static dims {actual} where "
+                                               f"{entry['shape']} must be dynamic: the exporter specialised it")
+                    dims.append(ir.SymbolicDim(want))
+            value.shape = ir.Shape(dims)
+
+
+# -- the contract, checked wherever a graph is loaded ----------------------------------------------------
+def graph_io_from_file(path: Path) -> tuple[list[tuple], list[tuple]]:
+    """[(name, element type, dims)] of the graph inputs and outputs, read from the ONNX file itself."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+    def describe(value):
+        t = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        kind = names[t.elem_type].lower()
+        return value.name, {"float": "float32", "float16": "float16"}.get(kind, kind), dims
+
+    initializers = {i.name for i in graph.initializer}
+    return ([describe(v) for v in graph.input if v.name not in initializers],
+            [describe(v) for v in graph.output])
+
+
+def check_io(io: dict, graph_io: tuple[list[tuple], list[tuple]], io_path: Path) -> None:
+    """io.json must describe exactly the graph's inputs and outputs: names, order, types and dims."""
+    for kind, described, actual in (("inputs", io["inputs"], graph_io[0]), ("outputs", io["outputs"], graph_io[1])):
+        said = [e["name"] for e in described]
+        has = [a[0] for a in actual]
+        if said != has:
+            missing = [n for n in said if n not in has] or [n for n in has if n not in said]
+            raise EigenExportError(f"{io_path} says the {kind} are {_brief(said)} but the graph has {_brief(has)}"
+                                   f"{f' (differs at {missing[0]})' if missing else ' (order differs)'}, "
+                                   "re-run `eigen-export export`")
+        for entry, (name, dtype, dims) in zip(described, actual):
+            if entry["dtype"] != dtype or list(entry["shape"]) != list(dims):
+                raise EigenExportError(f"{io_path} says {name} is {entry['dtype']} {list(entry['shape'])} but the "
+                                       f"graph has {dtype} {list(dims)}, re-run `eigen-export export`")
+
+
+def _brief(names: list[str]) -> str:
+    return str(names) if len(names) <= 4 else f"[{names[0]}, {names[1]}, ... {names[-1]}] ({len(names)})"
+
+
+def read_io(onnx_dir: str | Path) -> dict:
+    path = Path(onnx_dir) / IO_JSON
+    if not path.exists():
+        raise EigenExportError(f"{path} not found: run `eigen-export export` to make an ONNX export")
+    try:
+        io = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EigenExportError(f"{path} is not valid JSON ({e}): re-run `eigen-export export --force`") from None
+    if not isinstance(io, dict) or io.get("format") != IO_FORMAT:
+        raise EigenExportError(f"{path} is not an eigen_export ONNX description: re-run `eigen-export export`")
+    if io.get("version") != IO_VERSION:
+        raise EigenExportError(f"{path} is version {io.get('version')}, this eigen_export reads version "
+                               f"{IO_VERSION}: re-run `eigen-export export --force`")
+    missing = [k for k in ("model", "inputs", "outputs", "ranks", "num_kv_heads", "dtype") if k not in io]
+    if missing:
+        raise EigenExportError(f"{path} is missing {missing}: re-run `eigen-export export --force`")
+    return io
+
+
+def _is_current(out_dir: Path, source_sha: str, dtype: str, opset: int) -> bool:
+    try:
+        io = read_io(out_dir)
+    except EigenExportError:
+        return False
+    return (io.get("source_sha256"), io.get("dtype"), io.get("opset")) == (source_sha, dtype, opset) and \
+        (out_dir / io["model"]).exists()
+
+
+def find_onnx_dir(path: str | Path) -> Path:
+    """The ONNX export belonging to PATH: PATH itself, PATH/onnx, or the artifact's onnx/ next to folded/."""
+    path = Path(path)
+    for candidate in (path, path / ONNX_DIR, default_out_dir(path)):
+        if (candidate / IO_JSON).exists():
+            return candidate
+    raise EigenExportError(f"no ONNX export found for {path}: run `eigen-export export {path}` first")

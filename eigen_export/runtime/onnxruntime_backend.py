@@ -1,0 +1,205 @@
+"""The exported graph on ONNX Runtime behind the Backend interface (DESIGN 7).
+
+Every call goes through IO binding with buffers we own: inputs are bound by pointer straight from the
+torch tensors (no copy), and every output - logits and each layer's present key/value - is preallocated
+as a torch tensor whose memory ORT writes into, so the present returned to the caller is the very buffer
+the graph's Concat filled, and it is bound as the next step's past without a copy.
+
+What ORT allows and what it does not:
+- It binds caller memory for inputs and outputs on CPU and (with onnxruntime-gpu) on CUDA.
+- It cannot update a cache in place: the graph of DESIGN 5 returns present = concat(past, new), so each
+  step writes past + seq rows per layer into a new buffer (one pass over the cache, which decode
+  attention reads anyway). An in-place fixed-capacity cache needs another graph signature (ORT's
+  contrib GroupQueryAttention with a shared past/present buffer), which is not the portable contract.
+- An output buffer must be contiguous with exactly the output's shape, so the present of step t cannot
+  be a slice of a larger preallocated buffer. Instead, two flat buffers per cache tensor are reused in
+  turn (ping-pong) once the caller no longer holds the older one, which saves the allocation and page
+  faults of a multi-megabyte tensor per layer and step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import EigenExportError
+
+log = logging.getLogger("eigen_export")
+
+# ONNX TensorProto element types (bind_input/bind_output take them as ints; numpy has no bfloat16)
+_ONNX_TYPE = {torch.int64: 7, torch.float32: 1, torch.float16: 10, torch.bfloat16: 16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu and a CUDA torch are both present (the cache then stays on the GPU), else CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class _BufferPool:
+    """Reusable storage for one output name. A storage is handed out again only when no tensor the caller
+    can still see refers to it: its use count is back to 1, the pool's own reference (views handed out,
+    and anything derived from them, each hold one)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.storages: list = []
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        for i, storage in enumerate(self.storages):
+            if _use_count(storage) == 1:
+                if storage.nbytes() < nbytes:
+                    storage = self.storages[i] = self._new(nbytes)
+                return torch.empty(0, dtype=dtype, device=self.device).set_(storage, 0, shape)
+        if len(self.storages) >= 2 or _use_count is None:
+            # the caller keeps older presents alive (or torch cannot tell): allocate rather than hoard
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        self.storages.append(self._new(nbytes))
+        return torch.empty(0, dtype=dtype, device=self.device).set_(self.storages[-1], 0, shape)
+
+    def _new(self, nbytes: int):
+        # 1/8 head room: decode steps then reuse one storage for many steps before it has to grow
+        return torch.empty(max(nbytes + nbytes // 8, 1), dtype=torch.uint8, device=self.device).untyped_storage()
+
+
+def _use_count(storage) -> int:
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+if not hasattr(torch._C, "_storage_Use_Count"):     # a private API: without it, buffers are never reused
+    _use_count = None
+
+
+class OnnxRuntimeBackend:
+    """An `eigen-export export` directory (model.onnx + io.json) run by ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 reuse_buffers: bool = True, session_config: dict[str, str] | None = None):
+        """threads: intra-op threads (None: ORT's default, all cores). session_config: ORT session config
+        entries, e.g. {"session.intra_op.allow_spinning": "0"} on a machine shared with other work."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise EigenExportError("the onnxruntime backend needs onnxruntime: pip install 'eigen_export[onnx]'") \
+                from None
+        from ..export import check_io, read_io
+
+        self.onnx_dir = Path(onnx_dir)
+        self.io = read_io(self.onnx_dir)
+        model_path = self.onnx_dir / self.io["model"]
+        if not model_path.exists():
+            raise EigenExportError(f"{model_path} is missing: re-run `eigen-export export`")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
+        self.providers = list(providers) if providers is not None else default_providers()
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        except Exception as e:      # onnxruntime raises its own exception types, one per status code
+            if "NOT_IMPLEMENTED" not in str(e):
+                raise
+            raise EigenExportError(f"ONNX Runtime ({', '.join(self.providers)}) cannot run this {self.io['dtype']} "
+                                   f"graph ({str(e).split(':')[-1].strip()}): CPU kernels exist for fp32 (and fp16 in "
+                                   "part), bf16 exports are for GPU backends; export with --dtype fp32 for CPU") from None
+        check_io(self.io, _session_io(self.session), self.onnx_dir / "io.json")
+
+        on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+        self.dtype = _DTYPES[self.io["inputs"][3]["dtype"]] if len(self.io["inputs"]) > 3 else torch.float32
+        self.num_kv_heads = int(self.io["num_kv_heads"])
+        self.widths = [(int(k), int(v)) for k, v in self.io["ranks"]]
+        self.vocab_size = int(self.io["outputs"][0]["shape"][-1])
+        self.reuse_buffers = reuse_buffers
+        self._pools: dict[str, _BufferPool] = {}
+
+    # -- the Backend interface --------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        b, s = input_ids.shape
+        p = past[0][0].shape[2] if past else 0
+        self._check(input_ids, attention_mask, position_ids, past, b, s, p)
+        binding = self.session.io_binding()
+        keep = []                                         # bound inputs must outlive the run
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                             ("position_ids", position_ids)):
+            keep.append(self._bind_input(binding, name, tensor.to(self.device, torch.int64)))
+        for i, (r_k, r_v) in enumerate(self.widths):
+            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
+                tensor = past[i][j] if past else torch.empty(b, self.num_kv_heads, 0, width, dtype=self.dtype,
+                                                             device=self.device)
+                keep.append(self._bind_input(binding, f"past_key_values.{i}.{kv}", tensor))
+        logits = self._bind_output(binding, "logits", (b, s, self.vocab_size))
+        presents = []
+        for i, (r_k, r_v) in enumerate(self.widths):
+            presents.append(tuple(self._bind_output(binding, f"present.{i}.{kv}", (b, self.num_kv_heads, p + s, w))
+                                  for kv, w in (("key", r_k), ("value", r_v))))
+        self.session.run_with_iobinding(binding)
+        return logits, presents
+
+    # -- binding ----------------------------------------------------------------------------------------
+    def _bind_input(self, binding, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device).contiguous()
+        # an empty cache (prefill) has no storage: any valid address will do for zero elements
+        binding.bind_input(name, self.device.type, self.device.index or 0, _ONNX_TYPE[tensor.dtype],
+                           list(tensor.shape), tensor.data_ptr() or _EMPTY.data_ptr())
+        return tensor
+
+    def _bind_output(self, binding, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.reuse_buffers and name != "logits":
+            out = self._pools.setdefault(name, _BufferPool(self.device)).take(shape, self.dtype)
+        else:
+            out = torch.empty(shape, dtype=self.dtype, device=self.device)
+        binding.bind_output(name, self.device.type, self.device.index or 0, _ONNX_TYPE[self.dtype], list(shape),
+                            out.data_ptr() or _EMPTY.data_ptr())
+        return out
+
+    def _check(self, input_ids, attention_mask, position_ids, past, b, s, p) -> None:
+        """Shapes and types the graph would reject with an opaque ORT message, named precisely here."""
+        if input_ids.dim() != 2:
+            raise EigenExportError(f"input_ids has shape {tuple(input_ids.shape)}, expected (batch, seq)")
+        if tuple(attention_mask.shape) != (b, p + s):
+            raise EigenExportError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                   f"{(b, p + s)} (batch, past + seq)")
+        if tuple(position_ids.shape) != (b, s):
+            raise EigenExportError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, s)} (batch, seq)")
+        if past is None:
+            return
+        if len(past) != len(self.widths):
+            raise EigenExportError(f"past holds {len(past)} layers, the graph has {len(self.widths)}")
+        for i, (r_k, r_v) in enumerate(self.widths):
+            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
+                tensor = past[i][j]
+                expected = (b, self.num_kv_heads, p, width)
+                if tuple(tensor.shape) != expected:
+                    raise EigenExportError(
+                        f"past_key_values.{i}.{kv} has shape {tuple(tensor.shape)}, expected {expected} "
+                        f"[batch, H_kv, past, r_{kv[0]}]")
+                if tensor.dtype != self.dtype:
+                    raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the graph takes {self.dtype}")
+
+
+# the address bound for a zero-size tensor (prefill's empty cache); ORT never reads through it
+_EMPTY = torch.empty(1)
+
+
+def _session_io(session) -> tuple[list[tuple], list[tuple]]:
+    from ..export import ORT_TYPES
+
+    names = {v: k for k, v in ORT_TYPES.items()}
+
+    def describe(arg):
+        return arg.name, names.get(arg.type, arg.type), list(arg.shape)
+
+    return [describe(a) for a in session.get_inputs()], [describe(a) for a in session.get_outputs()]
