@@ -76,10 +76,6 @@ class Adapter:
     from_canonical: Callable[[dict[str, torch.Tensor], ModelSpec], dict[str, torch.Tensor]] | None = None
 
 
-def split_fused(weight: torch.Tensor, parts: int, dim: int = 0) -> list[torch.Tensor]:
-    return list(torch.chunk(weight, parts, dim=dim))
-
-
 def rename(state_dict: dict[str, torch.Tensor], table: dict[str, str], num_layers: int) -> dict[str, torch.Tensor]:
     """Map HF names to canonical ones; `{i}` in a key stands for the layer index.
 
