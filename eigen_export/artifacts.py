@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,3 +34,17 @@ def atomic_dir(target: str | Path, force: bool = False):
     tmp.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_record(path: str | Path, missing_fix: str, corrupt_fix: str) -> dict:
+    """A stage's JSON record as a dict, with one-line errors that say which command remakes it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EigenExportError(f"{path} not found: {missing_fix}") from None
+    except json.JSONDecodeError as e:
+        raise EigenExportError(f"{path} is not valid JSON ({e}): {corrupt_fix}") from None
+    if not isinstance(data, dict):
+        raise EigenExportError(f"{path} must hold a JSON object: {corrupt_fix}")
+    return data

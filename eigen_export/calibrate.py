@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import atomic_dir
+from .artifacts import atomic_dir, read_json_record
 from .decompose import EPS_GRID, CurvePoint, eigenbasis, layer_rank
 from .errors import EigenExportError
 from .fold import fold_layer
@@ -195,12 +195,7 @@ def load_calibration(calib_dir: Path) -> tuple[list[LayerCalibration], dict]:
 
     calib_dir = Path(calib_dir)
     path = calib_dir / CALIB_JSON
-    if not path.exists():
-        raise EigenExportError(f"{path} not found: run `eigen-export calibrate` first")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EigenExportError(f"{path} is corrupt ({e}): re-run `eigen-export calibrate --force`") from None
+    record = read_json_record(path, "run `eigen-export calibrate` first", "re-run `eigen-export calibrate --force`")
     if record.get("format") != CALIB_FORMAT or record.get("version") != CALIB_VERSION:
         raise EigenExportError(f"{path} is not a version-{CALIB_VERSION} calibration: re-run `eigen-export calibrate`")
     tensors = load_file(str(calib_dir / BASES))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifacts import atomic_dir
+from .artifacts import atomic_dir, read_json_record
 from .errors import EigenExportError
 from .modeling import Decoder
 
@@ -352,13 +352,9 @@ def _brief(names: list[str]) -> str:
 
 def read_io(onnx_dir: str | Path) -> dict:
     path = Path(onnx_dir) / IO_JSON
-    if not path.exists():
-        raise EigenExportError(f"{path} not found: run `eigen-export export` to make an ONNX export")
-    try:
-        io = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EigenExportError(f"{path} is not valid JSON ({e}): re-run `eigen-export export --force`") from None
-    if not isinstance(io, dict) or io.get("format") != IO_FORMAT:
+    io = read_json_record(path, "run `eigen-export export` to make an ONNX export",
+                          "re-run `eigen-export export --force`")
+    if io.get("format") != IO_FORMAT:
         raise EigenExportError(f"{path} is not an eigen_export ONNX description: re-run `eigen-export export`")
     if io.get("version") != IO_VERSION:
         raise EigenExportError(f"{path} is version {io.get('version')}, this eigen_export reads version "

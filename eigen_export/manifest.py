@@ -63,12 +63,7 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> "Manifest":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise EigenExportError(f"{path} not found: run `eigen-export fold` to make a folded model") from None
-        except json.JSONDecodeError as e:
-            raise EigenExportError(f"{path} is not valid JSON ({e}): the artifact is corrupt; re-run the fold") from None
-        if not isinstance(data, dict):
-            raise EigenExportError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        from .artifacts import read_json_record
+
+        return cls.from_dict(read_json_record(path, "run `eigen-export fold` to make a folded model",
+                                              "the artifact is corrupt; re-run the fold"))
