@@ -4,7 +4,7 @@ from .generate import generate
 from .perplexity import perplexity
 from .torch_backend import TorchBackend
 
-__all__ = ["Backend", "OnnxRuntimeBackend", "TorchBackend", "generate", "perplexity"]
+__all__ = ["Backend", "OnnxRuntimeBackend", "TensorRTBackend", "TorchBackend", "generate", "perplexity"]
 
 
 def __getattr__(name):
@@ -13,4 +13,8 @@ def __getattr__(name):
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend
+    if name == "TensorRTBackend":         # tensorrt is imported when the backend is built, not here
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

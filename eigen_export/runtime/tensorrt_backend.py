@@ -1,0 +1,191 @@
+"""A TensorRT engine (`eigen-export build`) behind the Backend interface (DESIGN 7).
+
+The engine has two optimization profiles (build.json lists them): 0 = prefill (past 0, seq 1..max_context),
+1 = decode (seq 1, past 1..max_context-1). forward() picks one by the past length, sets the input shapes,
+binds torch-owned CUDA memory by address and enqueues on torch's current stream:
+- `set_optimization_profile_async(index, stream)`, `set_input_shape(name, shape)`,
+  `set_tensor_address(name, ptr)`, `execute_async_v3(stream)`
+  (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html).
+  Work is ordered with torch's kernels on the same stream, so no synchronisation is needed between steps.
+
+What is and is not in place, honestly:
+- The graph of DESIGN 5 returns present = concat(past, new), so every step writes past + seq rows per layer
+  (one pass over the cache, which decode attention reads anyway). The cache is NOT updated in place:
+  that needs the plugin to alias its cache input to an output (`tensorrt.plugin` supports aliased I/O;
+  the exported graph does not use it yet).
+- What is fixed is the storage: each present is written into one of two capacity buffers per cache tensor,
+  each sized for max_batch x max_context tokens and allocated once, used in turn (step t reads past from
+  one and writes present to the other). A present is a contiguous view at the start of its buffer, as
+  TensorRT requires for an output binding. A buffer is handed to TensorRT again only when no tensor the
+  caller can see still refers to it (a caller that keeps old presents gets freshly allocated ones instead).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import EigenExportError
+
+log = logging.getLogger("eigen_export")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+PREFILL, DECODE = 0, 1          # profile indices, in the order build.optimization_profiles writes them
+
+
+class _CapacityBuffers:
+    """Two fixed-capacity storages for one cache tensor, handed out in turn (see the module docstring)."""
+
+    def __init__(self, capacity_elements: int, dtype: torch.dtype, device: torch.device):
+        self.capacity, self.dtype, self.device = capacity_elements, dtype, device
+        self.storages: list = []
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        from .onnxruntime_backend import _use_count
+
+        numel = 1
+        for n in shape:
+            numel *= n
+        for storage in self.storages:
+            if _use_count is not None and _use_count(storage) == 1:
+                return torch.empty(0, dtype=self.dtype, device=self.device).set_(storage, 0, shape)
+        if len(self.storages) < 2 and _use_count is not None:
+            self.storages.append(torch.empty(self.capacity, dtype=self.dtype, device=self.device).untyped_storage())
+            return torch.empty(0, dtype=self.dtype, device=self.device).set_(self.storages[-1], 0, shape)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)     # the caller holds both: allocate
+
+
+class TensorRTBackend:
+    """An `eigen-export build` directory (model.plan + build.json + io.json) run by TensorRT on CUDA."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_dir: str | Path):
+        from ..build import check_plan_compatible, read_build, runtime_env
+        from ..export import read_io
+
+        self.engine_dir = Path(engine_dir)
+        self.build = read_build(self.engine_dir)
+        if self.build["backend"] != "tensorrt":
+            raise EigenExportError(f"{self.engine_dir} holds an ONNX Runtime session, not a TensorRT engine: "
+                                   "run it with --backend onnxruntime, or rebuild with `eigen-export build "
+                                   "--backend tensorrt --force` on a machine with TensorRT and a GPU")
+        trt = _import_tensorrt()
+        if not torch.cuda.is_available():
+            raise EigenExportError("the tensorrt backend needs a CUDA GPU and a CUDA build of torch; none is "
+                                   "available here: use --backend onnxruntime")
+        check_plan_compatible(self.build, runtime_env())
+        if self.build["graph"] == "plugin":
+            from plugins.lowrank_attention.trt_plugin import register
+
+            register()          # harmless for AOT plugin layers; needed if the engine holds the JIT path
+        self.io = read_io(self.engine_dir)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        plan = (self.engine_dir / self.build["engine_file"]).read_bytes()
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise EigenExportError(f"TensorRT could not load {self.engine_dir / self.build['engine_file']}: "
+                                   "run `eigen-export build --force`")
+        self.context = self.engine.create_execution_context()
+        self.max_batch, self.max_context = int(self.build["max_batch"]), int(self.build["max_context"])
+        self.num_kv_heads = int(self.io["num_kv_heads"])
+        self.widths = [(int(k), int(v)) for k, v in self.io["ranks"]]
+        self.dtype = _DTYPES[self.io["outputs"][0]["dtype"]]
+        self.vocab_size = int(self.io["outputs"][0]["shape"][-1])
+        self._profile = None
+        self._buffers: dict[str, _CapacityBuffers] = {}
+        self._empty = torch.empty(1, dtype=self.dtype, device=self.device)   # address for zero-size tensors
+
+    # -- the Backend interface --------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        b, s = input_ids.shape
+        p = past[0][0].shape[2] if past else 0
+        self._check(b, s, p, attention_mask, position_ids, past)
+        stream = torch.cuda.current_stream(self.device)
+        profile = PREFILL if p == 0 else DECODE
+        if profile != self._profile:
+            # https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html
+            self.context.set_optimization_profile_async(profile, stream.cuda_stream)
+            self._profile = profile
+        keep = []                                           # inputs must live until the enqueued work ran
+        for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                             ("position_ids", position_ids)):
+            keep.append(self._bind_input(name, tensor.to(self.device, torch.int64)))
+        for i, (r_k, r_v) in enumerate(self.widths):
+            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
+                tensor = past[i][j] if past else torch.empty(b, self.num_kv_heads, 0, width, dtype=self.dtype,
+                                                             device=self.device)
+                keep.append(self._bind_input(f"past_key_values.{i}.{kv}", tensor))
+        logits = torch.empty(b, s, self.vocab_size, dtype=self.dtype, device=self.device)
+        self._bind_output("logits", logits)
+        presents = []
+        for i, (r_k, r_v) in enumerate(self.widths):
+            pair = []
+            for kv, width in (("key", r_k), ("value", r_v)):
+                name = f"present.{i}.{kv}"
+                pool = self._buffers.setdefault(name, _CapacityBuffers(
+                    self.max_batch * self.num_kv_heads * self.max_context * width, self.dtype, self.device))
+                pair.append(self._bind_output(name, pool.take((b, self.num_kv_heads, p + s, width))))
+            presents.append(tuple(pair))
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EigenExportError(f"TensorRT failed to run the engine at batch {b}, seq {s}, past {p} "
+                                   "(run with -v for its log)")
+        return logits, presents
+
+    # -- binding ----------------------------------------------------------------------------------------
+    def _bind_input(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device).contiguous()
+        if not self.context.set_input_shape(name, tuple(tensor.shape)):
+            raise EigenExportError(f"{name} of shape {tuple(tensor.shape)} is outside the engine's profiles: "
+                                   "rebuild with larger --max-context / --max-batch")
+        self.context.set_tensor_address(name, tensor.data_ptr() or self._empty.data_ptr())
+        return tensor
+
+    def _bind_output(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        self.context.set_tensor_address(name, tensor.data_ptr() or self._empty.data_ptr())
+        return tensor
+
+    def _check(self, b, s, p, attention_mask, position_ids, past) -> None:
+        """Shapes beyond the profiles, named with the limit and the flag that raises it."""
+        if b > self.max_batch:
+            raise EigenExportError(f"batch {b} is beyond this engine's max_batch {self.max_batch}: rebuild with "
+                                   f"`eigen-export build --max-batch {b} --force`")
+        if p + s > self.max_context:
+            raise EigenExportError(f"past {p} + seq {s} = {p + s} tokens is beyond this engine's max_context "
+                                   f"{self.max_context}: rebuild with "
+                                   f"`eigen-export build --max-context {p + s} --force`")
+        if p > 0 and s != 1:
+            raise EigenExportError(f"seq {s} with past {p}: the engine's profiles are prefill (past 0) and decode "
+                                   "(seq 1); feed the new tokens one at a time")
+        if tuple(attention_mask.shape) != (b, p + s):
+            raise EigenExportError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                   f"{(b, p + s)} (batch, past + seq)")
+        if tuple(position_ids.shape) != (b, s):
+            raise EigenExportError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, s)} "
+                                   "(batch, seq)")
+        if past is None:
+            return
+        if len(past) != len(self.widths):
+            raise EigenExportError(f"past holds {len(past)} layers, the engine has {len(self.widths)}")
+        for i, (r_k, r_v) in enumerate(self.widths):
+            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
+                tensor, expected = past[i][j], (b, self.num_kv_heads, p, width)
+                if tuple(tensor.shape) != expected:
+                    raise EigenExportError(f"past_key_values.{i}.{kv} has shape {tuple(tensor.shape)}, expected "
+                                           f"{expected} [batch, H_kv, past, r_{kv[0]}]")
+                if tensor.dtype != self.dtype:
+                    raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the engine takes {self.dtype}")
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        from plugins.lowrank_attention.trt_plugin import INSTALL_HINT
+
+        raise EigenExportError(f"the tensorrt backend needs TensorRT: {INSTALL_HINT}") from None
+    return trt

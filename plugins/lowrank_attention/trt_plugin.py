@@ -1,0 +1,291 @@
+"""TensorRT registration of the low-rank attention op (DESIGN 6) through `tensorrt.plugin` (TensorRT >= 10.9).
+
+The ONNX plugin graph (`onnx/model_plugin.onnx`) holds one `LowRankAttention` node per layer, domain and
+`plugin_namespace` "eigen_export", `plugin_version` "1"; TensorRT's ONNX parser maps such a node to the
+plugin registered here as "eigen_export::LowRankAttention" (op_type = plugin name, plus the namespace
+attribute: https://github.com/NVIDIA/TensorRT/tree/main/samples/python/quickly_deployable_plugins#onnx-model-with-a-plugin).
+
+Three definitions, as the quickly deployable plugin (QDP) API wants them
+(https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/pluginGuide.html):
+- `@trtp.register`: the output descriptor, q's dtype and shape with the last dim taken from v ([B, H, S, r_v]).
+- `@trtp.aot_impl`: the Triton prefill kernel compiled to PTX at engine build time, with its launch grid
+  and the two runtime sizes (S, P+S) as symbolic int32 expressions. The engine then holds the kernel
+  itself: no Python runs when it executes. The parser takes this path for nodes that carry `aot=1`,
+  which `eigen_export.build` adds to a copy of the graph it parses (the exported file stays as exported).
+- `@trtp.impl`: the JIT path, a Python callback into `triton_kernels.lowrank_attention` (flash decoding
+  for S = 1). It needs Python and this module at engine run time; it is the fallback, not the plan.
+
+Why the AOT path runs the one-pass prefill kernel for decode too: an AOT implementation returns ONE kernel
+and TensorRT launches it once per call. Flash decoding is two launches (split, then reduce) plus a
+scratch buffer, so it is JIT-only. The prefill kernel handles S = 1 correctly (one program per
+(query block, batch, head) walks the whole cache); it reads each KV head once per query head rather than
+once per GQA group, which costs decode bandwidth at long contexts - the measured price of a Python-free engine.
+
+Everything TensorRT-specific is imported inside `register()`; the PTX compile (`compile_prefill_ptx`) needs
+Triton only, and Triton compiles for a given GPU target without a GPU, so it is tested on CPU machines.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+PLUGIN_NAMESPACE = "eigen_export"
+PLUGIN_NAME = "LowRankAttention"
+PLUGIN_VERSION = "1"
+PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+MIN_TENSORRT = (10, 9)
+INSTALL_HINT = ("TensorRT >= 10.9 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "
+                "on a machine with an NVIDIA GPU")
+# Compute capability the PTX is compiled for when no GPU tells us (H100); PTX of an older target JITs forward.
+DEFAULT_TARGET = (9, 0)
+# Shared memory a kernel may take without cuFuncSetAttribute (which a QDP launch does not call).
+MAX_STATIC_SHARED = 48 * 1024
+
+_registered = False
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """A compiled kernel and what its launch needs: PTX entry name, warps, shared memory, query block."""
+    name: str
+    ptx: str
+    num_warps: int
+    shared_mem: int
+    block_m: int
+
+
+def register() -> None:
+    """Register "eigen_export::LowRankAttention" with TensorRT's plugin registry (once per process).
+
+    Call before parsing a plugin graph (the parser looks the creator up) and before deserializing an engine
+    built from one (the JIT path needs the Python callback; the AOT path does not, but registering is harmless).
+    """
+    global _registered
+    if _registered:
+        return
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except ImportError:
+        raise RuntimeError(INSTALL_HINT) from None
+    if _version_tuple(trt.__version__) < MIN_TENSORRT:
+        raise RuntimeError(f"TensorRT {trt.__version__} is installed; {INSTALL_HINT}")
+    _define(trt, trtp)
+    _registered = True
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+
+
+def _define(trt, trtp) -> None:
+    from typing import Tuple
+
+    @trtp.register(PLUGIN_ID)
+    def describe(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, attention_mask: trtp.TensorDesc,
+                 scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
+                 rope_mode: str) -> trtp.TensorDesc:
+        # out: [B, H, S, r_v] in q's dtype (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/
+        # python-api/infer/tensorrt.plugin/trt_plugin_register.html)
+        return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], v.shape_expr[3]),
+                                    dtype=q.dtype)
+
+    @trtp.aot_impl(PLUGIN_ID)
+    def compile_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, attention_mask: trtp.TensorDesc,
+                    scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
+                    outputs: Tuple[trtp.TensorDesc], tactic: int):
+        # Returns (kernel name, PTX, launch params, extra scalar args); extra args are int32 only, so the
+        # softmax scale and the head counts / ranks are compiled in as constants (they are per-node
+        # attributes, fixed for the engine). Attributes are not serialized on this path.
+        # https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/
+        # trt_plugin_aot_impl/index.html
+        kernel = compile_prefill_ptx(_DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale,
+                                     target=_current_target(), ptx_version=driver_ptx_version())
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(q.shape_expr[2], kernel.block_m)        # query blocks
+        launch.grid_y = q.shape_expr[0] * num_heads                       # batch x query heads
+        launch.block_x = kernel.num_warps * 32
+        launch.shared_mem = kernel.shared_mem
+        extra = trtp.SymIntExprs(2)                                       # the kernel's seq_len, total_len
+        extra[0] = trtp.SymInt32(q.shape_expr[2])
+        extra[1] = trtp.SymInt32(k.shape_expr[2])
+        return kernel.name, kernel.ptx, launch, extra
+
+    @trtp.impl(PLUGIN_ID)
+    def run_jit(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor, scale: float,
+                outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        # JIT path: TensorRT calls back into Python with device tensors (they export
+        # __cuda_array_interface__) on its stream.
+        import torch
+
+        from .triton_kernels import lowrank_attention
+
+        tensors = [torch.as_tensor(t, device="cuda") for t in (q, k, v, attention_mask)]
+        out = torch.as_tensor(outputs[0], device="cuda")
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out.copy_(lowrank_attention(*tensors, scale))
+
+    _DTYPE_NAMES.update({trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"})
+
+
+_DTYPE_NAMES: dict = {}
+
+
+def driver_ptx_version() -> int | None:
+    """The newest PTX ISA the installed CUDA driver can JIT (e.g. 87 for a CUDA 12.8 driver), None without one.
+
+    Triton writes the PTX ISA of the ptxas it ships (9.x with CUDA 13 tools); the engine's PTX is loaded
+    by the driver of the machine that runs it, which may be older, so the ISA is capped to it.
+    """
+    import ctypes
+
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except OSError:
+        return None
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
+
+
+def _current_target() -> tuple[int, int]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_capability()
+    except ImportError:
+        pass
+    return DEFAULT_TARGET
+
+
+# -- the AOT kernel ---------------------------------------------------------------------------------------
+# TensorRT launches an AOT kernel with (input pointers..., extra int32 args..., output pointers...), in that
+# order (https://docs.pytorch.org/TensorRT/tutorials/_rendered_examples/dynamo/triton_op.html), and its
+# tensors are contiguous (linear format, the default without @trtp.autotune:
+# https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/
+# trt_plugin_autotune/index.html).
+# This entry has that signature and derives every stride from the shapes before calling the prefill kernel
+# of triton_kernels.py, so the kernel itself is shared with the JIT path and the CPU-interpreter tests.
+tl = _prefill_kernel = None        # bound on first use by _aot_entry (triton must not load at import)
+
+
+def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out_ptr,
+                          NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
+                          RANK_V: tl.constexpr, QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
+                          RV_PAD: tl.constexpr):
+    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
+    # contiguous q [B, H, S, r_k], k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], mask [B, T], out [B, H, S, r_v]
+    _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+        NUM_HEADS * seq_len * RANK_K, seq_len * RANK_K, RANK_K, 1,
+        NUM_KV_HEADS * total_len * RANK_K, total_len * RANK_K, RANK_K, 1,
+        NUM_KV_HEADS * total_len * RANK_V, total_len * RANK_V, RANK_V, 1,
+        total_len, 1,
+        NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
+        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, QK_SCALE_LOG2,
+        True, IEEE_DOT, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD)
+
+
+@functools.lru_cache(maxsize=None)
+def _aot_entry():
+    """`lowrank_attention_aot` as a Triton kernel. Triton resolves a kernel's names in its module's globals,
+    so `tl` and `_prefill_kernel` are bound here, on first use, rather than at import (this module must
+    import without triton, and triton_kernels must load after TRITON_INTERPRET is set)."""
+    import triton
+    import triton.language
+
+    from .triton_kernels import _prefill_kernel
+
+    globals().update(tl=triton.language, _prefill_kernel=_prefill_kernel)
+    return triton.jit(lowrank_attention_aot)
+
+
+_ENTRY_PARAMS = 7           # q, k, v, mask, seq_len, total_len, out
+_TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+
+
+@functools.lru_cache(maxsize=None)
+def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int, scale: float,
+                        target: tuple[int, int] = DEFAULT_TARGET, ptx_version: int | None = None) -> AotKernel:
+    """The AOT kernel for one layer's attributes, compiled to PTX for sm_<target> (no GPU needed).
+
+    ptx_version: cap on the PTX ISA (e.g. 87 = 8.7), see driver_ptx_version(); None = what Triton's ptxas takes.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from .triton_kernels import LOG2E, PrefillConfig, _padded
+
+    if dtype not in _TRITON_TYPES:
+        raise ValueError(f"lowrank_attention AOT: dtype {dtype!r} is not one of {', '.join(_TRITON_TYPES)}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"lowrank_attention AOT: num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+    rk_pad, rv_pad = _padded(rank_k), _padded(rank_v)
+    ieee = dtype == "fp32"
+    pointer = _TRITON_TYPES[dtype]
+    signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "mask_ptr": "*i64",
+                 "seq_len": "i32", "total_len": "i32", "out_ptr": pointer}
+    arch = target[0] * 10 + target[1]
+    options = {}
+    if ptx_version is not None:
+        from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+        options["ptx_version"] = min(ptx_version, ptx_get_version(get_ptxas(arch).version))
+    # Tiles from the JIT launcher's choice down to ones that fit in 48 KB of shared memory: above that a
+    # launch must opt in (cuFuncSetAttribute), and the QDP documentation does not say TensorRT does.
+    configs = [PrefillConfig(block_m=64, block_n=32) if ieee or max(rk_pad, rv_pad) > 128 else PrefillConfig(),
+               PrefillConfig(block_m=64, block_n=32), PrefillConfig(block_m=32, block_n=32),
+               PrefillConfig(block_m=32, block_n=32, num_stages=1)]
+    for config in configs:
+        constexprs = {"NUM_HEADS": num_heads, "GROUP": num_heads // num_kv_heads, "RANK_K": rank_k,
+                      "RANK_V": rank_v, "QK_SCALE_LOG2": float(scale) * LOG2E, "IEEE_DOT": ieee,
+                      "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "RK_PAD": rk_pad, "RV_PAD": rv_pad}
+        source = triton.compiler.ASTSource(_aot_entry(), signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(options, num_warps=config.num_warps, num_stages=config.num_stages))
+        if compiled.metadata.shared <= MAX_STATIC_SHARED:
+            break
+    meta = compiled.metadata
+    if meta.shared > MAX_STATIC_SHARED:
+        raise RuntimeError(f"lowrank_attention AOT: the kernel needs {meta.shared} bytes of shared memory "
+                           f"(ranks {rank_k}/{rank_v}, {dtype}) even with the smallest tiles")
+    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        raise RuntimeError("lowrank_attention AOT: the compiled kernel needs a scratch buffer, "
+                           "which a TensorRT AOT launch does not pass")
+    ptx = drop_unused_entry_params(compiled.asm["ptx"], meta.name, _ENTRY_PARAMS)
+    return AotKernel(name=meta.name, ptx=ptx, num_warps=meta.num_warps, shared_mem=meta.shared,
+                     block_m=config.block_m)
+
+
+def drop_unused_entry_params(ptx: str, entry: str, keep: int) -> str:
+    """Remove the trailing parameters Triton >= 3.3 appends to every kernel (global / profile scratch
+    pointers) so that the entry takes exactly the `keep` arguments TensorRT passes.
+
+    Only parameters after the first `keep` that the body never loads are removed; anything else is an
+    error, because launching with fewer arguments than the entry reads would read garbage.
+    """
+    match = re.search(rf"\.entry\s+{re.escape(entry)}\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise RuntimeError(f"lowrank_attention AOT: no .entry {entry} in the PTX")
+    params = [p.strip() for p in match.group(1).split(",") if p.strip()]
+    if len(params) < keep:
+        raise RuntimeError(f"lowrank_attention AOT: entry {entry} takes {len(params)} parameters, expected {keep}")
+    body = ptx[match.end():]
+    for param in params[keep:]:
+        name = param.split()[-1]
+        if re.search(rf"\[{re.escape(name)}(\+\d+)?\]", body):
+            raise RuntimeError(f"lowrank_attention AOT: the kernel reads its extra parameter {name}; "
+                               "TensorRT would not pass it")
+    if len(params) == keep:
+        return ptx
+    kept = ",\n".join("\t" + p for p in params[:keep])
+    return ptx[:match.start(1)] + "\n" + kept + "\n" + ptx[match.end(1):]
+
+
+__all__ = ["PLUGIN_ID", "PLUGIN_NAME", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "INSTALL_HINT", "AotKernel",
+           "register", "compile_prefill_ptx", "drop_unused_entry_params"]

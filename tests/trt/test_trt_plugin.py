@@ -1,0 +1,168 @@
+"""The TensorRT plugin's AOT kernel (plugins/lowrank_attention/trt_plugin.py) without TensorRT or a GPU:
+Triton compiles PTX for a named GPU target on any machine, Triton's bundled ptxas assembles it, and the
+AOT entry (TensorRT's argument order, strides derived from shapes) runs under the CPU interpreter against
+the reference. What needs TensorRT itself (registration, parsing, the engine) is in test_trt_engine.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from plugins.lowrank_attention.trt_plugin import (  # noqa: E402
+    INSTALL_HINT, compile_prefill_ptx, drop_unused_entry_params, register,
+)
+
+triton = pytest.importorskip("triton")
+
+ENTRY_PARAMS = 7        # q, k, v, mask, seq_len, total_len, out: what TensorRT passes an AOT kernel
+
+
+def _entry_params(ptx: str, name: str) -> list[str]:
+    body = re.search(rf"\.entry\s+{name}\s*\((.*?)\)", ptx, re.S).group(1)
+    return [p.strip() for p in body.split(",") if p.strip()]
+
+
+def _ptxas(arch: int) -> Path | None:
+    """The ptxas Triton itself uses for this architecture (it ships two: legacy and CUDA 13)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = Path(get_ptxas(arch).path)
+    except Exception:           # no NVIDIA backend or no bundled binary
+        return None
+    return path if path.exists() else None
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,rank_k,rank_v,target,ptx_version", [
+    ("fp16", 4, 2, 40, 56, (9, 0), None),    # GQA, ranks that are not powers of two
+    ("bf16", 8, 8, 77, 80, (9, 0), 85),      # PTX ISA capped for a CUDA 12.6 driver
+    ("fp32", 4, 1, 64, 64, (8, 0), None),    # IEEE dots, smaller tiles; an older target
+])
+def test_aot_kernel_compiles_to_ptx_with_tensorrts_signature(dtype, heads, kv_heads, rank_k, rank_v, target,
+                                                             ptx_version):
+    kernel = compile_prefill_ptx(dtype, heads, kv_heads, rank_k, rank_v, 0.125, target=target,
+                                 ptx_version=ptx_version)
+    if ptx_version is not None:
+        assert f".version {ptx_version // 10}.{ptx_version % 10}" in kernel.ptx
+    params = _entry_params(kernel.ptx, kernel.name)
+    assert len(params) == ENTRY_PARAMS, params                         # Triton's scratch pointers dropped
+    kinds = [p.split()[1] for p in params]
+    assert kinds == [".u64"] * 4 + [".u32"] * 2 + [".u64"]             # 4 inputs, 2 int32 sizes, 1 output
+    ptx_target = re.search(r"\.target (sm_\w+)", kernel.ptx).group(1)      # sm_90a: Hopper's arch-specific ISA
+    assert ptx_target.startswith(f"sm_{target[0]}{target[1]}")
+    assert kernel.num_warps * 32 == int(re.search(r"\.reqntid (\d+)", kernel.ptx).group(1))
+    assert 0 < kernel.shared_mem <= 48 * 1024 and kernel.block_m in (32, 64)
+    ptxas = _ptxas(target[0] * 10 + target[1])
+    if ptxas is None:
+        pytest.skip("triton ships no ptxas here: the trimmed PTX was not assembled")
+    source = Path(os.environ.get("TMPDIR", "/tmp")) / f"lowrank-aot-{os.getpid()}-{dtype}.ptx"
+    source.write_text(kernel.ptx)
+    try:
+        done = subprocess.run([str(ptxas), f"-arch={ptx_target}", str(source), "-o", os.devnull],
+                              capture_output=True, text=True)
+    finally:
+        source.unlink()
+    assert done.returncode == 0, done.stderr
+
+
+def test_extra_parameters_that_the_kernel_reads_are_refused():
+    ptx = (".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u64 k_param_1\n)\n{\n"
+           "\tld.param.u64 %rd1, [k_param_0];\n\tld.param.u64 %rd2, [k_param_1];\n}\n")
+    with pytest.raises(RuntimeError, match="reads its extra parameter k_param_1"):
+        drop_unused_entry_params(ptx, "k", 1)
+    unused = ptx.replace("\tld.param.u64 %rd2, [k_param_1];\n", "")
+    assert _entry_params(drop_unused_entry_params(unused, "k", 1), "k") == [".param .u64 k_param_0"]
+    assert drop_unused_entry_params(unused, "k", 2) == unused
+    with pytest.raises(RuntimeError, match="no .entry other"):
+        drop_unused_entry_params(ptx, "other", 1)
+
+
+def test_bad_attributes_are_refused():
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=4"):
+        compile_prefill_ptx("fp16", 4, 3, 32, 32, 0.125)
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        compile_prefill_ptx("int8", 4, 2, 32, 32, 0.125)
+
+
+def test_register_without_tensorrt_says_what_to_install():
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError) as err:
+            register()
+        assert str(err.value) == INSTALL_HINT and "\n" not in INSTALL_HINT
+        assert "pip install 'eigen_export[tensorrt]'" in INSTALL_HINT
+        return
+    pytest.skip("TensorRT is installed: registration is exercised by test_trt_engine.py")
+
+
+# The AOT entry under the CPU interpreter. triton reads TRITON_INTERPRET when kernels are decorated, so
+# (as in tests/test_lowrank_kernel.py) the cases run in one subprocess and report max errors as JSON.
+_INTERPRETED = r"""
+import json, sys
+import torch
+import triton
+sys.path.insert(0, sys.argv[1])
+from plugins.lowrank_attention.reference import lowrank_attention_reference
+from plugins.lowrank_attention.trt_plugin import _aot_entry
+from plugins.lowrank_attention.triton_kernels import LOG2E, _padded
+
+entry = _aot_entry()
+results = {}
+for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype in json.loads(sys.argv[2]):
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    total = past + seq
+    q = torch.randn(batch, heads, seq, rank_k, dtype=dt)
+    k = torch.randn(batch, kv_heads, total, rank_k, dtype=dt)
+    v = torch.randn(batch, kv_heads, total, rank_v, dtype=dt)
+    mask = torch.ones(batch, total, dtype=torch.int64)
+    if batch > 1:
+        mask[1, :3] = 0                                   # left padding
+    out = torch.empty(batch, heads, seq, rank_v, dtype=dt)
+    scale = 0.17
+    block_m = 64
+    entry[(triton.cdiv(seq, block_m), batch * heads)](
+        q, k, v, mask, seq, total, out,
+        NUM_HEADS=heads, GROUP=heads // kv_heads, RANK_K=rank_k, RANK_V=rank_v, QK_SCALE_LOG2=scale * LOG2E,
+        IEEE_DOT=dt == torch.float32, BLOCK_M=block_m, BLOCK_N=32, RK_PAD=_padded(rank_k), RV_PAD=_padded(rank_v))
+    want = lowrank_attention_reference(q, k, v, mask, scale)
+    results[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}"] = \
+        (out.float() - want.float()).abs().max().item()
+print(json.dumps(results))
+"""
+
+INTERPRETED_CASES = [
+    # batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype
+    (2, 4, 2, 1, 37, 40, 56, "float32"),      # decode through the one-pass kernel, GQA, padded row
+    (2, 4, 2, 9, 0, 40, 56, "float32"),       # prefill
+    (1, 3, 1, 5, 70, 24, 8, "float32"),       # prefill continuing a cache, odd heads
+    (2, 4, 4, 1, 20, 32, 48, "float16"),
+]
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED, str(REPO), json.dumps(INTERPRETED_CASES)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", INTERPRETED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_aot_entry_matches_the_reference_under_the_interpreter(interpreted, case):
+    batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype = case
+    err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}"]
+    assert err <= TOLERANCE[dtype], f"max |out - reference| = {err:.2e}"
