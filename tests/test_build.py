@@ -228,3 +228,38 @@ def test_build_errors_name_the_fix(exports, tmp_path):
     sidecar = read_build(engine_dir)        # this export keeps its weights in external data: so does the engine
     assert sidecar["positions"] == "learned" and (engine_dir / "model.onnx").exists()
     OnnxRuntimeBackend(engine_dir, threads=1)
+
+
+def test_graph_choice_and_the_aot_attribute(tmp_path):
+    """TensorRT parses the plugin graph when the export has one, else the standard graph with a note; the copy it
+    parses marks each plugin node `aot=1` (the parser's switch to the compiled kernel), the file stays as is."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from eigen_export.build import _graph_for_parser, _pick_graph
+
+    (tmp_path / "model_plugin.onnx").write_bytes(b"")
+    io = {"model": "model.onnx", "plugin_model": "model_plugin.onnx", "plugin_model_reason": None}
+    assert _pick_graph(tmp_path, io, "tensorrt") == ("model_plugin.onnx", "plugin", None)
+    assert _pick_graph(tmp_path, io, "onnxruntime") == ("model.onnx", "standard", None)
+    alibi = {"model": "model.onnx", "plugin_model": None, "plugin_model_reason": "ALiBi biases are not in the op"}
+    assert _pick_graph(tmp_path, alibi, "tensorrt") == (
+        "model.onnx", "standard", "no plugin graph (ALiBi biases are not in the op): building the standard-ops graph "
+                                  "model.onnx")
+
+    node = helper.make_node("LowRankAttention", ["q", "k", "v", "m"], ["o"], domain="eigen_export",
+                            plugin_namespace="eigen_export", plugin_version="1", scale=0.125, num_heads=4,
+                            num_kv_heads=2, rank_k=8, rank_v=8, rope_mode="post")
+    values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "v", "o")]
+    graph = helper.make_graph([node, helper.make_node("Identity", ["o"], ["y"])], "g", values[:3] +
+                              [helper.make_tensor_value_info("m", TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "model_plugin.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    parsed = onnx.load_from_string(_graph_for_parser(path, "plugin"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in parsed.graph.node[0].attribute}
+    assert attrs["aot"] == 1 and attrs["plugin_namespace"] == b"eigen_export" and attrs["num_heads"] == 4
+    assert not any(a.name == "aot" for a in parsed.graph.node[1].attribute)
+    assert not any(a.name == "aot" for a in onnx.load(str(path)).graph.node[0].attribute)
+    standard = onnx.load_from_string(_graph_for_parser(path, "standard"))
+    assert not any(a.name == "aot" for a in standard.graph.node[0].attribute)

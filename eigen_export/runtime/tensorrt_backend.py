@@ -89,6 +89,7 @@ class TensorRTBackend:
         if self.engine is None:
             raise EigenExportError(f"TensorRT could not load {self.engine_dir / self.build['engine_file']}: "
                                    "run `eigen-export build --force`")
+        self._check_engine()
         self.context = self.engine.create_execution_context()
         self.max_batch, self.max_context = int(self.build["max_batch"]), int(self.build["max_context"])
         self.num_kv_heads = int(self.io["num_kv_heads"])
@@ -98,6 +99,17 @@ class TensorRTBackend:
         self._profile = None
         self._buffers: dict[str, _CapacityBuffers] = {}
         self._empty = torch.empty(1, dtype=self.dtype, device=self.device)   # address for zero-size tensors
+
+    def _check_engine(self) -> None:
+        """The plan must expose io.json's tensors and build.json's two profiles (prefill, decode), in that order."""
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        wanted = [e["name"] for e in self.io["inputs"] + self.io["outputs"]]
+        missing = [n for n in wanted if n not in names]
+        profiles = [p["name"] for p in self.build["profiles"] or []]
+        if missing or profiles != ["prefill", "decode"] or self.engine.num_optimization_profiles != 2:
+            what = f"lacks {missing[:3]}" if missing else f"has profiles {profiles}"
+            raise EigenExportError(f"{self.engine_dir} does not match this eigen_export (the engine {what}): "
+                                   "run `eigen-export build --force`")
 
     # -- the Backend interface --------------------------------------------------------------------------
     @torch.no_grad()

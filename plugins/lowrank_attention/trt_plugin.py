@@ -82,7 +82,6 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def _define(trt, trtp) -> None:
     from typing import Tuple
 
-    @trtp.register(PLUGIN_ID)
     def describe(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, attention_mask: trtp.TensorDesc,
                  scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
                  rope_mode: str) -> trtp.TensorDesc:
@@ -91,7 +90,6 @@ def _define(trt, trtp) -> None:
         return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], v.shape_expr[3]),
                                     dtype=q.dtype)
 
-    @trtp.aot_impl(PLUGIN_ID)
     def compile_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, attention_mask: trtp.TensorDesc,
                     scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
                     outputs: Tuple[trtp.TensorDesc], tactic: int):
@@ -112,7 +110,6 @@ def _define(trt, trtp) -> None:
         extra[1] = trtp.SymInt32(k.shape_expr[2])
         return kernel.name, kernel.ptx, launch, extra
 
-    @trtp.impl(PLUGIN_ID)
     def run_jit(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor, scale: float,
                 outputs: Tuple[trtp.Tensor], stream: int) -> None:
         # JIT path: TensorRT calls back into Python with device tensors (they export
@@ -126,7 +123,20 @@ def _define(trt, trtp) -> None:
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             out.copy_(lowrank_attention(*tensors, scale))
 
+    # This module's annotations are strings (PEP 563, which the Triton entry below relies on); tensorrt.plugin
+    # validates type hints as objects, so they are resolved before the decorators see the functions.
+    names = {"trtp": trtp, "Tuple": Tuple}
+    trtp.register(PLUGIN_ID)(_resolve_hints(describe, names))
+    trtp.aot_impl(PLUGIN_ID)(_resolve_hints(compile_aot, names))
+    trtp.impl(PLUGIN_ID)(_resolve_hints(run_jit, names))
     _DTYPE_NAMES.update({trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"})
+
+
+def _resolve_hints(fn, names: dict):
+    import typing
+
+    fn.__annotations__ = typing.get_type_hints(fn, localns=names)
+    return fn
 
 
 _DTYPE_NAMES: dict = {}

@@ -180,3 +180,26 @@ def test_build_with_tensorrt_requested_here_says_why(tmp_path):
                                                   "outputs": [], **IO}))
     with pytest.raises(EigenExportError, match=f"--backend tensorrt: {UNAVAILABLE}; pip install"):
         build(tmp_path, backend="tensorrt", max_batch=2, max_context=16)
+
+
+def test_capacity_buffers_are_reused_in_turn_and_never_under_a_callers_feet():
+    """The present storage of the TensorRT backend (CPU tensors stand in for CUDA ones): two fixed-capacity
+    buffers alternate while the caller keeps only the latest present; a caller that keeps more gets new memory."""
+    from eigen_export.runtime.onnxruntime_backend import _use_count
+    from eigen_export.runtime.tensorrt_backend import _CapacityBuffers
+
+    if _use_count is None:
+        pytest.skip("this torch has no storage use count: buffers are never reused")
+    pool = _CapacityBuffers(2 * 2 * 16 * 8, torch.float16, torch.device("cpu"))     # max_batch 2, H_kv 2, 16 tokens, r 8
+    first = pool.take((2, 2, 5, 8))
+    second = pool.take((2, 2, 6, 8))                       # `first` is still held: the other buffer
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert first.is_contiguous() and second.shape == (2, 2, 6, 8) and second.untyped_storage().nbytes() == 2 * 512
+    first_ptr = first.untyped_storage().data_ptr()
+    del first                                               # the caller moved on to `second`
+    third = pool.take((2, 2, 7, 8))
+    assert third.untyped_storage().data_ptr() == first_ptr  # ping-pong: the first buffer again
+    kept = [second, third]
+    fourth = pool.take((2, 2, 8, 8))                        # both held: fresh memory, not a capacity buffer
+    assert fourth.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in kept}
+    assert len(pool.storages) == 2

@@ -166,3 +166,63 @@ def test_aot_entry_matches_the_reference_under_the_interpreter(interpreted, case
     batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype = case
     err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}"]
     assert err <= TOLERANCE[dtype], f"max |out - reference| = {err:.2e}"
+
+
+def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
+    """register() with stand-ins for `tensorrt` / `tensorrt.plugin` that record what the decorators receive:
+    the type hints are objects (as tensorrt.plugin validates them), the output descriptor takes v's last dim,
+    and the AOT launch covers (S / BLOCK_M, B * H) with S and P+S as the two int32 extra arguments."""
+    import types
+
+    import plugins.lowrank_attention.trt_plugin as trt_plugin
+
+    recorded = {}
+
+    class TensorDesc:
+        def __init__(self, shape=(), dtype=None):
+            self.shape_expr, self.dtype = tuple(shape), dtype
+
+    class SymIntExprs(list):
+        def __init__(self, n):
+            super().__init__([None] * n)
+
+    def decorator(kind):
+        def wrap(plugin_id):
+            def record(fn):
+                recorded[kind] = (plugin_id, fn)
+                return fn
+            return record
+        return wrap
+
+    trtp = types.SimpleNamespace(
+        TensorDesc=TensorDesc, Tensor=type("Tensor", (), {}), KernelLaunchParams=types.SimpleNamespace,
+        SymIntExprs=SymIntExprs, SymInt32=lambda e: ("i32", e), cdiv=lambda a, b: -(-a // b),
+        from_shape_expr=lambda shape, dtype: TensorDesc(shape, dtype),
+        register=decorator("register"), aot_impl=decorator("aot_impl"), impl=decorator("impl"))
+    trt = types.ModuleType("tensorrt")
+    trt.__version__, trt.float32, trt.float16, trt.bfloat16, trt.plugin = "10.13.0", "F32", "F16", "BF16", trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(trt_plugin, "_registered", False)
+    monkeypatch.setattr(trt_plugin, "driver_ptx_version", lambda: None)
+    monkeypatch.setattr(trt_plugin, "_current_target", lambda: (9, 0))
+    trt_plugin.register()
+    assert {kind: pid for kind, (pid, _) in recorded.items()} == \
+        {kind: "eigen_export::LowRankAttention" for kind in ("register", "aot_impl", "impl")}
+    describe, compile_aot = recorded["register"][1], recorded["aot_impl"][1]
+    hints = describe.__annotations__
+    assert hints["q"] is TensorDesc and hints["scale"] is float and hints["num_heads"] is int
+    assert hints["rope_mode"] is str and hints["return"] is TensorDesc
+
+    batch, heads, kv_heads, seq, total, rank_k, rank_v = 3, 4, 2, 70, 75, 40, 56
+    q = TensorDesc((batch, heads, seq, rank_k), "F16")
+    k = TensorDesc((batch, kv_heads, total, rank_k), "F16")
+    v = TensorDesc((batch, kv_heads, total, rank_v), "F16")
+    mask = TensorDesc((batch, total), "INT64")
+    out = describe(q, k, v, mask, 0.125, heads, kv_heads, rank_k, rank_v, "post")
+    assert out.shape_expr == (batch, heads, seq, rank_v) and out.dtype == "F16"
+    name, ptx, launch, extra = compile_aot(q, k, v, mask, 0.125, heads, kv_heads, rank_k, rank_v, (out,), 0)
+    assert name == "lowrank_attention_aot" and f".entry {name}(" in ptx
+    assert (launch.grid_x, launch.grid_y, launch.block_x) == (2, batch * heads, 128)   # 70 queries / 64 per block
+    assert 0 < launch.shared_mem <= 48 * 1024
+    assert list(extra) == [("i32", seq), ("i32", total)]
