@@ -247,17 +247,10 @@ def build(onnx_dir: str | Path, out_dir: str | Path | None = None, backend: str 
     if out_dir.exists() and not force:
         raise EigenExportError(f"{out_dir} already exists and is not a build of this export with these settings: "
                                "pass --force to replace it or choose another --out")
-    (log.warning if backend == "auto" and chosen == "onnxruntime" else log.info)("[build] %s", why)
     if note:
         log.info("[build] %s", note)
     started, started_cpu = time.perf_counter(), time.process_time()
-    sidecar = {key: None for key in SIDECAR_KEYS}
-    sidecar.update(
-        format=BUILD_FORMAT, version=BUILD_VERSION, backend=chosen, graph=graph, graph_file=graph_file,
-        graph_note=note, onnx_sha256=onnx_sha, source_sha256=io.get("source_sha256"), dtype=io["dtype"],
-        num_layers=len(io["ranks"]), num_heads=io.get("num_heads"), num_kv_heads=io["num_kv_heads"],
-        ranks=io["ranks"], rope_mode=io.get("rope_mode"), positions=io.get("positions"),
-        max_batch=limits.max_batch, max_context=limits.max_context, eigen_export_version=_version())
+    sidecar = _new_sidecar(io, chosen, graph_file, graph, note, onnx_sha, limits)
     with atomic_dir(out_dir, force=force) as tmp:
         if chosen == "tensorrt":
             profiles = optimization_profiles(io, limits)
@@ -270,8 +263,23 @@ def build(onnx_dir: str | Path, out_dir: str | Path | None = None, backend: str 
         sidecar["build_cpu_seconds"] = round(time.process_time() - started_cpu, 2)
         validate_sidecar(sidecar)
         (tmp / BUILD_JSON).write_text(json.dumps(sidecar, indent=1) + "\n")         # last: marks completion
-    log.info("[build] %s -> %s (%s, %s graph, %.1f s)", onnx_dir, out_dir, chosen, graph, sidecar["build_seconds"])
+    # the one line that says which backend and why; a warning when auto could not build TensorRT
+    (log.warning if backend == "auto" and chosen == "onnxruntime" else log.info)("[build] %s", why)
+    log.info("[build] %s -> %s (%s graph, %.1f s)", onnx_dir, out_dir, graph, sidecar["build_seconds"])
     return out_dir
+
+
+def _new_sidecar(io: dict, backend: str, graph_file: str, graph: str, note: str | None, onnx_sha: str,
+                 limits: Limits) -> dict:
+    """build.json's fields known before the build; the backend's own are filled in by its builder."""
+    sidecar = {key: None for key in SIDECAR_KEYS}
+    sidecar.update(
+        format=BUILD_FORMAT, version=BUILD_VERSION, backend=backend, graph=graph, graph_file=graph_file,
+        graph_note=note, onnx_sha256=onnx_sha, source_sha256=io.get("source_sha256"), dtype=io["dtype"],
+        num_layers=len(io["ranks"]), num_heads=io.get("num_heads"), num_kv_heads=io["num_kv_heads"],
+        ranks=io["ranks"], rope_mode=io.get("rope_mode"), positions=io.get("positions"),
+        max_batch=limits.max_batch, max_context=limits.max_context, eigen_export_version=_version())
+    return sidecar
 
 
 def model_max_positions(io: dict) -> int | None:

@@ -227,6 +227,8 @@ def test_build_errors_name_the_fix(exports, tmp_path):
     engine_dir = build(onnx_dir, tmp_path / "e3", backend="onnxruntime", max_batch=2, max_context=160)
     sidecar = read_build(engine_dir)        # this export keeps its weights in external data: so does the engine
     assert sidecar["positions"] == "learned" and (engine_dir / "model.onnx").exists()
+    assert (engine_dir / "model.onnx.data").exists()
+    assert json.loads((engine_dir / "io.json").read_text())["external_data"] == "model.onnx.data"
     OnnxRuntimeBackend(engine_dir, threads=1)
 
 
