@@ -224,11 +224,13 @@ def default_engine_dir(onnx_dir: Path) -> Path:
 
 
 def build(onnx_dir: str | Path, out_dir: str | Path | None = None, backend: str = "auto",
-          max_batch: int = DEFAULT_MAX_BATCH, max_context: int = DEFAULT_MAX_CONTEXT, force: bool = False) -> Path:
+          max_batch: int = DEFAULT_MAX_BATCH, max_context: int = DEFAULT_MAX_CONTEXT, force: bool = False,
+          replace_stale: bool = False) -> Path:
     """Build `build/<name>/engine/` from an `eigen-export export` directory; returns the engine dir.
 
     A current build (same ONNX hash, limits and backend, and for TensorRT the same TensorRT and GPU) is
-    kept unless `force`.
+    kept unless `force`. Another build already at `out_dir` is refused unless `force` or `replace_stale`
+    (`make engine` owns its directories and replaces what its new inputs made stale).
     """
     from .export import read_io
 
@@ -244,14 +246,14 @@ def build(onnx_dir: str | Path, out_dir: str | Path | None = None, backend: str 
     if not force and _is_current(out_dir, onnx_sha, limits, chosen):
         log.info("[build] skipped: %s is current (pass --force to redo it)", out_dir)
         return out_dir
-    if out_dir.exists() and not force:
+    if out_dir.exists() and not (force or replace_stale):
         raise EigenExportError(f"{out_dir} already exists and is not a build of this export with these settings: "
                                "pass --force to replace it or choose another --out")
     if note:
         log.info("[build] %s", note)
     started, started_cpu = time.perf_counter(), time.process_time()
     sidecar = _new_sidecar(io, chosen, graph_file, graph, note, onnx_sha, limits)
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, force=force or replace_stale) as tmp:
         if chosen == "tensorrt":
             profiles = optimization_profiles(io, limits)
             built = _build_tensorrt(onnx_dir / graph_file, graph, profiles, tmp / PLAN, _timing_cache_path(out_dir))

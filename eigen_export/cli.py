@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--force", action="store_true")
 
+    p = verbs.add_parser("build", help="build the engine from an ONNX export (TensorRT plan, or the ONNX Runtime "
+                                       "session where TensorRT or a GPU is missing; writes engine/)")
+    p.add_argument("model", help="ONNX export directory, or the build/<name> or folded directory it belongs to")
+    p.add_argument("--out", help="engine directory (default: engine/ beside onnx/)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                   help="auto: TensorRT where it is installed and a CUDA GPU is present, else ONNX Runtime")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-context", type=int, default=4096, help="past + new tokens the engine accepts")
+    p.add_argument("--force", action="store_true")
+
     p = verbs.add_parser("perplexity", help="perplexity of a folded or original model on held-out text")
     p.add_argument("model")
     p.add_argument("--dataset", default="ptb")
@@ -104,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("generate", help="generate text with a folded or original model")
     p.add_argument("model")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch (left padded)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
-                   help="onnxruntime runs the model's `export` (its dtype applies, not --dtype)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",
+                   help="auto: a build/<name> directory runs its engine, a model directory runs in PyTorch; "
+                        "onnxruntime/tensorrt run the export/engine (their dtype applies, not --dtype)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -114,11 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _run_flags(p)
 
+    p = verbs.add_parser("validate", help="parity report: accuracy, backend parity, latency (writes report/)")
+    p.add_argument("build", help="build/<name> directory holding folded/, onnx/ and engine/")
+    p.add_argument("--recipe", help="recipe whose [validate] settings apply (default: the directory's name, "
+                                    "else the defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one [validate] setting, e.g. --set backend_max_abs=1e-2 (repeatable)")
+    p.add_argument("--out", help="report directory (default: BUILD/report)")
+    p.add_argument("--device", default=None, help="torch device for the PyTorch side (default: the recipe's)")
+    p.add_argument("--force", action="store_true", help="replace a report of another model")
+
     p = verbs.add_parser("engine", help="every stage for a recipe, skipping stages whose outputs are current")
     p.add_argument("model", help="recipe name (models/<name>.toml) or local HF directory")
     p.add_argument("--build-dir", default="build")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="torch device for calibration and validation "
+                                                  "(default: the recipe's, auto = CUDA when available)")
     return parser
 
 
@@ -152,6 +174,8 @@ def _dispatch(args):
         from .engine import run_engine
 
         return run_engine(args.model, build_dir=Path(args.build_dir), force=args.force, device=args.device)
+    if args.verb == "validate":
+        return _validate(args)
     source = resolve_model(args.model)
     if args.verb == "calibrate":
         from .calibrate import run_calibrate
@@ -187,10 +211,55 @@ def _dispatch(args):
 
         out = export_onnx(source, args.out, dtype=args.dtype, opset=args.opset, force=args.force)
         print(f"ONNX export written to {out}")
+    elif args.verb == "build":
+        from .build import build
+        from .export import find_onnx_dir
+
+        out = build(find_onnx_dir(source), args.out, backend=args.backend, max_batch=args.max_batch,
+                    max_context=args.max_context, force=args.force)
+        print(f"engine written to {out} ({json.loads((out / 'build.json').read_text())['backend']})")
     elif args.verb == "perplexity":
         print(json.dumps(_perplexity(source, args)))
     elif args.verb == "generate":
         _generate(source, args)
+
+
+def _validate(args) -> int:
+    from .recipes import ValidationSettings, find_recipe, resolve_device
+    from .validate import validate
+
+    recipe = find_recipe(args.recipe or Path(args.build).resolve().name)
+    if args.recipe and recipe is None:
+        raise EigenExportError(f"--recipe {args.recipe}: no models/{args.recipe}.toml")
+    settings = override_settings(recipe.validation if recipe else ValidationSettings(), args.set)
+    device = resolve_device(args.device or (recipe.device if recipe else "auto"))
+    report = validate(args.build, settings, out=args.out, device=device, force=args.force)
+    out = Path(args.out) if args.out else Path(args.build) / "report"
+    print(f"parity report {report['verdict'].upper()}: {report['passed']} passed, {report['failed']} failed"
+          f"{', ' + str(len(report['skipped'])) + ' backend(s) skipped' if report['skipped'] else ''} -> "
+          f"{out / 'report.md'}")
+    return 0 if report["verdict"] == "pass" else 1
+
+
+def override_settings(settings, assignments: list[str]):
+    """--set key=value on a frozen settings dataclass; values are parsed as the field's current type."""
+    import dataclasses
+
+    known = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise EigenExportError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+        current = known[key]
+        try:
+            if isinstance(current, tuple):
+                changes[key] = tuple(type(current[0] if current else 0.0)(v) for v in text.split(",") if v)
+            else:
+                changes[key] = type(current)(text)
+        except ValueError:
+            raise EigenExportError(f"--set {item!r}: {text!r} is not a {type(current).__name__}") from None
+    return dataclasses.replace(settings, **changes)
 
 
 def _tokenizer(source):
@@ -217,18 +286,51 @@ def _perplexity(source, args) -> dict:
 
 
 def _generation_backend(source, args):
-    """(backend, directory with the tokenizer): the model itself for torch, its ONNX export for onnxruntime."""
-    if args.backend == "onnxruntime":
-        from .export import IO_JSON, find_onnx_dir, read_io
+    """(backend, directory with the tokenizer) for MODEL: a build/<name> directory (its folded model, export
+    and engine), a folded or original model directory, or an ONNX export / engine directory."""
+    from .export import IO_JSON, find_onnx_dir, read_io
+    from .fold import MANIFEST
+
+    path = Path(source)
+    folded = path / "folded" if (path / "folded" / MANIFEST).exists() else path
+    engine = path / "engine" if (path / "engine" / "build.json").exists() else path
+    built = json.loads((engine / "build.json").read_text())["backend"] if (engine / "build.json").exists() else None
+    backend = args.backend if args.backend != "auto" else built or "torch"
+    if backend == "torch":
+        from . import load
+        from .runtime import TorchBackend
+
+        return TorchBackend(load(folded, dtype=args.dtype, device=args.device)), folded
+    if backend == "tensorrt":
+        from .runtime import TensorRTBackend
+
+        if built != "tensorrt":
+            raise EigenExportError(f"no TensorRT engine for {source}: run `eigen-export build --backend tensorrt` "
+                                   "on a machine with an NVIDIA GPU and TensorRT")
+        runner = TensorRTBackend(engine)
+    else:
         from .runtime import OnnxRuntimeBackend
 
-        onnx_dir = find_onnx_dir(source)
-        tokenizer_dir = read_io(onnx_dir)["source"] if (Path(source) / IO_JSON).exists() else source
-        return OnnxRuntimeBackend(onnx_dir, threads=args.threads), tokenizer_dir
-    from . import load
-    from .runtime import TorchBackend
+        runner = OnnxRuntimeBackend(engine if built == "onnxruntime" else find_onnx_dir(source), threads=args.threads)
+    tokenizer_dir = folded if (folded / MANIFEST).exists() or not (path / IO_JSON).exists() else \
+        read_io(path)["source"]
+    return runner, tokenizer_dir
 
-    return TorchBackend(load(source, dtype=args.dtype, device=args.device)), source
+
+class _Streamer:
+    """Prints each new token's text. Decoding the whole continuation and printing what it added keeps the
+    spaces that BPE/SentencePiece tokenizers attach to the next token (decoding one token drops them)."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        # the prompt is decoded too: the first new token's leading space only shows after it
+        self.tokenizer, self.tokens = tokenizer, list(prompt_ids)
+        self.shown = tokenizer.decode(self.tokens, skip_special_tokens=True)
+
+    def __call__(self, token):
+        self.tokens.append(int(token[0]))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        print(text[len(self.shown):] if text.startswith(self.shown) else text, end="", flush=True)
+        self.shown = text
 
 
 def _generate(source, args) -> None:
@@ -241,7 +343,7 @@ def _generate(source, args) -> None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
     single = len(args.prompt) == 1
-    stream = (lambda t: print(tokenizer.decode(t[0]), end="", flush=True)) if single else None
+    stream = _Streamer(tokenizer, batch["input_ids"][0].tolist()) if single else None
     if single:
         print(args.prompt[0], end="", flush=True)
     tokens = generate(backend, batch["input_ids"], batch["attention_mask"],

@@ -1,4 +1,5 @@
-"""`make engine MODEL=...`: run every stage that exists, skipping those whose outputs are current."""
+"""`make engine MODEL=...`: calibrate -> fold -> export -> build -> validate (DESIGN 1), skipping every stage
+whose output is complete and was made from the current inputs with the current settings."""
 from __future__ import annotations
 
 import json
@@ -9,9 +10,6 @@ from .errors import EigenExportError
 from .recipes import Recipe, find_recipe
 
 log = logging.getLogger("eigen_export")
-
-# Stages of DESIGN 1 that are not built yet; the engine says so instead of pretending.
-PENDING = ("build (TensorRT engine)", "validate (parity report)")
 
 
 def _recipe_for(model: str) -> Recipe:
@@ -35,16 +33,37 @@ def _current(path: Path, wanted: dict) -> bool:
     return all(record.get(k) == v for k, v in wanted.items())
 
 
-def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False, device: str = "cpu") -> int:
+def _check_family(recipe: Recipe, source: str) -> None:
+    """A recipe says which family it expects: a hub id that now points elsewhere fails here, not mid-fold."""
+    from .families import spec_from_config
+    from .loading import load_hf_config
+
+    if recipe.family != "auto":
+        family = spec_from_config(load_hf_config(source)).family
+        if family != recipe.family:
+            raise EigenExportError(f"recipe {recipe.name} says family {recipe.family!r} but {source} is a "
+                                   f"{family!r} model: fix [model] family or source in the recipe")
+
+
+def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False, device: str | None = None) -> int:
+    """Every stage for one recipe; returns 0 when the parity report passes, 1 when a check fails."""
+    from .build import build
     from .calibrate import CALIB_JSON, run_calibrate
+    from .export import export_onnx
     from .fold import MANIFEST, run_fold
+    from .validate import current_report, validate
 
     recipe = _recipe_for(model)
     source = recipe.resolved_source()
+    device = device or recipe.resolved_device()
+    _check_family(recipe, source)
     root = build_dir / recipe.name
     calib_settings = dict(source=source, dataset=recipe.dataset, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
                           seed=recipe.seed, dtype=recipe.dtype)
-    if force or not _current(root / "calib" / CALIB_JSON, calib_settings):
+    # non-RoPE calibrations record rope_mode None: any recipe rope_mode fits them
+    calib_current = _current(root / "calib" / CALIB_JSON, calib_settings) and \
+        json.loads((root / "calib" / CALIB_JSON).read_text()).get("rope_mode") in (None, recipe.rope_mode)
+    if force or not calib_current:
         log.info("[calibrate] %s on %s (%d x %d tokens)", recipe.name, recipe.dataset, recipe.nsamples,
                  recipe.seqlen)
         run_calibrate(source, root / "calib", dataset=recipe.dataset, nsamples=recipe.nsamples,
@@ -55,39 +74,36 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
     manifest_path = root / "folded" / MANIFEST
     calib_mtime = (root / "calib" / CALIB_JSON).stat().st_mtime
     folded_current = manifest_path.exists() and manifest_path.stat().st_mtime >= calib_mtime and _current(
-        manifest_path, {"source": source})
+        manifest_path, {"source": source}) and _fold_target_matches(manifest_path, recipe)
     if force or not folded_current:
         manifest = run_fold(source, root / "calib", root / "folded", recipe.kv_ratio, recipe.error_budget,
                             dtype=recipe.dtype, force=True)
         log.info("[fold] KV ratio %.3f -> %s", manifest.kv_ratio, root / "folded")
     else:
         log.info("[fold] skipped: %s is current", root / "folded")
-    from .export import export_onnx
-
-    # skips itself when the export is current; the source hash changes whenever the fold is redone
-    onnx_dir = export_onnx(root / "folded", root / "onnx", force=force)
+    # export and build skip themselves when current: their records carry their input's hash
+    onnx_dir = export_onnx(root / "folded", root / "onnx", dtype=recipe.onnx_dtype, force=force)
     log.info("[export] %s", onnx_dir)
-    summary = _evaluate(source, root / "folded", recipe, device)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{recipe.name}: KV ratio {summary['kv_ratio']:.3f}, PTB-test perplexity "
-          f"{summary['perplexity_original']:.2f} -> {summary['perplexity_folded']:.2f} "
-          f"({summary['windows']} x {summary['seqlen']} tokens); written to {root}")
-    print("not built yet: " + "; ".join(PENDING))
-    return 0
+    engine_dir = build(onnx_dir, root / "engine", backend=recipe.backend, max_batch=recipe.max_batch,
+                       max_context=recipe.max_context, force=force, replace_stale=True)
+    log.info("[build] %s", engine_dir)
+    report = None if force else current_report(root, recipe.validation)
+    if report is None:
+        report = validate(root, recipe.validation, device=device, force=True)
+    else:
+        log.info("[validate] skipped: %s is current", root / "report")
+    print(f"{recipe.name}: KV ratio {report['compression']['kv_ratio']:.3f}, "
+          f"{recipe.validation.dataset} perplexity {report['accuracy']['perplexity_original']:.2f} -> "
+          f"{report['accuracy']['perplexity_folded']:.2f}; engine: {report['engine']['backend']}; "
+          f"parity report {report['verdict'].upper()} ({report['passed']} passed, {report['failed']} failed"
+          f"{', ' + str(len(report['skipped'])) + ' skipped' if report['skipped'] else ''}): "
+          f"{root / 'report' / 'report.md'}")
+    return 0 if report["verdict"] == "pass" else 1
 
 
-def _evaluate(source: str, folded: Path, recipe: Recipe, device: str, windows: int = 8) -> dict:
-    from transformers import AutoTokenizer
-
-    from .data import eval_windows
-    from .loading import load
-    from .manifest import Manifest
-    from .runtime import TorchBackend, perplexity
-
-    seqlen = min(512, recipe.max_context)
-    ids = eval_windows(AutoTokenizer.from_pretrained(source), "ptb", seqlen, split="test", max_windows=windows)
-    result = {"seqlen": seqlen, "windows": int(ids.shape[0])}
-    for name, path in (("original", source), ("folded", folded)):
-        result[f"perplexity_{name}"] = perplexity(TorchBackend(load(path, device=device)), ids)
-    result["kv_ratio"] = Manifest.read(folded / "eigen.json").kv_ratio
-    return result
+def _fold_target_matches(manifest_path: Path, recipe: Recipe) -> bool:
+    """The fold records the rule it was asked for; a recipe whose kv_ratio or error budget changed refolds."""
+    record = json.loads(manifest_path.read_text()).get("calibration", {}).get("allocation", {})
+    if recipe.error_budget is not None:
+        return record.get("rule") == "error_budget" and record.get("error_budget") == recipe.error_budget
+    return record.get("rule") == "kv_ratio" and record.get("target") == recipe.kv_ratio

@@ -175,6 +175,16 @@ def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = 
                          num_kv_heads=manifest.num_kv_heads)
 
 
+def fold_to_target(model: Decoder, layers, settings: dict, kv_ratio_target: float | None,
+                   error_budget: float | None = None, allocation: str = "energy"):
+    """(ranks, layer errors, allocation record, folded canonical state) for one target, in memory."""
+    (ranks, layer_errors), allocation_record = decide_ranks(layers, model.spec.head_dim, kv_ratio_target,
+                                                            error_budget, allocation, settings.get("rank_multiple", 1))
+    state = fold_state(model.state_dict(), [(layer.basis_k, layer.basis_v) for layer in layers], ranks, model.spec,
+                       settings.get("rope_mode"))
+    return ranks, layer_errors, allocation_record, state
+
+
 def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_target: float | None = None,
              error_budget: float | None = None, dtype: str = "float32", force: bool = False,
              allocation: str = "energy") -> Manifest:
@@ -192,11 +202,9 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, kv_ratio_t
             layers[0].basis_k.shape[-1] != spec.head_dim:
         raise EigenExportError(f"calibration in {calib_dir} was made for {settings.get('source')!r}, not {source!r}: "
                                "re-run `eigen-export calibrate` for this model")
-    (ranks, layer_errors), allocation_record = decide_ranks(layers, spec.head_dim, kv_ratio_target, error_budget,
-                                                            allocation, settings.get("rank_multiple", 1))
+    ranks, layer_errors, allocation_record, state = fold_to_target(model, layers, settings, kv_ratio_target,
+                                                                   error_budget, allocation)
     rope_mode = settings.get("rope_mode")
-    state = fold_state(model.state_dict(), [(layer.basis_k, layer.basis_v) for layer in layers], ranks, spec,
-                       rope_mode)
     from .loading import resolve_dtype
 
     state = {k: v.to(resolve_dtype(dtype)) for k, v in state.items()}
