@@ -18,26 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from eigen_export.machine import git_commit, machine
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import os
-
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "host": platform.node()}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def calibrate_in_child(source: str, out: Path, mode: str, args) -> dict:
