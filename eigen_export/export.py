@@ -5,11 +5,16 @@ the per-layer ranks r_k / r_v, not head_dim. The graph is the reference Decoder 
 loader accepts: an original HF directory or a folded artifact in either RoPE mode), captured by the
 dynamo exporter through a wrapper with flat tensors, so no transformers cache object is ever traced.
 
+Two graphs with one signature: `model.onnx` (standard ops only) and `model_plugin.onnx`, where each
+layer's attention core is one `eigen_export::LowRankAttention` node that TensorRT maps to our plugin
+(plugins/lowrank_attention/onnx_op.py). Both are captured from the same loaded model.
+
 `onnx/io.json` describes the contract; the runtime checks it against the graph it loads.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +33,7 @@ log = logging.getLogger("eigen_export")
 
 ONNX_DIR = "onnx"
 MODEL_ONNX = "model.onnx"
+MODEL_PLUGIN_ONNX = "model_plugin.onnx"
 IO_JSON = "io.json"
 IO_FORMAT = "eigen_export.onnx"
 IO_VERSION = 1
@@ -152,11 +158,14 @@ def _metadata(model: Decoder, dtype_name: str, opset: int) -> dict:
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "fp32", opset: int = 18,
-                force: bool = False, external_data: bool | None = None) -> Path:
-    """Write `<artifact>/onnx/model.onnx` and `onnx/io.json` for an original or folded model directory.
+                force: bool = False, external_data: bool | None = None, plugin: bool = True) -> Path:
+    """Write `<artifact>/onnx/model.onnx`, `onnx/model_plugin.onnx` and `onnx/io.json` for an original or
+    folded model directory.
 
     external_data: store weights in `model.onnx.data` (None: only when the model needs it, > 2 GB).
-    A current export (same source hash, dtype and opset) is kept unless `force`. Returns the ONNX dir.
+    plugin: also write the plugin graph; where the model cannot use the plugin (ALiBi), io.json says why.
+    A current export (same source hash, dtype, opset and plugin setting) is kept unless `force`.
+    Returns the ONNX dir.
     """
     model_dir = Path(model_dir)
     if dtype not in EXPORT_DTYPES:
@@ -167,9 +176,12 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype:
         raise EigenExportError(f"{model_dir} is not a directory: export needs a folded or original model directory")
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_dir)
     source_sha = _source_sha256(model_dir)
-    if not force and _is_current(out_dir, source_sha, dtype, opset):
+    if not force and _is_current(out_dir, source_sha, dtype, opset, plugin):
         log.info("[export] skipped: %s is current (pass --force to redo it)", out_dir)
         return out_dir
+    if out_dir.exists() and not force and plugin and _predates_plugin_graphs(out_dir, source_sha, dtype, opset):
+        log.info("[export] %s predates plugin graphs: exporting it again with %s", out_dir, MODEL_PLUGIN_ONNX)
+        force = True
     if out_dir.exists() and not force:      # say so before minutes of export, not after
         raise EigenExportError(f"{out_dir} already exists and is not an export of this model with these settings: "
                                "pass --force to replace it or choose another --out")
@@ -178,22 +190,32 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype:
     torch_dtype = EXPORT_DTYPES[dtype]
     model = _load_for_export(model_dir, torch_dtype)
     inputs, outputs = io_contract(model, torch_dtype)
+    reason = plugin_unsupported_reason(model) if plugin else "not requested (export with plugin=True)"
     io = {"format": IO_FORMAT, "version": IO_VERSION, "model": MODEL_ONNX, "external_data": None,
+          "plugin": plugin, "plugin_model": None if reason else MODEL_PLUGIN_ONNX, "plugin_model_reason": reason,
+          "plugin_external_data": None,
           "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "source": str(model_dir),
           "source_sha256": source_sha, **_metadata(model, dtype, opset), "inputs": inputs, "outputs": outputs}
-    program = _capture(model, torch_dtype, opset)
-    _optimize(program.model)
-    _name_dims(program.model, inputs, outputs)
-    for key, value in io.items():
-        if key not in ("inputs", "outputs", "external_data"):
-            program.model.metadata_props[f"eigen_export.{key}"] = json.dumps(value)
+    programs = {MODEL_ONNX: _capture(model, torch_dtype, opset)}
+    if io["plugin_model"]:
+        with _plugin_cores(model):
+            programs[MODEL_PLUGIN_ONNX] = _capture(model, torch_dtype, opset, plugin=True)
+    for program in programs.values():
+        _optimize(program.model)
+        _name_dims(program.model, inputs, outputs)
+        for key, value in io.items():
+            if key not in ("inputs", "outputs", "external_data", "plugin_external_data"):
+                program.model.metadata_props[f"eigen_export.{key}"] = json.dumps(value)
     with atomic_dir(out_dir, force=force) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program.save(str(tmp / MODEL_ONNX), external_data=external_data)
-        data = sorted(p.name for p in tmp.iterdir() if p.name != MODEL_ONNX)
-        io["external_data"] = data[0] if data else None
-        check_io(io, graph_io_from_file(tmp / MODEL_ONNX), tmp / IO_JSON)
+        for name, program in programs.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program.save(str(tmp / name), external_data=external_data)
+            check_io(io, graph_io_from_file(tmp / name), tmp / IO_JSON)
+        for key, name in (("external_data", MODEL_ONNX), ("plugin_external_data", MODEL_PLUGIN_ONNX)):
+            # each graph keeps its own copy of the weights: their initializers are named per graph
+            data = sorted(p.name for p in tmp.iterdir() if p.name.startswith(name) and p.name != name)
+            io[key] = data[0] if data else None
         # wall and CPU time: on a shared machine the wall time measures the neighbours as much as the export
         io["export_seconds"] = round(time.perf_counter() - started, 2)
         io["export_cpu_seconds"] = round(time.process_time() - started_cpu, 2)
@@ -219,9 +241,48 @@ def _require_onnx() -> None:
                                "pip install 'eigen_export[onnx]'") from None
 
 
-def _capture(model: Decoder, dtype: torch.dtype, opset: int):
+def plugin_unsupported_reason(model: Decoder) -> str | None:
+    """Why the plugin graph cannot be written for this model (one line), or None when it can."""
+    from plugins.lowrank_attention.reference import MAX_RANK
+
+    if model.spec.positions == "alibi":
+        return ("ALiBi adds a per-head position bias to the attention scores, and the LowRankAttention plugin "
+                "has no bias input: use model.onnx")
+    # q/k reach the core at rank_k, except in rope_mode "pre", which rotates reconstructed full keys
+    widest = max(max(model.spec.head_dim if a.rope_mode == "pre" else a.ranks.k, a.ranks.v)
+                 for a in (layer.attn for layer in model.layers))
+    if widest > MAX_RANK:
+        return f"q/k/v width {widest} at the attention core exceeds the plugin's limit of {MAX_RANK}: use model.onnx"
+    return None
+
+
+@contextlib.contextmanager
+def _plugin_cores(model: Decoder):
+    """Route every layer's attention core through the custom op that exports as one LowRankAttention node."""
+    from plugins.lowrank_attention.onnx_op import lowrank_attention_op
+
+    def core(attn, q, k, v, ctx):
+        return lowrank_attention_op(q, k, v, ctx.attention_mask, attn.spec.softmax_scale, attn.spec.num_heads,
+                                    attn.spec.num_kv_heads, q.shape[-1], v.shape[-1], attn.rope_mode or "none")
+
+    attns = [layer.attn for layer in model.layers]
+    for attn in attns:
+        attn.core = functools.partial(core, attn)       # an instance attribute shadows Attention.core
+    try:
+        yield
+    finally:
+        for attn in attns:
+            del attn.core
+
+
+def _capture(model: Decoder, dtype: torch.dtype, opset: int, plugin: bool = False):
     args, dynamic = _example_inputs(model, dtype)
     n = model.spec.num_layers
+    translation = None
+    if plugin:
+        from plugins.lowrank_attention.onnx_op import onnx_translation
+
+        translation = onnx_translation()
     with warnings.catch_warnings(), _quiet_exporter():
         # The exporter warns once per input that shares a dim with an earlier one ("batch will not be
         # used, since it shares ..."): that sharing is the contract, not a problem.
@@ -229,7 +290,8 @@ def _capture(model: Decoder, dtype: torch.dtype, opset: int):
         try:
             return torch.onnx.export(FlatDecoder(model), args, dynamo=True, dynamic_shapes=dynamic,
                                      input_names=input_names(n), output_names=output_names(n),
-                                     opset_version=opset, verbose=False, optimize=False)
+                                     opset_version=opset, verbose=False, optimize=False,
+                                     custom_translation_table=translation)
         except Exception as e:   # the exporter raises many types; the user needs one line and the cause
             raise EigenExportError(f"the dynamo ONNX export failed ({_exporter_cause(e)}); "
                                    "run with -v for the exporter's full report") from e
@@ -365,13 +427,24 @@ def read_io(onnx_dir: str | Path) -> dict:
     return io
 
 
-def _is_current(out_dir: Path, source_sha: str, dtype: str, opset: int) -> bool:
+def _is_current(out_dir: Path, source_sha: str, dtype: str, opset: int, plugin: bool) -> bool:
     try:
         io = read_io(out_dir)
     except EigenExportError:
         return False
-    return (io.get("source_sha256"), io.get("dtype"), io.get("opset")) == (source_sha, dtype, opset) and \
-        (out_dir / io["model"]).exists()
+    settings = (io.get("source_sha256"), io.get("dtype"), io.get("opset"), io.get("plugin"))
+    graphs = [io["model"]] + ([io["plugin_model"]] if io.get("plugin_model") else [])
+    return settings == (source_sha, dtype, opset, plugin) and all((out_dir / g).exists() for g in graphs)
+
+
+def _predates_plugin_graphs(out_dir: Path, source_sha: str, dtype: str, opset: int) -> bool:
+    """An export of this model with these settings, written before io.json had the plugin keys: safe to redo."""
+    try:
+        io = read_io(out_dir)
+    except EigenExportError:
+        return False
+    settings = (io.get("source_sha256"), io.get("dtype"), io.get("opset"))
+    return "plugin" not in io and settings == (source_sha, dtype, opset)
 
 
 def find_onnx_dir(path: str | Path) -> Path:

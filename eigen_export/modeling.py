@@ -99,6 +99,7 @@ class AttentionContext:
     q_sin: torch.Tensor | None = None
     k_cos: torch.Tensor | None = None   # [B, 1, T, rope_dim] (pre-RoPE mode rotates the whole cache)
     k_sin: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None   # [B, T], what a fused attention op reads instead of bias
 
 
 class Attention(nn.Module):
@@ -145,6 +146,10 @@ class Attention(nn.Module):
                 q = torch.matmul(qg, u.unsqueeze(1)).reshape(b, h, s, -1)  # a query head uses its KV head's U
         return q, k, v
 
+    def core(self, q, k, v, ctx: AttentionContext):
+        """The attention core; the plugin-graph export swaps it for one custom op per layer (export.py)."""
+        return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale)
+
     def forward(self, x, ctx: AttentionContext, past_k=None, past_v=None):
         q, k, v = self.project(x, ctx)
         if past_k is not None:
@@ -155,7 +160,7 @@ class Attention(nn.Module):
             # Reconstruct full keys and rotate each cached key by ITS OWN position (DESIGN 3.2).
             k_att = torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2))
             k_att = rotate(k_att, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
-        out = attention_core(q, k_att, v, ctx.bias, self.spec.softmax_scale)   # [B, H, S, r_v]
+        out = self.core(q, k_att, v, ctx)                                 # [B, H, S, r_v]
         b, h, s, r_v = out.shape
         return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), k, v
 
@@ -272,7 +277,7 @@ class Decoder(nn.Module):
             # Only key offsets matter: a per-row constant cancels in softmax, so padding does not shift it.
             rel = (k_index[None, :] - q_index[:, None]).float()                                # [S, T]
             bias = bias + self.alibi.view(1, -1, 1, 1) * rel
-        ctx = AttentionContext(bias=bias)
+        ctx = AttentionContext(bias=bias, attention_mask=attention_mask)
         if self.spec.positions == "rope":
             ctx.q_cos, ctx.q_sin = self.rope_tables(position_ids, dtype)
             if key_tables or (key_tables is None and self.rope_mode == "pre"):

@@ -15,6 +15,10 @@ What ORT allows and what it does not:
   be a slice of a larger preallocated buffer. Instead, two flat buffers per cache tensor are reused in
   turn (ping-pong) once the caller no longer holds the older one, which saves the allocation and page
   faults of a multi-megabyte tensor per layer and step.
+
+`plugin=True` runs `model_plugin.onnx` instead: its LowRankAttention nodes run as a Python custom op
+(onnxruntime-extensions, the PyTorch reference as the kernel). That checks the plugin graph's wiring on
+CPU; it is not a fast path.
 """
 from __future__ import annotations
 
@@ -78,14 +82,15 @@ if not hasattr(torch._C, "_storage_Use_Count"):     # a private API: without it,
 
 
 class OnnxRuntimeBackend:
-    """An `eigen-export export` directory (model.onnx + io.json) run by ONNX Runtime."""
+    """An `eigen-export export` directory (model.onnx or model_plugin.onnx, + io.json) run by ONNX Runtime."""
 
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 reuse_buffers: bool = True, session_config: dict[str, str] | None = None):
+                 reuse_buffers: bool = True, session_config: dict[str, str] | None = None, plugin: bool = False):
         """threads: intra-op threads (None: ORT's default, all cores). session_config: ORT session config
-        entries, e.g. {"session.intra_op.allow_spinning": "0"} on a machine shared with other work."""
+        entries, e.g. {"session.intra_op.allow_spinning": "0"} on a machine shared with other work.
+        plugin: run the plugin graph (fp32 only) with its custom node as a Python op."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -95,7 +100,8 @@ class OnnxRuntimeBackend:
 
         self.onnx_dir = Path(onnx_dir)
         self.io = read_io(self.onnx_dir)
-        model_path = self.onnx_dir / self.io["model"]
+        self.plugin = plugin
+        model_path = self.onnx_dir / (_plugin_graph_name(self.io, self.onnx_dir) if plugin else self.io["model"])
         if not model_path.exists():
             raise EigenExportError(f"{model_path} is missing: re-run `eigen-export export`")
         options = ort.SessionOptions()
@@ -105,8 +111,9 @@ class OnnxRuntimeBackend:
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
         self.providers = list(providers) if providers is not None else default_providers()
+        model = _plugin_graph_for_ort(model_path, options) if plugin else str(model_path)
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+            self.session = ort.InferenceSession(model, options, providers=self.providers)
         except Exception as e:      # onnxruntime raises its own exception types, one per status code
             if "NOT_IMPLEMENTED" not in str(e):
                 raise
@@ -145,7 +152,11 @@ class OnnxRuntimeBackend:
         for i, (r_k, r_v) in enumerate(self.widths):
             presents.append(tuple(self._bind_output(binding, f"present.{i}.{kv}", (b, self.num_kv_heads, p + s, w))
                                   for kv, w in (("key", r_k), ("value", r_v))))
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        finally:
+            if self.plugin:
+                _raise_plugin_op_error()
         return logits, presents
 
     # -- binding ----------------------------------------------------------------------------------------
@@ -188,6 +199,47 @@ class OnnxRuntimeBackend:
                         f"[batch, H_kv, past, r_{kv[0]}]")
                 if tensor.dtype != self.dtype:
                     raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the graph takes {self.dtype}")
+
+
+def _plugin_graph_name(io: dict, onnx_dir: Path) -> str:
+    """io.json's plugin graph, or a one-line error saying why the export has none / why ORT cannot run it."""
+    if not io.get("plugin_model"):
+        why = io.get("plugin_model_reason") or "it was exported before plugin graphs existed: re-run " \
+                                                "`eigen-export export --force`"
+        raise EigenExportError(f"{onnx_dir} has no plugin graph (model_plugin.onnx): {why}")
+    if io["dtype"] != "fp32":
+        raise EigenExportError(f"ONNX Runtime runs the plugin graph in fp32 only (its Python custom op has one type "
+                               f"per input), this export is {io['dtype']}: use model.onnx (plugin=False) or TensorRT")
+    return io["plugin_model"]
+
+
+def _raise_plugin_op_error() -> None:
+    from plugins.lowrank_attention.onnx_op import take_ort_error
+
+    error = take_ort_error()
+    if error is not None:
+        raise EigenExportError(f"the plugin graph's LowRankAttention node failed on ONNX Runtime: {error}")
+
+
+def _plugin_graph_for_ort(path: Path, options) -> bytes:
+    """The plugin graph as ORT can run it: its LowRankAttention nodes moved, in memory only, into the domain
+    of onnxruntime-extensions' Python ops (fixed there; the file keeps eigen_export for TensorRT)."""
+    try:
+        from onnxruntime_extensions import get_library_path
+    except ImportError:
+        raise EigenExportError("the plugin graph on ONNX Runtime needs onnxruntime-extensions (its custom node runs "
+                               "as a Python op): pip install 'eigen_export[onnx]'") from None
+    import onnx
+
+    from plugins.lowrank_attention.onnx_op import for_onnxruntime, register_ort_op
+
+    register_ort_op()
+    options.register_custom_ops_library(get_library_path())
+    model = onnx.load(str(path), load_external_data=False)
+    for_onnxruntime(model)
+    # handed over as bytes, the graph has no path of its own: external weights are found next to the file
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return model.SerializeToString()
 
 
 # the address bound for a zero-size tensor (prefill's empty cache); ORT never reads through it
