@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="fp16/bf16 keep softmax and norms in fp32 (default: fp32)")
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--no-plugin", dest="plugin", action="store_false",
+                   help="skip model_plugin.onnx (the graph whose attention cores are plugin nodes, for TensorRT)")
     p.add_argument("--force", action="store_true")
 
     p = verbs.add_parser("build", help="build the engine from an ONNX export (TensorRT plan, or the ONNX Runtime "
@@ -209,7 +211,7 @@ def _dispatch(args):
     elif args.verb == "export":
         from .export import export_onnx
 
-        out = export_onnx(source, args.out, dtype=args.dtype, opset=args.opset, force=args.force)
+        out = export_onnx(source, args.out, dtype=args.dtype, opset=args.opset, force=args.force, plugin=args.plugin)
         print(f"ONNX export written to {out}")
     elif args.verb == "build":
         from .build import build

@@ -59,7 +59,7 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
     _check_family(recipe, source)
     root = build_dir / recipe.name
     calib_settings = dict(source=source, dataset=recipe.dataset, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
-                          seed=recipe.seed, dtype=recipe.dtype)
+                          seed=recipe.seed, dtype=recipe.dtype, rank_multiple=recipe.rank_multiple)
     # non-RoPE calibrations record rope_mode None: any recipe rope_mode fits them
     calib_current = _current(root / "calib" / CALIB_JSON, calib_settings) and \
         json.loads((root / "calib" / CALIB_JSON).read_text()).get("rope_mode") in (None, recipe.rope_mode)
@@ -68,7 +68,7 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
                  recipe.seqlen)
         run_calibrate(source, root / "calib", dataset=recipe.dataset, nsamples=recipe.nsamples,
                       seqlen=recipe.seqlen, seed=recipe.seed, rope_mode=recipe.rope_mode, dtype=recipe.dtype,
-                      device=device, force=True)
+                      rank_multiple=recipe.rank_multiple, device=device, force=True)
     else:
         log.info("[calibrate] skipped: %s is current", root / "calib")
     manifest_path = root / "folded" / MANIFEST
@@ -82,7 +82,7 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
     else:
         log.info("[fold] skipped: %s is current", root / "folded")
     # export and build skip themselves when current: their records carry their input's hash
-    onnx_dir = export_onnx(root / "folded", root / "onnx", dtype=recipe.onnx_dtype, force=force)
+    onnx_dir = export_onnx(root / "folded", root / "onnx", dtype=recipe.onnx_dtype, force=force, replace_stale=True)
     log.info("[export] %s", onnx_dir)
     engine_dir = build(onnx_dir, root / "engine", backend=recipe.backend, max_batch=recipe.max_batch,
                        max_context=recipe.max_context, force=force, replace_stale=True)

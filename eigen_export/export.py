@@ -158,14 +158,16 @@ def _metadata(model: Decoder, dtype_name: str, opset: int) -> dict:
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "fp32", opset: int = 18,
-                force: bool = False, external_data: bool | None = None, plugin: bool = True) -> Path:
+                force: bool = False, external_data: bool | None = None, plugin: bool = True,
+                replace_stale: bool = False) -> Path:
     """Write `<artifact>/onnx/model.onnx`, `onnx/model_plugin.onnx` and `onnx/io.json` for an original or
     folded model directory.
 
     external_data: store weights in `model.onnx.data` (None: only when the model needs it, > 2 GB).
     plugin: also write the plugin graph; where the model cannot use the plugin (ALiBi), io.json says why.
-    A current export (same source hash, dtype, opset and plugin setting) is kept unless `force`.
-    Returns the ONNX dir.
+    A current export (same source hash, dtype, opset and plugin setting) is kept unless `force`; another
+    export already at `out_dir` is refused unless `force` or `replace_stale` (`make engine` owns its
+    directories and replaces what a refold made stale). Returns the ONNX dir.
     """
     model_dir = Path(model_dir)
     if dtype not in EXPORT_DTYPES:
@@ -179,9 +181,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype:
     if not force and _is_current(out_dir, source_sha, dtype, opset, plugin):
         log.info("[export] skipped: %s is current (pass --force to redo it)", out_dir)
         return out_dir
-    if out_dir.exists() and not force and plugin and _predates_plugin_graphs(out_dir, source_sha, dtype, opset):
-        log.info("[export] %s predates plugin graphs: exporting it again with %s", out_dir, MODEL_PLUGIN_ONNX)
-        force = True
+    force = force or replace_stale
     if out_dir.exists() and not force:      # say so before minutes of export, not after
         raise EigenExportError(f"{out_dir} already exists and is not an export of this model with these settings: "
                                "pass --force to replace it or choose another --out")
@@ -435,16 +435,6 @@ def _is_current(out_dir: Path, source_sha: str, dtype: str, opset: int, plugin: 
     settings = (io.get("source_sha256"), io.get("dtype"), io.get("opset"), io.get("plugin"))
     graphs = [io["model"]] + ([io["plugin_model"]] if io.get("plugin_model") else [])
     return settings == (source_sha, dtype, opset, plugin) and all((out_dir / g).exists() for g in graphs)
-
-
-def _predates_plugin_graphs(out_dir: Path, source_sha: str, dtype: str, opset: int) -> bool:
-    """An export of this model with these settings, written before io.json had the plugin keys: safe to redo."""
-    try:
-        io = read_io(out_dir)
-    except EigenExportError:
-        return False
-    settings = (io.get("source_sha256"), io.get("dtype"), io.get("opset"))
-    return "plugin" not in io and settings == (source_sha, dtype, opset)
 
 
 def find_onnx_dir(path: str | Path) -> Path:

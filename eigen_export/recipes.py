@@ -68,6 +68,7 @@ class Recipe:
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0
+    rank_multiple: int = 1                 # GPU recipes: 16, so cache rows stay 16-byte aligned for the kernel
     kv_ratio: float | None = 0.7
     error_budget: float | None = None
     rope_mode: str = "pre"
@@ -86,7 +87,7 @@ class Recipe:
             raise EigenExportError(f"recipe {self.name}: error_budget must be > 0")
         if self.rope_mode not in ("pre", "post"):
             raise EigenExportError(f"recipe {self.name}: rope_mode must be 'pre' or 'post', got {self.rope_mode!r}")
-        for key in ("nsamples", "seqlen", "max_batch", "max_context"):
+        for key in ("nsamples", "seqlen", "rank_multiple", "max_batch", "max_context"):
             if getattr(self, key) < 1:
                 raise EigenExportError(f"recipe {self.name}: {key} must be >= 1")
         from .families import REGISTRY
@@ -122,7 +123,7 @@ def resolve_device(device: str) -> str:
 
 
 _TABLES = {"model": {"source", "family", "dtype", "device"},
-           "calibration": {"dataset", "nsamples", "seqlen", "seed"},
+           "calibration": {"dataset", "nsamples", "seqlen", "seed", "rank_multiple"},
            "compress": {"kv_ratio", "error_budget", "rope_mode"},
            "engine": {"max_batch", "max_context", "onnx_dtype", "backend"},
            "validate": {f.name for f in fields(ValidationSettings)}}

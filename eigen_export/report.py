@@ -118,7 +118,7 @@ def render_markdown(report: dict, plots: list[str]) -> str:
               table(["setting", "value"], [[k, ", ".join(map(str, v)) or "none" if isinstance(v, (list, tuple)) else v]
                                            for k, v in report["settings"].items()]),
               table(["package", "version"], [[k, v or "not installed"] for k, v in report["versions"].items()]),
-              f"Validation took {report['seconds']:.0f} s."]
+              "Validation took " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()) + "."]
     return "\n\n".join(parts) + "\n"
 
 

@@ -343,33 +343,42 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
     original = load(manifest.source, device=device)
     folded = load(dirs.folded, device=device)
     log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
+    phase = time.perf_counter()
     accuracy = accuracy_numbers(original, folded, windows)
     accuracy["kv_ratio"] = manifest.kv_ratio
     checks = accuracy_checks(accuracy, settings)
+    seconds = {"accuracy": time.perf_counter() - phase}
+    phase = time.perf_counter()
     sweep = _sweep(manifest, original, windows, settings.sweep, calib or dirs.root / "calib", device)
+    seconds["sweep"] = time.perf_counter() - phase
 
     reference = TorchBackend(folded)
     ids, mask = parity_batch(windows)
     backends, opened = {}, {}
     for name, factory in available.items():
         log.info("[validate] parity: %s", name)
+        phase = time.perf_counter()
         opened[name] = factory()
         backends[name] = parity_numbers(reference, opened[name], ids, mask, settings.generate_steps)
         checks += parity_checks(name, backends[name], settings)
+        seconds[f"parity: {name}"] = time.perf_counter() - phase
 
     # the plugin graph on ONNX Runtime runs a Python op: its wiring is checked above, its speed means nothing
     timed = {"pytorch original": TorchBackend(original), "pytorch compressed": reference,
              **{f"{name} compressed": b for name, b in opened.items() if "plugin" not in name}}
     vocab = load_hf_config(dirs.folded).vocab_size
     latency = []
+    phase = time.perf_counter()
     for name, backend in timed.items():
         for batch in settings.latency_batches:
             for context in settings.latency_contexts:
                 log.info("[validate] latency: %s, batch %d, context %d", name, batch, context)
                 latency.append({"backend": name, **measure_latency(backend, vocab, batch, context,
                                                                    settings.latency_repeats, settings.decode_steps)})
+    seconds["latency"] = time.perf_counter() - phase
+    seconds["total"] = time.perf_counter() - started
     report = _assemble(dirs, manifest, io, settings, accuracy, sweep, backends, skipped, latency, checks, device,
-                       time.perf_counter() - started)
+                       {k: round(v, 1) for k, v in seconds.items()})
     report["inputs"] = report_inputs(dirs, settings)
     _write(out, report, force=True)
     return report
@@ -466,7 +475,7 @@ def _assemble(dirs, manifest, io, settings, accuracy, sweep, backends, skipped, 
         "sizes_bytes": {"folded": dir_bytes(dirs.folded), "onnx": dir_bytes(dirs.onnx), "engine": dir_bytes(dirs.engine)},
         "checks": [c.record() for c in checks],
         "verdict": "fail" if failed else "pass", "failed": len(failed), "passed": len(checks) - len(failed),
-        "seconds": round(seconds, 1),
+        "seconds": seconds,
     }
 
 

@@ -57,3 +57,21 @@ def tiny_llama_dir(tmp_path_factory, word_tokenizer):
     model.save_pretrained(path)
     word_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(smollm2_folded, tmp_path_factory):
+    """The SmolLM2 fold above exported once (both graphs): ~90 s, shared by the export and plugin tests."""
+    from eigen_export.export import export_onnx
+
+    return export_onnx(smollm2_folded, tmp_path_factory.mktemp("smollm2-onnx") / "onnx")
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    """Tiny models of every family exported on first use (tests/onnx_exports.py), once per session."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx_exports import Exports
+
+    return Exports(tmp_path_factory.mktemp("onnx-exports"))

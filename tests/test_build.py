@@ -16,26 +16,13 @@ from eigen_export.build import (  # noqa: E402
 from eigen_export.errors import EigenExportError  # noqa: E402
 from eigen_export.modeling import default_position_ids  # noqa: E402
 from eigen_export.runtime import OnnxRuntimeBackend  # noqa: E402
-from test_export import _Exports, _left_padded  # noqa: E402
+from test_export import _left_padded, one_torch_thread  # noqa: E402,F401 (fixture; exports: conftest)
 
 IO = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
                  {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"]},
                  {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]},
                  {"name": "past_key_values.0.key", "dtype": "float16", "shape": ["batch", 2, "past", 40]},
                  {"name": "past_key_values.0.value", "dtype": "float16", "shape": ["batch", 2, "past", 56]}]}
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    return _Exports(tmp_path_factory.mktemp("build-exports"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- pure ---------------------------------------------------------------------------------------------------

