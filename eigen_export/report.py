@@ -51,17 +51,24 @@ def _latency(report: dict, backend: str, batch: int, context: int, phase: str) -
 
 def _summary(report: dict) -> str:
     acc, mem, settings = report["accuracy"], report["memory"], report["settings"]
-    orig_kv, comp_kv = mem["kv_bytes_per_token_original"], mem["kv_bytes_per_token_compressed"]
-    rows = [[f"KV cache bytes per token ({mem['kv_dtype']})", orig_kv, f"{comp_kv:,} ({comp_kv / orig_kv:.2f}x)"],
-            [f"{settings['dataset']} test perplexity ({acc['windows']} x {acc['seqlen']})", acc["perplexity_original"],
-             f"{acc['perplexity_folded']:.2f} ({acc['perplexity_folded'] / acc['perplexity_original']:.2f}x)"]]
+
+    def versus(orig, comp):
+        return [orig, f"{cell(comp)} ({comp / orig:.2f}x)" if orig else cell(comp)]
+
+    rows = [[f"KV cache bytes per token ({mem['kv_dtype']})",
+             *versus(mem["kv_bytes_per_token_original"], mem["kv_bytes_per_token_compressed"])],
+            [f"{settings['dataset']} test perplexity ({acc['windows']} x {acc['seqlen']})",
+             *versus(acc["perplexity_original"], acc["perplexity_folded"])]]
     batch, context = settings["latency_batches"][-1], settings["latency_contexts"][-1]
+    engine = f"{report['engine']['backend']} compressed"
     for phase, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms")):
         orig = _latency(report, "pytorch original", batch, context, phase)
         comp = _latency(report, "pytorch compressed", batch, context, phase)
-        if orig and comp:
-            rows.append([f"PyTorch {label}, batch {batch}, context {context} (p50)", orig,
-                         f"{comp:.2f} ({comp / orig:.2f}x)"])
+        rows.append([f"PyTorch {label}, batch {batch}, context {context} (p50)", *versus(orig, comp)])
+        ours = _latency(report, engine, batch, context, phase)
+        if ours is not None:
+            rows.append([f"{report['engine']['backend']} {label}, batch {batch}, context {context} (p50)",
+                         "not exported", ours])
     return table(["", "original", "compressed"], rows)
 
 

@@ -340,8 +340,9 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
 
     tokenizer = AutoTokenizer.from_pretrained(str(dirs.folded))
     windows = eval_windows(tokenizer, settings.dataset, settings.seqlen, split="test", max_windows=settings.windows)
-    original = load(manifest.source, device=device)
-    folded = load(dirs.folded, device=device)
+    # the fold's dtype (fp16 for the GPU recipes): two fp32 copies of a 7B model would not fit next to an engine
+    original = load(manifest.source, dtype=manifest.dtype, device=device)
+    folded = load(dirs.folded, dtype=manifest.dtype, device=device)
     log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
     phase = time.perf_counter()
     accuracy = accuracy_numbers(original, folded, windows)
