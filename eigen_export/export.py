@@ -163,7 +163,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype:
     """Write `<artifact>/onnx/model.onnx`, `onnx/model_plugin.onnx` and `onnx/io.json` for an original or
     folded model directory.
 
-    external_data: store weights in `model.onnx.data` (None: only when the model needs it, > 2 GB).
+    external_data: store weights in `model.onnx.data` (None: only when the model needs it, > 2 GB); the plugin
+    graph reads the weights it shares with model.onnx from that file and has its own file only for the rest.
     plugin: also write the plugin graph; where the model cannot use the plugin (ALiBi), io.json says why.
     A current export (same source hash, dtype, opset and plugin setting) is kept unless `force`; another
     export already at `out_dir` is refused unless `force` or `replace_stale` (`make engine` owns its
@@ -207,13 +208,11 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype:
             if key not in ("inputs", "outputs", "external_data", "plugin_external_data"):
                 program.model.metadata_props[f"eigen_export.{key}"] = json.dumps(value)
     with atomic_dir(out_dir, force=force) as tmp:
-        for name, program in programs.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                program.save(str(tmp / name), external_data=external_data)
+        _save_graphs(programs, tmp, external_data)
+        for name in programs:
             check_io(io, graph_io_from_file(tmp / name), tmp / IO_JSON)
         for key, name in (("external_data", MODEL_ONNX), ("plugin_external_data", MODEL_PLUGIN_ONNX)):
-            # each graph keeps its own copy of the weights: their initializers are named per graph
+            # a graph's own data file: the plugin graph has one only for weights model.onnx.data lacks
             data = sorted(p.name for p in tmp.iterdir() if p.name.startswith(name) and p.name != name)
             io[key] = data[0] if data else None
         # wall and CPU time: on a shared machine the wall time measures the neighbours as much as the export
@@ -222,6 +221,92 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, dtype:
         (tmp / IO_JSON).write_text(_io_text(io))                        # last: marks completion
     log.info("[export] %s -> %s (%s, opset %d, %.1f s)", model_dir, out_dir, dtype, opset, io["export_seconds"])
     return out_dir
+
+
+def _save_graphs(programs: dict, out: Path, external_data: bool | None) -> None:
+    """Save model.onnx, then the other graphs; where model.onnx keeps its weights in model.onnx.data, another
+    graph's initializers point into that file wherever their bytes are the same, so a 7B fp16 model costs one
+    13.5 GB weights file, not one per graph. Matching is by content: constant folding names the transposed
+    weights per graph (`transpose_12` in one is `val_40` in the other)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        programs[MODEL_ONNX].save(str(out / MODEL_ONNX), external_data=external_data)
+        shared = _external_data_by_content(out / MODEL_ONNX)
+        for name, program in programs.items():
+            if name == MODEL_ONNX:
+                continue
+            if shared:
+                _save_sharing_data(program.model, out / name, shared)
+            else:       # model.onnx holds its weights inline: so does every graph of the same model
+                program.save(str(out / name), external_data=external_data)
+
+
+def _external_data_by_content(path: Path) -> dict[tuple[int, str], tuple[str, int, int]]:
+    """(element type, sha256 of the bytes) -> (location, offset, length) of every external initializer of the
+    saved graph at `path`, hashed from the data file itself."""
+    import onnx
+
+    shared = {}
+    for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entry = {e.key: e.value for e in init.external_data}
+        data = path.parent / entry["location"]
+        offset = int(entry.get("offset", 0))
+        length = int(entry["length"]) if "length" in entry else data.stat().st_size - offset
+        key = (init.data_type, _sha256_range(data, offset, length))
+        shared.setdefault(key, (entry["location"], offset, length))
+    return shared
+
+
+def _sha256_range(path: Path, offset: int, length: int, chunk: int = 1 << 26) -> str:
+    """sha256 of `length` bytes at `offset`, read 64 MiB at a time (a 7B model's embedding is 0.5-1 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length:
+            data = f.read(min(length, chunk))
+            if not data:
+                raise EigenExportError(f"{path.name} ends before the tensor at offset {offset} does (export bug)")
+            digest.update(data)
+            length -= len(data)
+    return digest.hexdigest()
+
+
+# onnx_ir.save's default: smaller initializers stay inline in the graph, as torch.onnx saves model.onnx
+INLINE_BYTES = 256
+
+
+def _save_sharing_data(model, path: Path, shared: dict[tuple[int, str], tuple[str, int, int]]) -> None:
+    """Save `model` with each initializer whose bytes `shared` knows as a reference into that file; the rest
+    above INLINE_BYTES go to `<path>.data` (written only when there are any). The model is unchanged after."""
+    import onnx_ir as ir
+
+    values = [v for g in model.graphs() for v in g.initializers.values() if v.const_value is not None]
+    originals = [v.const_value for v in values]
+    own = []
+    try:
+        for value in values:
+            tensor = value.const_value
+            if tensor.nbytes <= INLINE_BYTES:
+                continue
+            # tobytes(): the bytes onnx_ir would write, one tensor at a time
+            match = shared.get((int(tensor.dtype), hashlib.sha256(tensor.tobytes()).hexdigest()))
+            if match is None:
+                own.append(value)
+                continue
+            location, offset, length = match
+            value.const_value = ir.ExternalTensor(location, offset, length, tensor.dtype, shape=tensor.shape,
+                                                  name=tensor.name, base_dir=path.parent)
+        if own:
+            written = ir.external_data.convert_tensors_to_external(
+                [v.const_value for v in own], base_dir=path.parent, relative_path=f"{path.name}.data")
+            for value, tensor in zip(own, written):
+                value.const_value = tensor
+        ir.save(model, path)            # no external_data: external tensors keep their location and offset
+    finally:
+        for value, tensor in zip(values, originals):
+            value.const_value = tensor
 
 
 def _io_text(io: dict) -> str:
