@@ -4,6 +4,8 @@ from typing import Protocol
 
 import torch
 
+from ..errors import EigenExportError
+
 Cache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -19,3 +21,30 @@ class Backend(Protocol):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 past: Cache | None) -> tuple[torch.Tensor, Cache]: ...
+
+
+def check_step_inputs(input_ids, attention_mask, position_ids, past, num_kv_heads: int,
+                      widths: list[tuple[int, int]], dtype: torch.dtype, what: str) -> None:
+    """The shapes and types of one forward() a compiled backend would reject with an opaque message, named
+    precisely here. `what` is "graph" or "engine", as the messages call it."""
+    if input_ids.dim() != 2:
+        raise EigenExportError(f"input_ids has shape {tuple(input_ids.shape)}, expected (batch, seq)")
+    b, s = input_ids.shape
+    p = past[0][0].shape[2] if past else 0
+    if tuple(attention_mask.shape) != (b, p + s):
+        raise EigenExportError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                               f"{(b, p + s)} (batch, past + seq)")
+    if tuple(position_ids.shape) != (b, s):
+        raise EigenExportError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, s)} (batch, seq)")
+    if past is None:
+        return
+    if len(past) != len(widths):
+        raise EigenExportError(f"past holds {len(past)} layers, the {what} has {len(widths)}")
+    for i, (r_k, r_v) in enumerate(widths):
+        for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
+            tensor, expected = past[i][j], (b, num_kv_heads, p, width)
+            if tuple(tensor.shape) != expected:
+                raise EigenExportError(f"past_key_values.{i}.{kv} has shape {tuple(tensor.shape)}, expected "
+                                       f"{expected} [batch, H_kv, past, r_{kv[0]}]")
+            if tensor.dtype != dtype:
+                raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the {what} takes {dtype}")

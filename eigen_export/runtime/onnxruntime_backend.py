@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EigenExportError
+from .base import check_step_inputs
 
 log = logging.getLogger("eigen_export")
 
@@ -134,9 +135,10 @@ class OnnxRuntimeBackend:
     # -- the Backend interface --------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, position_ids, past):
+        check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths, self.dtype,
+                          "graph")
         b, s = input_ids.shape
         p = past[0][0].shape[2] if past else 0
-        self._check(input_ids, attention_mask, position_ids, past, b, s, p)
         binding = self.session.io_binding()
         keep = []                                         # bound inputs must outlive the run
         for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
@@ -175,30 +177,6 @@ class OnnxRuntimeBackend:
         binding.bind_output(name, self.device.type, self.device.index or 0, _ONNX_TYPE[self.dtype], list(shape),
                             out.data_ptr() or _EMPTY.data_ptr())
         return out
-
-    def _check(self, input_ids, attention_mask, position_ids, past, b, s, p) -> None:
-        """Shapes and types the graph would reject with an opaque ORT message, named precisely here."""
-        if input_ids.dim() != 2:
-            raise EigenExportError(f"input_ids has shape {tuple(input_ids.shape)}, expected (batch, seq)")
-        if tuple(attention_mask.shape) != (b, p + s):
-            raise EigenExportError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                                   f"{(b, p + s)} (batch, past + seq)")
-        if tuple(position_ids.shape) != (b, s):
-            raise EigenExportError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, s)} (batch, seq)")
-        if past is None:
-            return
-        if len(past) != len(self.widths):
-            raise EigenExportError(f"past holds {len(past)} layers, the graph has {len(self.widths)}")
-        for i, (r_k, r_v) in enumerate(self.widths):
-            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
-                tensor = past[i][j]
-                expected = (b, self.num_kv_heads, p, width)
-                if tuple(tensor.shape) != expected:
-                    raise EigenExportError(
-                        f"past_key_values.{i}.{kv} has shape {tuple(tensor.shape)}, expected {expected} "
-                        f"[batch, H_kv, past, r_{kv[0]}]")
-                if tensor.dtype != self.dtype:
-                    raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the graph takes {self.dtype}")
 
 
 def _plugin_graph_name(io: dict, onnx_dir: Path) -> str:

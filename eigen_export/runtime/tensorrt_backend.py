@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EigenExportError
+from .base import check_step_inputs
 
 log = logging.getLogger("eigen_export")
 
@@ -114,9 +115,11 @@ class TensorRTBackend:
     # -- the Backend interface --------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, position_ids, past):
+        check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths, self.dtype,
+                          "engine")
         b, s = input_ids.shape
         p = past[0][0].shape[2] if past else 0
-        self._check(b, s, p, attention_mask, position_ids, past)
+        self._check(b, s, p)
         stream = torch.cuda.current_stream(self.device)
         profile = PREFILL if p == 0 else DECODE
         if profile != self._profile:
@@ -161,7 +164,7 @@ class TensorRTBackend:
         self.context.set_tensor_address(name, tensor.data_ptr() or self._empty.data_ptr())
         return tensor
 
-    def _check(self, b, s, p, attention_mask, position_ids, past) -> None:
+    def _check(self, b, s, p) -> None:
         """Shapes beyond the profiles, named with the limit and the flag that raises it."""
         if b > self.max_batch:
             raise EigenExportError(f"batch {b} is beyond this engine's max_batch {self.max_batch}: rebuild with "
@@ -173,24 +176,6 @@ class TensorRTBackend:
         if p > 0 and s != 1:
             raise EigenExportError(f"seq {s} with past {p}: the engine's profiles are prefill (past 0) and decode "
                                    "(seq 1); feed the new tokens one at a time")
-        if tuple(attention_mask.shape) != (b, p + s):
-            raise EigenExportError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                                   f"{(b, p + s)} (batch, past + seq)")
-        if tuple(position_ids.shape) != (b, s):
-            raise EigenExportError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, s)} "
-                                   "(batch, seq)")
-        if past is None:
-            return
-        if len(past) != len(self.widths):
-            raise EigenExportError(f"past holds {len(past)} layers, the engine has {len(self.widths)}")
-        for i, (r_k, r_v) in enumerate(self.widths):
-            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
-                tensor, expected = past[i][j], (b, self.num_kv_heads, p, width)
-                if tuple(tensor.shape) != expected:
-                    raise EigenExportError(f"past_key_values.{i}.{kv} has shape {tuple(tensor.shape)}, expected "
-                                           f"{expected} [batch, H_kv, past, r_{kv[0]}]")
-                if tensor.dtype != self.dtype:
-                    raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the engine takes {self.dtype}")
 
 
 def _import_tensorrt():
