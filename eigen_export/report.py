@@ -77,7 +77,8 @@ def render_markdown(report: dict, plots: list[str]) -> str:
     parts = [f"# Parity report: {report['model']}", verdict_line(report),
              f"KV ratio {comp['kv_ratio']:.3f} (rope mode {comp['rope_mode'] or 'n/a'}), engine backend "
              f"`{report['engine']['backend']}`, measured on {report['machine'].get('gpu') or report['machine']['cpu']} "
-             f"({report['device']}), {report['created']}, commit `{report['git_commit'][:10]}`.",
+             f"({report['device']}), {report['created']}, commit `{report['git_commit'][:10]}`."
+             + (f" {report['engine']['note']}" if report["engine"].get("note") else ""),
              _summary(report),
              "## Checks",
              table(["layer", "check", "value", "limit", "result"],

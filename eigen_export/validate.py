@@ -470,7 +470,7 @@ def _assemble(dirs, manifest, io, settings, accuracy, sweep, backends, skipped, 
         "compression": {"kv_ratio": manifest.kv_ratio, "rope_mode": manifest.rope_mode, "ranks": manifest.ranks,
                         "num_layers": manifest.num_layers, "num_heads": manifest.num_heads,
                         "num_kv_heads": h_kv, "head_dim": d},
-        "engine": {"backend": build.get("backend"), "dir": str(dirs.engine)},
+        "engine": {"backend": build.get("backend"), "dir": str(dirs.engine), "note": _engine_note(build)},
         "accuracy": accuracy, "sweep": sweep, "backends": backends, "skipped": skipped, "latency": latency,
         "memory": memory,
         "sizes_bytes": {"folded": dir_bytes(dirs.folded), "onnx": dir_bytes(dirs.onnx), "engine": dir_bytes(dirs.engine)},
@@ -478,6 +478,17 @@ def _assemble(dirs, manifest, io, settings, accuracy, sweep, backends, skipped, 
         "verdict": "fail" if failed else "pass", "failed": len(failed), "passed": len(checks) - len(failed),
         "seconds": seconds,
     }
+
+
+def _engine_note(build: dict) -> str | None:
+    """DESIGN 7: where TensorRT could not build, the report says so instead of implying an engine exists."""
+    from .build import tensorrt_unavailable
+
+    if build.get("backend") != "onnxruntime":
+        return None
+    reason = tensorrt_unavailable()
+    return (f"No TensorRT engine: {reason} on the machine that validated; the engine is the ONNX Runtime session."
+            if reason else "The engine is the ONNX Runtime session (built with --backend onnxruntime).")
 
 
 def _write(out: Path, report: dict, force: bool) -> None:

@@ -105,6 +105,7 @@ def test_engine_writes_a_complete_passing_report(built):
     assert layers == {"accuracy", "parity: onnxruntime", "parity: onnxruntime (plugin graph)"}
     assert report["engine"]["backend"] == "onnxruntime"
     assert "tensorrt" not in report["backends"]             # never claims an engine that was not run
+    assert report["engine"]["note"].startswith("No TensorRT engine: TensorRT not installed")
     for name in ("onnxruntime", "onnxruntime (plugin graph)"):
         parity = report["backends"][name]
         assert parity["prefill"]["max_abs"] < 1e-4 and parity["greedy_match"] == 1.0
