@@ -341,6 +341,7 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
     tokenizer = AutoTokenizer.from_pretrained(str(dirs.folded))
     windows = eval_windows(tokenizer, settings.dataset, settings.seqlen, split="test", max_windows=settings.windows)
     # the fold's dtype (fp16 for the GPU recipes): two fp32 copies of a 7B model would not fit next to an engine
+    opened = {name: factory() for name, factory in available.items()}    # a damaged engine fails now, not later
     original = load(manifest.source, dtype=manifest.dtype, device=device)
     folded = load(dirs.folded, dtype=manifest.dtype, device=device)
     log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
@@ -355,12 +356,11 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
 
     reference = TorchBackend(folded)
     ids, mask = parity_batch(windows)
-    backends, opened = {}, {}
-    for name, factory in available.items():
+    backends = {}
+    for name, backend in opened.items():
         log.info("[validate] parity: %s", name)
         phase = time.perf_counter()
-        opened[name] = factory()
-        backends[name] = parity_numbers(reference, opened[name], ids, mask, settings.generate_steps)
+        backends[name] = parity_numbers(reference, backend, ids, mask, settings.generate_steps)
         checks += parity_checks(name, backends[name], settings)
         seconds[f"parity: {name}"] = time.perf_counter() - phase
 

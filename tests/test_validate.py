@@ -194,6 +194,18 @@ def test_missing_stage_names_the_command_that_makes_it(built, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_damaged_engine_is_a_one_line_error_that_names_the_fix(built, tmp_path, capsys):
+    root = copy_build(built, tmp_path)
+    engine = root / "engine" / "model.onnx"
+    engine.write_bytes(engine.read_bytes()[:1000])
+    before = (root / "report" / "report.json").read_text()
+    assert main(["validate", str(root), "--recipe", str(built[1])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot load" in err and "eigen-export build --force" in err and len(err.splitlines()) == 1
+    assert (root / "report" / "report.json").read_text() == before
+
+
+@pytest.mark.slow
 def test_report_of_another_model_is_not_overwritten(built, tmp_path, capsys):
     root = copy_build(built, tmp_path)
     record = report_of(root)

@@ -116,11 +116,19 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(model, options, providers=self.providers)
         except Exception as e:      # onnxruntime raises its own exception types, one per status code
-            if "NOT_IMPLEMENTED" not in str(e):
-                raise
-            raise EigenExportError(f"ONNX Runtime ({', '.join(self.providers)}) cannot run this {self.io['dtype']} "
-                                   f"graph ({str(e).split(':')[-1].strip()}): CPU kernels exist for fp32 (and fp16 in "
-                                   "part), bf16 exports are for GPU backends; export with --dtype fp32 for CPU") from None
+            if "NOT_IMPLEMENTED" in str(e):
+                raise EigenExportError(f"ONNX Runtime ({', '.join(self.providers)}) cannot run this {self.io['dtype']} "
+                                       f"graph ({str(e).split(':')[-1].strip()}): CPU kernels exist for fp32 (and fp16 "
+                                       "in part), bf16 exports are for GPU backends; export with --dtype fp32 for CPU"
+                                       ) from None
+            if any(code in str(e) for code in ("INVALID_PROTOBUF", "INVALID_GRAPH", "NO_SUCHFILE", "FAIL")):
+                # a truncated or edited file: the stage that wrote it must write it again
+                remake = "eigen-export build --force" if (self.onnx_dir / "build.json").exists() else \
+                    "eigen-export export --force"
+                cause = " ".join(str(e).split()).split(" : ")[-1][:200]
+                raise EigenExportError(f"ONNX Runtime cannot load {model_path} ({cause}): the file is damaged or "
+                                       f"does not match io.json; run `{remake}`") from None
+            raise
         check_io(self.io, _session_io(self.session), self.onnx_dir / "io.json")
 
         on_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
