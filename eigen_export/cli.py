@@ -214,12 +214,12 @@ def _dispatch(args):
         out = export_onnx(source, args.out, dtype=args.dtype, opset=args.opset, force=args.force, plugin=args.plugin)
         print(f"ONNX export written to {out}")
     elif args.verb == "build":
-        from .build import build
+        from .build import build, read_build
         from .export import find_onnx_dir
 
         out = build(find_onnx_dir(source), args.out, backend=args.backend, max_batch=args.max_batch,
                     max_context=args.max_context, force=args.force)
-        print(f"engine written to {out} ({json.loads((out / 'build.json').read_text())['backend']})")
+        print(f"engine written to {out} ({read_build(out)['backend']})")
     elif args.verb == "perplexity":
         print(json.dumps(_perplexity(source, args)))
     elif args.verb == "generate":
@@ -290,13 +290,14 @@ def _perplexity(source, args) -> dict:
 def _generation_backend(source, args):
     """(backend, directory with the tokenizer) for MODEL: a build/<name> directory (its folded model, export
     and engine), a folded or original model directory, or an ONNX export / engine directory."""
+    from .build import BUILD_JSON, read_build
     from .export import IO_JSON, find_onnx_dir, read_io
     from .fold import MANIFEST
 
     path = Path(source)
     folded = path / "folded" if (path / "folded" / MANIFEST).exists() else path
-    engine = path / "engine" if (path / "engine" / "build.json").exists() else path
-    built = json.loads((engine / "build.json").read_text())["backend"] if (engine / "build.json").exists() else None
+    engine = path / "engine" if (path / "engine" / BUILD_JSON).exists() else path
+    built = read_build(engine)["backend"] if (engine / BUILD_JSON).exists() else None
     backend = args.backend if args.backend != "auto" else built or "torch"
     if backend == "torch":
         from . import load

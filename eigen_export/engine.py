@@ -22,15 +22,17 @@ def _recipe_for(model: str) -> Recipe:
     return Recipe(name=Path(model).resolve().name, source=str(Path(model).resolve()), family="auto")
 
 
-def _current(path: Path, wanted: dict) -> bool:
-    """An output is current when its record exists and repeats every setting we would use now."""
-    if not path.exists():
-        return False
+def _record(path: Path) -> dict:
+    """A stage's JSON record, or {} where it is missing or unreadable (the stage then runs again)."""
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return all(record.get(k) == v for k, v in wanted.items())
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _repeats(record: dict, wanted: dict) -> bool:
+    """An output is current when its record repeats every setting we would use now."""
+    return bool(record) and all(record.get(k) == v for k, v in wanted.items())
 
 
 def _check_family(recipe: Recipe, source: str) -> None:
@@ -60,9 +62,9 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
     root = build_dir / recipe.name
     calib_settings = dict(source=source, dataset=recipe.dataset, nsamples=recipe.nsamples, seqlen=recipe.seqlen,
                           seed=recipe.seed, dtype=recipe.dtype, rank_multiple=recipe.rank_multiple)
+    calib = _record(root / "calib" / CALIB_JSON)
     # non-RoPE calibrations record rope_mode None: any recipe rope_mode fits them
-    calib_current = _current(root / "calib" / CALIB_JSON, calib_settings) and \
-        json.loads((root / "calib" / CALIB_JSON).read_text()).get("rope_mode") in (None, recipe.rope_mode)
+    calib_current = _repeats(calib, calib_settings) and calib.get("rope_mode") in (None, recipe.rope_mode)
     if force or not calib_current:
         log.info("[calibrate] %s on %s (%d x %d tokens)", recipe.name, recipe.dataset, recipe.nsamples,
                  recipe.seqlen)
@@ -73,8 +75,9 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
         log.info("[calibrate] skipped: %s is current", root / "calib")
     manifest_path = root / "folded" / MANIFEST
     calib_mtime = (root / "calib" / CALIB_JSON).stat().st_mtime
-    folded_current = manifest_path.exists() and manifest_path.stat().st_mtime >= calib_mtime and _current(
-        manifest_path, {"source": source}) and _fold_target_matches(manifest_path, recipe)
+    folded = _record(manifest_path)
+    folded_current = _repeats(folded, {"source": source}) and manifest_path.stat().st_mtime >= calib_mtime and \
+        _fold_target_matches(folded, recipe)
     if force or not folded_current:
         manifest = run_fold(source, root / "calib", root / "folded", recipe.kv_ratio, recipe.error_budget,
                             dtype=recipe.dtype, force=True)
@@ -101,9 +104,9 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
     return 0 if report["verdict"] == "pass" else 1
 
 
-def _fold_target_matches(manifest_path: Path, recipe: Recipe) -> bool:
+def _fold_target_matches(manifest: dict, recipe: Recipe) -> bool:
     """The fold records the rule it was asked for; a recipe whose kv_ratio or error budget changed refolds."""
-    record = json.loads(manifest_path.read_text()).get("calibration", {}).get("allocation", {})
+    record = manifest.get("calibration", {}).get("allocation", {})
     if recipe.error_budget is not None:
         return record.get("rule") == "error_budget" and record.get("error_budget") == recipe.error_budget
     return record.get("rule") == "kv_ratio" and record.get("target") == recipe.kv_ratio

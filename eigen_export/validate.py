@@ -159,28 +159,30 @@ def parity_batch(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def parity_numbers(reference, backend, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> dict:
-    """Prefill logits and caches, one decode step, and `steps` greedy tokens of `backend` vs `reference`."""
+def parity_run(backend, ids: torch.Tensor, mask: torch.Tensor, steps: int, token: torch.Tensor | None = None) -> dict:
+    """What layer 2 compares, from one backend: prefill logits and caches, the logits of one decode step (of
+    `token`, default this backend's own next token) and `steps` greedy tokens. Tensors on the CPU."""
     from .modeling import default_position_ids
     from .runtime import generate
 
+    dev = backend.device
     positions = default_position_ids(mask, 0)
-    results = {}
-    for name, b in (("reference", reference), ("backend", backend)):
-        logits, past = b.forward(ids.to(b.device), mask.to(b.device), positions.to(b.device), None)
-        token = logits[:, -1:].float().argmax(-1).cpu()
-        step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_logits, _ = b.forward(token.to(b.device), step_mask.to(b.device), (positions[:, -1:] + 1).to(b.device),
-                                   past)
-        results[name] = (logits.cpu(), [(k.cpu(), v.cpu()) for k, v in past], step_logits.cpu())
-    (ref_logits, ref_past, ref_step), (logits, past, step) = results["reference"], results["backend"]
-    prefill = logit_metrics(ref_logits, logits, mask.bool())
-    decode = logit_metrics(ref_step, step)
-    tokens = {name: generate(b, ids, mask, max_new_tokens=steps).cpu()
-              for name, b in (("reference", reference), ("backend", backend))}
-    return {"prefill": prefill, "decode": decode, "present_max_abs": present_max_abs(ref_past, past, mask),
-            "greedy_match": (tokens["reference"] == tokens["backend"]).float().mean().item(),
-            "greedy_steps": steps, "batch": int(ids.shape[0]), "prompt_lengths": mask.sum(1).tolist()}
+    logits, past = backend.forward(ids.to(dev), mask.to(dev), positions.to(dev), None)
+    token = logits[:, -1:].float().argmax(-1).cpu() if token is None else token
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    step_logits, _ = backend.forward(token.to(dev), step_mask.to(dev), (positions[:, -1:] + 1).to(dev), past)
+    return {"logits": logits.cpu(), "past": [(k.cpu(), v.cpu()) for k, v in past], "token": token,
+            "step_logits": step_logits.cpu(), "tokens": generate(backend, ids, mask, max_new_tokens=steps).cpu()}
+
+
+def parity_numbers(reference: dict, run: dict, mask: torch.Tensor) -> dict:
+    """A backend's `parity_run` against the reference's (the backend's decode step fed the reference's token)."""
+    return {"prefill": logit_metrics(reference["logits"], run["logits"], mask.bool()),
+            "decode": logit_metrics(reference["step_logits"], run["step_logits"]),
+            "present_max_abs": present_max_abs(reference["past"], run["past"], mask),
+            "greedy_match": (reference["tokens"] == run["tokens"]).float().mean().item(),
+            "greedy_steps": int(run["tokens"].shape[1]), "batch": int(mask.shape[0]),
+            "prompt_lengths": mask.sum(1).tolist()}
 
 
 def parity_checks(backend: str, n: dict, s: ValidationSettings) -> list[Check]:
@@ -271,12 +273,9 @@ class BuildDirs:
         return dirs
 
 
-def available_backends(dirs: BuildDirs) -> tuple[dict, dict]:
-    """({name: factory}, {name: reason it is skipped}) for the backends this build can be validated on."""
-    from .export import read_io
-
-    build = read_json_record(dirs.engine / "build.json", f"run `eigen-export build {dirs.onnx}`",
-                             f"re-run `eigen-export build {dirs.onnx} --force`")
+def available_backends(dirs: BuildDirs, build: dict, io: dict) -> tuple[dict, dict]:
+    """({name: factory}, {name: reason it is skipped}) for the backends this build (its build.json and io.json)
+    can be validated on."""
     runnable, skipped = {}, {}
     kind = build.get("backend")
     if kind == "onnxruntime":
@@ -292,7 +291,6 @@ def available_backends(dirs: BuildDirs) -> tuple[dict, dict]:
     else:
         raise EigenExportError(f"{dirs.engine / 'build.json'} names backend {kind!r}: re-run `eigen-export build "
                                f"{dirs.onnx} --force`")
-    io = read_io(dirs.onnx)
     plugin = io.get("plugin_model")
     if not plugin:
         skipped["onnxruntime (plugin graph)"] = io.get("plugin_unsupported") or "the export has no plugin graph"
@@ -306,7 +304,7 @@ def available_backends(dirs: BuildDirs) -> tuple[dict, dict]:
 def _onnxruntime(path: Path, plugin: bool = False):
     from .runtime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(path, plugin=True) if plugin else OnnxRuntimeBackend(path)
+    return OnnxRuntimeBackend(path, plugin=plugin)
 
 
 def _tensorrt(engine_dir: Path):
@@ -322,6 +320,7 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
     """Measure everything, write report/ atomically, return the report (its "verdict" is pass or fail)."""
     from . import load
     from .data import eval_windows
+    from .build import read_build
     from .export import read_io
     from .loading import load_hf_config
     from .manifest import Manifest
@@ -332,8 +331,8 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
     out = Path(out) if out is not None else dirs.root / REPORT_DIR
     manifest = Manifest.read(dirs.folded / "eigen.json")
     _refuse_foreign_report(out, manifest, force)
-    available, skipped = available_backends(dirs)
-    io = read_io(dirs.onnx)
+    build, io = read_build(dirs.engine), read_io(dirs.onnx)
+    available, skipped = available_backends(dirs, build, io)
     started = time.perf_counter()
 
     from transformers import AutoTokenizer
@@ -356,11 +355,13 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
 
     reference = TorchBackend(folded)
     ids, mask = parity_batch(windows)
+    reference_run = parity_run(reference, ids, mask, settings.generate_steps) if opened else None
     backends = {}
     for name, backend in opened.items():
         log.info("[validate] parity: %s", name)
         phase = time.perf_counter()
-        backends[name] = parity_numbers(reference, backend, ids, mask, settings.generate_steps)
+        run = parity_run(backend, ids, mask, settings.generate_steps, token=reference_run["token"])
+        backends[name] = parity_numbers(reference_run, run, mask)
         checks += parity_checks(name, backends[name], settings)
         seconds[f"parity: {name}"] = time.perf_counter() - phase
 
@@ -378,7 +379,7 @@ def validate(root: str | Path, settings: ValidationSettings | None = None, out: 
                                                                    settings.latency_repeats, settings.decode_steps)})
     seconds["latency"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - started
-    report = _assemble(dirs, manifest, io, settings, accuracy, sweep, backends, skipped, latency, checks, device,
+    report = _assemble(dirs, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks, device,
                        {k: round(v, 1) for k, v in seconds.items()})
     report["inputs"] = report_inputs(dirs, settings)
     _write(out, report, force=True)
@@ -413,10 +414,7 @@ def _refuse_foreign_report(out: Path, manifest, force: bool) -> None:
     path = out / REPORT_JSON
     if not path.exists() or force:
         return
-    try:
-        old = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise EigenExportError(f"{path} is not valid JSON: pass --force to replace it") from None
+    old = read_json_record(path, "", "pass --force to replace it")
     if old.get("folded_sha256") != manifest.weights_sha256:
         raise EigenExportError(f"{out} holds the report of another model ({old.get('model', 'unknown')}): pass "
                                "--force to replace it or choose another --out")
@@ -448,7 +446,7 @@ def _sweep(manifest, original, windows, ratios, calib_dir: Path, device: str) ->
     return points
 
 
-def _assemble(dirs, manifest, io, settings, accuracy, sweep, backends, skipped, latency, checks, device,
+def _assemble(dirs, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks, device,
               seconds) -> dict:
     from .machine import git_commit, machine, versions
 
@@ -459,7 +457,6 @@ def _assemble(dirs, manifest, io, settings, accuracy, sweep, backends, skipped, 
               "kv_dtype": io["dtype"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available() and device.startswith("cuda"):
         memory["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    build = json.loads((dirs.engine / "build.json").read_text())
     failed = [c for c in checks if not c.passed]
     return {
         "format": REPORT_FORMAT, "version": REPORT_VERSION, "model": dirs.root.name, "source": manifest.source,

@@ -24,9 +24,9 @@ class Backend(Protocol):
 
 
 def check_step_inputs(input_ids, attention_mask, position_ids, past, num_kv_heads: int,
-                      widths: list[tuple[int, int]], dtype: torch.dtype, what: str) -> None:
+                      widths: list[tuple[int, int]], dtype: torch.dtype, what: str) -> tuple[int, int, int]:
     """The shapes and types of one forward() a compiled backend would reject with an opaque message, named
-    precisely here. `what` is "graph" or "engine", as the messages call it."""
+    precisely here; returns (batch, seq, past). `what` is "graph" or "engine", as the messages call it."""
     if input_ids.dim() != 2:
         raise EigenExportError(f"input_ids has shape {tuple(input_ids.shape)}, expected (batch, seq)")
     b, s = input_ids.shape
@@ -37,7 +37,7 @@ def check_step_inputs(input_ids, attention_mask, position_ids, past, num_kv_head
     if tuple(position_ids.shape) != (b, s):
         raise EigenExportError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, s)} (batch, seq)")
     if past is None:
-        return
+        return b, s, p
     if len(past) != len(widths):
         raise EigenExportError(f"past holds {len(past)} layers, the {what} has {len(widths)}")
     for i, (r_k, r_v) in enumerate(widths):
@@ -48,3 +48,4 @@ def check_step_inputs(input_ids, attention_mask, position_ids, past, num_kv_head
                                        f"{expected} [batch, H_kv, past, r_{kv[0]}]")
             if tensor.dtype != dtype:
                 raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the {what} takes {dtype}")
+    return b, s, p

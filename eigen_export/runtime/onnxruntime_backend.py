@@ -143,10 +143,8 @@ class OnnxRuntimeBackend:
     # -- the Backend interface --------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, position_ids, past):
-        check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths, self.dtype,
-                          "graph")
-        b, s = input_ids.shape
-        p = past[0][0].shape[2] if past else 0
+        b, s, p = check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths,
+                                    self.dtype, "graph")
         binding = self.session.io_binding()
         keep = []                                         # bound inputs must outlive the run
         for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),

@@ -115,10 +115,8 @@ class TensorRTBackend:
     # -- the Backend interface --------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, position_ids, past):
-        check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths, self.dtype,
-                          "engine")
-        b, s = input_ids.shape
-        p = past[0][0].shape[2] if past else 0
+        b, s, p = check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths,
+                                    self.dtype, "engine")
         self._check(b, s, p)
         stream = torch.cuda.current_stream(self.device)
         profile = PREFILL if p == 0 else DECODE
