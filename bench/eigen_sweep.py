@@ -55,8 +55,9 @@ def main() -> None:
     import eigen_export
     from eigen_export.assets import smollm2_dir
     from eigen_export.data import eval_windows
-    from eigen_export.fold import run_fold
-    from eigen_export.runtime import TorchBackend, perplexity
+    from eigen_export.backends import TorchBackend, perplexity
+    from eigen_export.settings import FoldSettings
+    from eigen_export.stages.fold import run_fold
 
     source = str(smollm2_dir())
     work = Path(args.work)
@@ -81,7 +82,7 @@ def main() -> None:
     for mode in args.modes:
         for ratio in args.ratios:
             folded_dir = work / f"folded-{mode}-{ratio}"
-            manifest = run_fold(source, work / f"calib-{mode}", folded_dir, kv_ratio_target=ratio, force=True)
+            manifest = run_fold(source, work / f"calib-{mode}", folded_dir, FoldSettings(kv_ratio=ratio), force=True)
             backend = TorchBackend(eigen_export.load(folded_dir))
             row = {"rope_mode": mode, "target": ratio, "kv_ratio": manifest.kv_ratio, "ranks": manifest.ranks,
                    "kv_bytes_per_token_fp16": 2 * manifest.num_kv_heads * sum(k + v for k, v in manifest.ranks),

@@ -35,6 +35,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, with or without an install
     sys.path.insert(0, str(REPO))
+try:
+    import eigen_export_plugins  # noqa: F401  (installed: pip install -e .)
+except ImportError:             # not installed: plugins/ is the same package under its folder name
+    import plugins
+
+    sys.modules["eigen_export_plugins"] = plugins
 
 HEAD_DIM = 128  # OPT-6.7B / Llama-2-7B
 NUM_HEADS = 32
@@ -74,7 +80,7 @@ class GpuCheck:
     def __init__(self, args):
         import torch
         import triton
-        from plugins.lowrank_attention import triton_kernels
+        from eigen_export_plugins.lowrank_attention import triton_kernels
 
         self.args = args
         self.torch, self.triton, self.kernels = torch, triton, triton_kernels
@@ -306,7 +312,7 @@ class GpuCheck:
         return q, k, v, mask, 1.0 / math.sqrt(HEAD_DIM)
 
     def check_case(self, shape, dtype: str, config=None) -> dict:
-        from plugins.lowrank_attention.reference import lowrank_attention_reference
+        from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
         q, k, v, mask, scale = self.make_inputs(shape, dtype)
         got = self.kernels.lowrank_attention(q, k, v, mask, scale, decode_config=config).float()
         want = lowrank_attention_reference(q, k, v, mask, scale).float()

@@ -33,7 +33,7 @@ def random_bases(h_kv: int, d: int, r: int, generator) -> torch.Tensor:
 def build(args, kv_heads: int, ratio: float | None, mode: str | None, dtype):
     import transformers as tf
 
-    from eigen_export.fold import fold_state
+    from eigen_export.method.fold import fold_state
     from eigen_export.loading import build_decoder, decoder_from_hf_model
     from eigen_export.modeling import LayerRanks
 

@@ -76,7 +76,7 @@ def _meta(args, argv) -> dict:
 
 
 def _ppl(model, windows) -> float:
-    from eigen_export.runtime import TorchBackend, perplexity
+    from eigen_export.backends import TorchBackend, perplexity
 
     return round(perplexity(TorchBackend(model), windows, batch_size=4), 4)
 
@@ -86,8 +86,8 @@ def bench_model(name, args, record):
 
     from eigen_export.data import calibration_batch, eval_windows
     from eigen_export.loading import build_decoder, load_hf
-    from eigen_export.merge import group_grams, merge_state
-    from eigen_export.recipes import resolve_model
+    from eigen_export.method.merge import group_grams, merge_state
+    from eigen_export.settings import resolve_model
 
     source, targets = MODELS[name]
     source = resolve_model(source)
@@ -122,11 +122,11 @@ def bench_compose(args, record):
     from transformers import AutoTokenizer
 
     from eigen_export import load
-    from eigen_export.calibrate import run_calibrate
     from eigen_export.data import eval_windows
-    from eigen_export.fold import run_fold
-    from eigen_export.merge import run_merge
-    from eigen_export.recipes import resolve_model
+    from eigen_export.settings import CalibrationSettings, FoldSettings, MergeSettings, resolve_model
+    from eigen_export.stages.calibrate import run_calibrate
+    from eigen_export.stages.fold import run_fold
+    from eigen_export.stages.merge import run_merge
 
     name, n, ratio = COMPOSE
     source = resolve_model(MODELS[name][0])
@@ -134,19 +134,20 @@ def bench_compose(args, record):
         return
     windows = eval_windows(AutoTokenizer.from_pretrained(source), "ptb", args.eval_seqlen, split="test",
                            max_windows=args.windows)
-    calib = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, progress=False)
+    calib = dict(nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        merge = run_merge(source, tmp / "merged", n, **calib)
-        run_calibrate(str(tmp / "merged"), tmp / "calib-merged", **calib)
-        manifest = run_fold(str(tmp / "merged"), tmp / "calib-merged", tmp / "folded-merged", kv_ratio_target=ratio)
+        merge = run_merge(source, tmp / "merged", MergeSettings(kv_heads=n, **calib), progress=False)
+        run_calibrate(str(tmp / "merged"), tmp / "calib-merged", CalibrationSettings(**calib), progress=False)
+        manifest = run_fold(str(tmp / "merged"), tmp / "calib-merged", tmp / "folded-merged",
+                            FoldSettings(kv_ratio=ratio))
         total = merge["kv_heads"] / merge["kv_heads_before"] * manifest.kv_ratio
         record({"model": name, "source": source, "method": f"svd merge {merge['kv_heads_before']}->{n} "
                 f"+ eigen attention kv_ratio {ratio}", "kv_heads": n, "kv_fraction": round(total, 4),
                 "ranks": manifest.ranks, "manifest_has_merge": "merge" in manifest.extra,
                 "perplexity": _ppl(load(tmp / "folded-merged"), windows)})
-        run_calibrate(source, tmp / "calib", **calib)
-        alone = run_fold(source, tmp / "calib", tmp / "folded", kv_ratio_target=total)
+        run_calibrate(source, tmp / "calib", CalibrationSettings(**calib), progress=False)
+        alone = run_fold(source, tmp / "calib", tmp / "folded", FoldSettings(kv_ratio=total))
         record({"model": name, "source": source, "method": f"eigen attention alone, kv_ratio {total:.3f}",
                 "kv_heads": merge["kv_heads_before"], "kv_fraction": alone.kv_ratio, "ranks": alone.ranks,
                 "perplexity": _ppl(load(tmp / "folded"), windows)})

@@ -74,12 +74,12 @@ class OursRunner:
     """Our export on ONNX Runtime through the project's backend (IO binding, reused cache buffers)."""
 
     def __init__(self, onnx_dir: Path, threads: int):
-        from eigen_export.runtime import OnnxRuntimeBackend
+        from eigen_export.backends import OnnxRuntimeBackend
 
         self.backend = OnnxRuntimeBackend(onnx_dir, threads=threads, session_config=NO_SPIN)
         self.widths = self.backend.widths
         self.h_kv = self.backend.num_kv_heads
-        self.kv_bytes_per_token = self.backend.io["kv_bytes_per_token"]
+        self.kv_bytes_per_token = self.backend.io.kv_bytes_per_token
 
     def prefill(self, ids):
         import torch
@@ -205,15 +205,18 @@ def make_runner(name: str, threads: int):
         return OursRunner(ORIGINAL_ONNX, threads)
     if name == "optimum-ort":
         return OptimumRunner(OPTIMUM_ONNX / "model.onnx", threads)
-    from eigen_export.export import default_out_dir
+    from eigen_export.artifacts.layout import default_onnx_dir
 
-    return OursRunner(default_out_dir(FOLDED[name]), threads)
+    return OursRunner(default_onnx_dir(FOLDED[name]), threads)
 
 
 def prepare_exports(names) -> dict:
     """Export what the variants need (skipped when current); the export record of each."""
     from eigen_export.assets import smollm2_dir
-    from eigen_export.export import export_onnx, read_io
+    from eigen_export.artifacts.layout import is_folded
+    from eigen_export.artifacts.onnx_io import read_io
+    from eigen_export.settings import ExportSettings
+    from eigen_export.stages.export import run_export
 
     records = {}
     for name in names:
@@ -223,14 +226,14 @@ def prepare_exports(names) -> dict:
             source, out = smollm2_dir(), ORIGINAL_ONNX
         else:
             source, out = FOLDED[name], None
-            if not (source / "eigen.json").exists():
+            if not is_folded(source):
                 sys.exit(f"{source} is missing: make it first (see the docstring of {__file__})")
-        onnx_dir = export_onnx(source, out)
+        onnx_dir = run_export(source, ExportSettings(), out)
         io = read_io(onnx_dir)
-        records[name] = {"onnx_dir": str(onnx_dir.relative_to(REPO)), "source": io["source"],
-                         "export_seconds": io.get("export_seconds"), "export_cpu_seconds": io.get("export_cpu_seconds"),
-                         "rope_mode": io["rope_mode"],
-                         "kv_ratio": round(io["kv_ratio"], 4), "kv_bytes_per_token": io["kv_bytes_per_token"],
+        records[name] = {"onnx_dir": str(onnx_dir.relative_to(REPO)), "source": io.source,
+                         "export_seconds": io.export_seconds, "export_cpu_seconds": io.export_cpu_seconds,
+                         "rope_mode": io.rope_mode,
+                         "kv_ratio": round(io.kv_ratio, 4), "kv_bytes_per_token": io.kv_bytes_per_token,
                          "onnx_mb": round(sum(p.stat().st_size for p in onnx_dir.iterdir()) / 2**20, 1)}
     return records
 

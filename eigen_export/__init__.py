@@ -1,9 +1,6 @@
 """eigen_export: low-rank KV-cache compression exported through ONNX and TensorRT."""
 __version__ = "0.1.0"
 
+from .artifacts.folded import load_model as load  # noqa: E402  (the reference Decoder of a folded or HF model)
 
-def load(path, dtype="float32", device="cpu"):
-    """The PyTorch reference model of a folded directory (or of an original HF model)."""
-    from .loading import load as _load
-
-    return _load(path, dtype=dtype, device=device)
+__all__ = ["__version__", "load"]

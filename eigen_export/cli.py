@@ -1,44 +1,80 @@
-"""eigen-export: one verb per stage; flags are the stage function's keyword arguments (STYLE 10).
-
-Heavy imports happen inside each verb so that --help is instant.
-"""
+"""eigen-export: one verb per stage; flags map onto the stage's settings object (settings.py) in one place,
+`_settings`, so each setting keeps the one default and the one validation its dataclass gives it (STYLE 10)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
+from .artifacts.engine import read_build
+from .artifacts.folded import load_model
+from .artifacts.layout import REPORT_DIR, REPORT_MD, engine_of, folded_of, is_engine, is_folded, is_onnx_export
+from .artifacts.onnx_io import read_io
+from .backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend, generate, perplexity
+from .data import eval_windows
 from .errors import EigenExportError
+from .loading import load_hf_config, load_tokenizer
+from .pipeline import run_engine
+from .settings import (BuildSettings, CalibrationSettings, ExportSettings, FoldSettings, MergeSettings,
+                       ValidationSettings, find_recipe, override, resolve_device, resolve_model)
+from .stages.build import run_build
+from .stages.calibrate import run_calibrate
+from .stages.export import find_onnx_dir, run_export
+from .stages.fold import run_fold
+from .stages.merge import run_merge
+from .stages.validate import run_validate
 
 log = logging.getLogger("eigen_export")
+UNSET = argparse.SUPPRESS       # a flag not given leaves its setting to the settings dataclass
+
+
+def _default(cls, name: str) -> str:
+    """The dataclass's default, for --help: the flag itself has none."""
+    return f"(default: {next(f.default for f in dataclasses.fields(cls) if f.name == name)})"
 
 
 def _calib_flags(p):
-    p.add_argument("--dataset", default="ptb", help="ptb | wikitext2 | c4 | path/to/file.txt (default: ptb)")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rope-mode", choices=("pre", "post"), default="pre",
-                   help="RoPE models: basis before (paper, default) or after rotation (faster decode, but on "
-                        "SmolLM2 it did not hold past the calibration length)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--error-samples", type=int, default=2, help="samples used for the block-error curves")
-    p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple (kernel efficiency)")
+    c = CalibrationSettings
+    p.add_argument("--dataset", default=UNSET, help=f"ptb | wikitext2 | c4 | path/to/file.txt {_default(c, 'dataset')}")
+    p.add_argument("--nsamples", type=int, default=UNSET, help=_default(c, "nsamples"))
+    p.add_argument("--seqlen", type=int, default=UNSET, help=_default(c, "seqlen"))
+    p.add_argument("--seed", type=int, default=UNSET, help=_default(c, "seed"))
+    p.add_argument("--rope-mode", default=UNSET,
+                   help="RoPE models: pre (basis before rotation, the paper) or post (faster decode, but on SmolLM2 "
+                        f"it did not hold past the calibration length) {_default(c, 'rope_mode')}")
+    p.add_argument("--batch-size", type=int, default=UNSET, help=_default(c, "batch_size"))
+    p.add_argument("--error-samples", type=int, default=UNSET,
+                   help=f"samples used for the block-error curves {_default(c, 'error_samples')}")
+    p.add_argument("--rank-multiple", type=int, default=UNSET,
+                   help=f"round ranks up to a multiple (kernel efficiency) {_default(c, 'rank_multiple')}")
 
 
 def _fold_flags(p):
-    p.add_argument("--kv-ratio", type=float, help="fraction of the original KV cache to keep, e.g. 0.7")
-    p.add_argument("--error-budget", type=float, help="per-layer relative block-output error budget instead")
-    p.add_argument("--allocation", choices=("energy", "error", "update_error"), default="energy",
-                   help="how --kv-ratio spreads ranks over layers: one energy threshold (default) or the "
-                        "smallest worst-layer calibrated block error")
+    p.add_argument("--kv-ratio", type=float, default=UNSET,
+                   help=f"fraction of the original KV cache to keep {_default(FoldSettings, 'kv_ratio')}")
+    p.add_argument("--error-budget", type=float, default=UNSET,
+                   help="per-layer relative block-output error budget instead")
+    p.add_argument("--allocation", default=UNSET,
+                   help="how --kv-ratio spreads ranks over layers: energy (one energy threshold) or error / "
+                        f"update_error (the smallest worst-layer calibrated block error) "
+                        f"{_default(FoldSettings, 'allocation')}")
 
 
 def _run_flags(p):
-    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=UNSET, help="float32 | float16 | bfloat16 (default: float32)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda (default: auto)")
+
+
+def _settings(cls, args, **renamed):
+    """The settings object of a verb from the flags given (argparse names, or `renamed` {field: flag attr})."""
+    names = {f.name: renamed.get(f.name, f.name) for f in dataclasses.fields(cls)}
+    given = {field: getattr(args, attr) for field, attr in names.items() if hasattr(args, attr)}
+    if cls is FoldSettings:
+        return FoldSettings.target(**given)
+    return cls(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", required=True, help="directory written by `calibrate`")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=UNSET, help="float32 | float16 | bfloat16 (default: float32)")
     _fold_flags(p)
 
     p = verbs.add_parser("compress", help="calibrate + fold into OUT/calib and OUT/folded")
@@ -74,23 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--out", required=True)
     p.add_argument("--kv-heads", type=int, required=True, help="KV heads to keep (a divisor of the current count)")
-    p.add_argument("--merge-method", choices=("svd", "mean"), default="svd",
-                   help="svd: eigenvectors of the group caches (default); mean: mean-pool baseline")
-    p.add_argument("--dataset", default="ptb")
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--merge-method", default=UNSET,
+                   help="svd: eigenvectors of the group caches; mean: mean-pool baseline "
+                        f"{_default(MergeSettings, 'method')}")
+    for flag in ("--nsamples", "--seqlen", "--seed", "--batch-size"):
+        p.add_argument(flag, type=int, default=UNSET)
+    p.add_argument("--dataset", default=UNSET)
     p.add_argument("--force", action="store_true")
     _run_flags(p)
 
     p = verbs.add_parser("export", help="export a folded or original model to ONNX (writes onnx/model.onnx, io.json)")
     p.add_argument("model", help="folded directory, original HF directory or recipe name")
     p.add_argument("--out", help="ONNX directory (default: onnx/ beside folded/, else MODEL/onnx)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="fp16/bf16 keep softmax and norms in fp32 (default: fp32)")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--no-plugin", dest="plugin", action="store_false",
+    p.add_argument("--dtype", default=UNSET,
+                   help="fp32 | fp16 | bf16; fp16/bf16 keep softmax and norms in fp32 "
+                        f"{_default(ExportSettings, 'dtype')}")
+    p.add_argument("--opset", type=int, default=UNSET, help=_default(ExportSettings, "opset"))
+    p.add_argument("--no-plugin", dest="plugin", action="store_false", default=UNSET,
                    help="skip model_plugin.onnx (the graph whose attention cores are plugin nodes, for TensorRT)")
     p.add_argument("--force", action="store_true")
 
@@ -98,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "session where TensorRT or a GPU is missing; writes engine/)")
     p.add_argument("model", help="ONNX export directory, or the build/<name> or folded directory it belongs to")
     p.add_argument("--out", help="engine directory (default: engine/ beside onnx/)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
-                   help="auto: TensorRT where it is installed and a CUDA GPU is present, else ONNX Runtime")
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-context", type=int, default=4096, help="past + new tokens the engine accepts")
+    p.add_argument("--backend", default=UNSET, help="auto: TensorRT where it is installed and a CUDA GPU is present, "
+                                                    "else ONNX Runtime | tensorrt | onnxruntime (default: auto)")
+    p.add_argument("--max-batch", type=int, default=UNSET, help=_default(BuildSettings, "max_batch"))
+    p.add_argument("--max-context", type=int, default=UNSET,
+                   help=f"past + new tokens the engine accepts {_default(BuildSettings, 'max_context')}")
     p.add_argument("--force", action="store_true")
 
     p = verbs.add_parser("perplexity", help="perplexity of a folded or original model on held-out text")
@@ -146,18 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fold_target(args):
-    if args.kv_ratio is None and args.error_budget is None:
-        args.kv_ratio = 0.7
-    return args.kv_ratio, args.error_budget
-
-
-def _calibrate_kwargs(args) -> dict:
-    return dict(dataset=args.dataset, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                rope_mode=args.rope_mode, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                error_samples=args.error_samples, rank_multiple=args.rank_multiple, force=args.force)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
@@ -170,55 +195,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args):
-    from .recipes import resolve_model
-
     if args.verb == "engine":
-        from .engine import run_engine
-
         return run_engine(args.model, build_dir=Path(args.build_dir), force=args.force, device=args.device)
     if args.verb == "validate":
         return _validate(args)
+    # every setting is checked before a model is resolved or loaded
+    if args.verb in ("calibrate", "compress"):
+        calib = _settings(CalibrationSettings, args)
+    if args.verb in ("fold", "compress"):
+        fold = _settings(FoldSettings, args)
+    if args.verb == "merge-heads":
+        merge = _settings(MergeSettings, args, method="merge_method")
+    if args.verb == "export":
+        export = _settings(ExportSettings, args)
+    if args.verb == "build":
+        build = _settings(BuildSettings, args)
     source = resolve_model(args.model)
     if args.verb == "calibrate":
-        from .calibrate import run_calibrate
-
-        run_calibrate(source, args.out, **_calibrate_kwargs(args))
+        run_calibrate(source, args.out, calib, device=args.device, force=args.force)
         print(f"calibration written to {args.out}")
     elif args.verb == "fold":
-        from .fold import run_fold
-
-        kv, budget = _fold_target(args)
-        manifest = run_fold(source, args.calib, args.out, kv, budget, dtype=args.dtype, force=args.force,
-                            allocation=args.allocation)
+        manifest = run_fold(source, args.calib, args.out, fold, force=args.force)
         print(f"folded model written to {args.out}: KV ratio {manifest.kv_ratio:.3f}")
     elif args.verb == "compress":
-        from .calibrate import run_calibrate
-        from .fold import run_fold
-
         out = Path(args.out)
-        run_calibrate(source, out / "calib", **_calibrate_kwargs(args))
-        kv, budget = _fold_target(args)
-        manifest = run_fold(source, out / "calib", out / "folded", kv, budget, force=args.force,
-                            allocation=args.allocation)
+        run_calibrate(source, out / "calib", calib, device=args.device, force=args.force)
+        manifest = run_fold(source, out / "calib", out / "folded", fold, force=args.force)
         print(f"folded model written to {out / 'folded'}: KV ratio {manifest.kv_ratio:.3f}")
     elif args.verb == "merge-heads":
-        from .merge import run_merge
-
-        record = run_merge(source, args.out, args.kv_heads, method=args.merge_method, dataset=args.dataset,
-                           nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, batch_size=args.batch_size,
-                           dtype=args.dtype, device=args.device, force=args.force, progress=not args.quiet)
+        record = run_merge(source, args.out, merge, device=args.device, force=args.force, progress=not args.quiet)
         print(f"merged model written to {args.out}: {record['kv_heads_before']} -> {record['kv_heads']} KV heads")
     elif args.verb == "export":
-        from .export import export_onnx
-
-        out = export_onnx(source, args.out, dtype=args.dtype, opset=args.opset, force=args.force, plugin=args.plugin)
-        print(f"ONNX export written to {out}")
+        print(f"ONNX export written to {run_export(source, export, args.out, force=args.force)}")
     elif args.verb == "build":
-        from .build import build, read_build
-        from .export import find_onnx_dir
-
-        out = build(find_onnx_dir(source), args.out, backend=args.backend, max_batch=args.max_batch,
-                    max_context=args.max_context, force=args.force)
+        out = run_build(find_onnx_dir(source), build, args.out, force=args.force)
         print(f"engine written to {out} ({read_build(out)['backend']})")
     elif args.verb == "perplexity":
         print(json.dumps(_perplexity(source, args)))
@@ -227,61 +237,24 @@ def _dispatch(args):
 
 
 def _validate(args) -> int:
-    from .recipes import ValidationSettings, find_recipe, resolve_device
-    from .validate import validate
-
     recipe = find_recipe(args.recipe or Path(args.build).resolve().name)
     if args.recipe and recipe is None:
         raise EigenExportError(f"--recipe {args.recipe}: no models/{args.recipe}.toml")
-    settings = override_settings(recipe.validation if recipe else ValidationSettings(), args.set)
+    settings = override(recipe.validation if recipe else ValidationSettings(), args.set)
     device = resolve_device(args.device or (recipe.device if recipe else "auto"))
-    report = validate(args.build, settings, out=args.out, device=device, force=args.force)
-    out = Path(args.out) if args.out else Path(args.build) / "report"
+    report = run_validate(args.build, settings, out=args.out, device=device, force=args.force, measure_again=True)
+    out = Path(args.out) if args.out else Path(args.build) / REPORT_DIR
     print(f"parity report {report['verdict'].upper()}: {report['passed']} passed, {report['failed']} failed"
           f"{', ' + str(len(report['skipped'])) + ' backend(s) skipped' if report['skipped'] else ''} -> "
-          f"{out / 'report.md'}")
+          f"{out / REPORT_MD}")
     return 0 if report["verdict"] == "pass" else 1
 
 
-def override_settings(settings, assignments: list[str]):
-    """--set key=value on a frozen settings dataclass; values are parsed as the field's current type."""
-    import dataclasses
-
-    known = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
-    changes = {}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        if not sep or key not in known:
-            raise EigenExportError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
-        current = known[key]
-        try:
-            if isinstance(current, tuple):
-                changes[key] = tuple(type(current[0] if current else 0.0)(v) for v in text.split(",") if v)
-            else:
-                changes[key] = type(current)(text)
-        except ValueError:
-            raise EigenExportError(f"--set {item!r}: {text!r} is not a {type(current).__name__}") from None
-    return dataclasses.replace(settings, **changes)
-
-
-def _tokenizer(source):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as e:
-        raise EigenExportError(f"no tokenizer in {source} ({str(e).splitlines()[0]}): "
-                               "fold with a model directory that has one") from None
-
-
 def _perplexity(source, args) -> dict:
-    from . import load
-    from .data import eval_windows
-    from .runtime import TorchBackend, perplexity
-
-    model = load(source, dtype=args.dtype, device=args.device)
-    windows = eval_windows(_tokenizer(source), args.dataset, args.seqlen, split=args.split,
-                           max_windows=args.max_windows)
+    load_hf_config(source)          # a directory without a model is a one-line error before anything loads
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype=getattr(args, "dtype", "float32"), device=resolve_device(args.device))
+    windows = eval_windows(tokenizer, args.dataset, args.seqlen, split=args.split, max_windows=args.max_windows)
     ppl = perplexity(TorchBackend(model), windows, batch_size=args.batch_size, progress=True)
     return {"model": str(source), "dataset": args.dataset, "split": args.split, "seqlen": args.seqlen,
             "windows": int(windows.shape[0]), "perplexity": round(ppl, 4)}
@@ -290,33 +263,22 @@ def _perplexity(source, args) -> dict:
 def _generation_backend(source, args):
     """(backend, directory with the tokenizer) for MODEL: a build/<name> directory (its folded model, export
     and engine), a folded or original model directory, or an ONNX export / engine directory."""
-    from .build import BUILD_JSON, read_build
-    from .export import IO_JSON, find_onnx_dir, read_io
-    from .fold import MANIFEST
-
     path = Path(source)
-    folded = path / "folded" if (path / "folded" / MANIFEST).exists() else path
-    engine = path / "engine" if (path / "engine" / BUILD_JSON).exists() else path
-    built = read_build(engine)["backend"] if (engine / BUILD_JSON).exists() else None
+    folded, engine = folded_of(path), engine_of(path)
+    built = read_build(engine)["backend"] if is_engine(engine) else None
     backend = args.backend if args.backend != "auto" else built or "torch"
     if backend == "torch":
-        from . import load
-        from .runtime import TorchBackend
-
-        return TorchBackend(load(folded, dtype=args.dtype, device=args.device)), folded
+        load_hf_config(folded)      # a directory without a model is a one-line error before anything loads
+        return TorchBackend(load_model(folded, dtype=getattr(args, "dtype", "float32"),
+                                       device=resolve_device(args.device))), folded
     if backend == "tensorrt":
-        from .runtime import TensorRTBackend
-
         if built != "tensorrt":
             raise EigenExportError(f"no TensorRT engine for {source}: run `eigen-export build --backend tensorrt` "
                                    "on a machine with an NVIDIA GPU and TensorRT")
         runner = TensorRTBackend(engine)
     else:
-        from .runtime import OnnxRuntimeBackend
-
         runner = OnnxRuntimeBackend(engine if built == "onnxruntime" else find_onnx_dir(source), threads=args.threads)
-    tokenizer_dir = folded if (folded / MANIFEST).exists() or not (path / IO_JSON).exists() else \
-        read_io(path)["source"]
+    tokenizer_dir = folded if is_folded(folded) or not is_onnx_export(path) else Path(read_io(path).source)
     return runner, tokenizer_dir
 
 
@@ -337,10 +299,8 @@ class _Streamer:
 
 
 def _generate(source, args) -> None:
-    from .runtime import generate
-
     backend, tokenizer_dir = _generation_backend(source, args)
-    tokenizer = _tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:     # padded positions are masked out: any token id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)

@@ -1,4 +1,5 @@
-"""Loading models: a Hugging Face checkpoint (hub id or local directory) or a folded artifact."""
+"""Loading Hugging Face checkpoints (hub id or local directory) as the reference Decoder; folded artifacts are
+read by artifacts/folded.py on top of this."""
 from __future__ import annotations
 
 import logging
@@ -6,24 +7,12 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import resolve_dtype
 from .errors import EigenExportError
 from .families import get_adapter, spec_from_config
 from .modeling import Decoder
 
 log = logging.getLogger("eigen_export")
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise EigenExportError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}") from None
-
 
 def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") > 1
@@ -37,7 +26,7 @@ def load_hf_config(source: str | Path):
         raise EigenExportError(f"model path {source} does not exist: pass an existing model directory or a hub id")
     try:
         return AutoConfig.from_pretrained(source)
-    except OSError as e:
+    except (OSError, ValueError) as e:     # ValueError: a directory without a model config
         raise EigenExportError(f"cannot read a model config from {source!r} ({str(e).splitlines()[0]}): "
                                "pass a directory with config.json or a reachable hub id") from None
 
@@ -67,13 +56,9 @@ def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="
 
 
 def load_hf(source: str | Path, dtype="float32", device="cpu"):
-    """(HF config, Decoder) for a hub id or a local HF directory, or an eigen_export artifact still at full rank."""
+    """(HF config, Decoder) for a hub id or a local HF directory."""
     from transformers import AutoModelForCausalLM
 
-    from .fold import MANIFEST
-
-    if (Path(str(source)) / MANIFEST).is_file():
-        return load_hf_config(source), _full_rank_artifact(source, dtype, device)
     config = load_hf_config(source)
     spec_from_config(config)  # fail on an unsupported family before loading gigabytes
     try:
@@ -87,23 +72,12 @@ def load_hf(source: str | Path, dtype="float32", device="cpu"):
     return config, model
 
 
-def _full_rank_artifact(path, dtype, device) -> Decoder:
-    """A merged-KV-head model of a family with no GQA in transformers is an artifact, yet still uncompressed:
-    calibrate and fold accept it as a source. A low-rank artifact is refused: its bases would be refitted."""
-    from .fold import load_folded
+def load_tokenizer(source: str | Path):
+    """The tokenizer saved with a model directory (or a hub id's), or a one-line error."""
+    from transformers import AutoTokenizer
 
-    model = load_folded(path, dtype=dtype, device=device)
-    d = model.spec.head_dim
-    if model.rope_mode is not None or any((r.k, r.v) != (d, d) for r in model.ranks):
-        raise EigenExportError(f"{path} is already folded to low rank: calibrate and fold the model it came from")
-    return model
-
-
-def load(path: str | Path, dtype="float32", device="cpu") -> Decoder:
-    """A folded artifact (directory with eigen.json) or an original HF model, as a reference Decoder."""
-    from .fold import MANIFEST, load_folded
-
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return load_folded(path, dtype=dtype, device=device)
-    return load_hf(path, dtype=dtype, device=device)[1]
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as e:
+        raise EigenExportError(f"no tokenizer in {source} ({str(e).splitlines()[0]}): "
+                               "use a model directory that has one") from None

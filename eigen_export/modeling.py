@@ -147,7 +147,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def core(self, q, k, v, ctx: AttentionContext):
-        """The attention core; the plugin-graph export swaps it for one custom op per layer (export.py)."""
+        """The attention core; the plugin-graph export swaps it for one custom op per layer (backends/onnx_export.py)."""
         return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale)
 
     def forward(self, x, ctx: AttentionContext, past_k=None, past_v=None):

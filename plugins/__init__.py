@@ -1,1 +1,1 @@
-"""Custom ops the exported graphs map to (DESIGN 6); one sub-package per op."""
+"""eigen_export's plugins, installed as `eigen_export_plugins` (the folder keeps TensorRT's plugin/<name>/ shape)."""

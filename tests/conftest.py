@@ -37,19 +37,18 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def smollm2_folded(smollm2_path, tmp_path_factory):
     """SmolLM2-135M calibrated on 16 x 256 PTB-train tokens and folded at kv-ratio 0.7 (rope post), once."""
-    from eigen_export.calibrate import run_calibrate
-    from eigen_export.fold import run_fold
+    from tests.helpers.stages import calibrate, fold
 
     root = tmp_path_factory.mktemp("smollm2-r07")
-    run_calibrate(str(smollm2_path), root / "calib", nsamples=16, seqlen=256, rope_mode="post", progress=False)
-    run_fold(str(smollm2_path), root / "calib", root / "folded", kv_ratio_target=0.7)
+    calibrate(smollm2_path, root / "calib", nsamples=16, seqlen=256, rope_mode="post")
+    fold(smollm2_path, root / "calib", root / "folded", kv_ratio=0.7)
     return root / "folded"
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, word_tokenizer):
     """A tiny random Llama (GQA) saved as a local HF directory with a PTB word-level tokenizer."""
-    from tiny_models import tiny_hf_model
+    from tests.helpers.tiny_models import tiny_hf_model
 
     path = tmp_path_factory.mktemp("tiny") / "llama"
     model = tiny_hf_model("llama-gqa")
@@ -62,9 +61,9 @@ def tiny_llama_dir(tmp_path_factory, word_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2_onnx(smollm2_folded, tmp_path_factory):
     """The SmolLM2 fold above exported once (both graphs): ~90 s, shared by the export and plugin tests."""
-    from eigen_export.export import export_onnx
+    from tests.helpers.stages import export
 
-    return export_onnx(smollm2_folded, tmp_path_factory.mktemp("smollm2-onnx") / "onnx")
+    return export(smollm2_folded, tmp_path_factory.mktemp("smollm2-onnx") / "onnx")
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +71,6 @@ def exports(tmp_path_factory):
     """Tiny models of every family exported on first use (tests/onnx_exports.py), once per session."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from onnx_exports import Exports
+    from tests.helpers.onnx_exports import Exports
 
     return Exports(tmp_path_factory.mktemp("onnx-exports"))

@@ -7,8 +7,8 @@ import pytest
 import transformers as tf
 
 from eigen_export.cli import main
-from eigen_export.fold import MANIFEST
-from tiny_models import tiny_hf_model
+from eigen_export.artifacts.layout import MANIFEST
+from tests.helpers.tiny_models import tiny_hf_model
 
 
 def _run(capsys, *argv):
@@ -84,8 +84,39 @@ def test_rank_above_head_dim_is_refused():
         Decoder(model.spec, [LayerRanks(17, 8)] * 2, None, model.state_dict())
 
 
-def test_help_is_instant_and_imports_nothing_heavy():
+def test_help_imports_no_optional_or_model_library():
+    """--help loads the package (torch: its modules import each other at the top, DESIGN 2) but none of the
+    optional heavy libraries nor transformers: those load inside the stage that needs them."""
     code = ("import sys; from eigen_export.cli import build_parser; build_parser(); "
-            "print(any(m in sys.modules for m in ('torch', 'transformers', 'onnx')))")
+            "print(any(m in sys.modules for m in ('transformers', 'onnx', 'onnxruntime', 'onnxscript', "
+            "'tensorrt', 'triton', 'matplotlib', 'safetensors')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["perplexity", "/etc"], "cannot read a model config from '/etc'"),
+    (["generate", "/tmp", "--prompt", "hi"], "cannot read a model config from '/tmp'"),
+    (["compress", "smollm2-135m", "--kv-ratio", "0", "--out", "x"], r"kv_ratio 0.0 is outside (0, 1]"),
+    (["calibrate", "smollm2-135m", "--nsamples", "0", "--out", "x"], "nsamples must be an integer >= 1, got 0"),
+    (["merge-heads", "smollm2-135m", "--kv-heads", "1", "--merge-method", "median", "--out", "x"],
+     "--merge-method 'median' is unknown"),
+    (["export", "smollm2-135m", "--opset", "12"], "opset 12 is below 18"),
+    (["build", "smollm2-135m", "--max-batch", "0"], "max_batch must be an integer >= 1, got 0"),
+])
+def test_bad_input_fails_before_any_model_or_text_is_loaded(argv, message, capsys, monkeypatch, tmp_path):
+    """A directory without a model, or a setting out of range, is a one-line error (exit 2) before any weights,
+    tokenizer or text load: settings are checked when made, model directories before their weights."""
+    import eigen_export.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the bad input was refused")
+
+    for name in ("load_model", "load_tokenizer", "eval_windows", "run_calibrate", "run_fold", "run_merge",
+                 "run_export", "run_build", "resolve_model"):
+        if message.startswith("cannot read") and name == "resolve_model":
+            continue                    # a directory resolves to itself; its config is read before anything else
+        monkeypatch.setattr(cli, name, refuse)
+    monkeypatch.chdir(tmp_path)
+    assert message in _error(capsys, *argv)
+    assert not (tmp_path / "x").exists()

@@ -21,10 +21,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # plugins/ is importable from the repo root
-    sys.path.insert(0, str(REPO))
-
-from plugins.lowrank_attention.reference import (  # noqa: E402
+from eigen_export_plugins.lowrank_attention.reference import (  # noqa: E402
     check_inputs,
     lowrank_attention_reference,
 )
@@ -206,8 +203,7 @@ def test_reference_rejects_bad_shapes_clearly(kind, message):
 def kernel_results():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install -e '.[dev]' provides it)")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, __file__, "--kernel-worker"], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     lines = proc.stdout.strip().splitlines()
@@ -239,7 +235,7 @@ def _kernel_worker() -> dict:
     """Runs under TRITON_INTERPRET=1: every case through the kernel entry, errors as numbers."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     try:
-        from plugins.lowrank_attention.triton_kernels import DecodeConfig, lowrank_attention
+        from eigen_export_plugins.lowrank_attention.triton_kernels import DecodeConfig, lowrank_attention
     except ImportError as err:
         return {"skip": f"triton is not importable: {err}"}
     cases = {}

@@ -84,13 +84,13 @@ def test_golden_logits(mini):
 
 
 def test_recipe_points_at_its_folder(mini):
-    from eigen_export.recipes import load_recipe
+    from eigen_export.settings import load_recipe
 
     family, folder, model, _ = mini
     path = MODELS / f"{folder.name}.toml"
     recipe = load_recipe(path)
     assert Path(recipe.resolved_source()) == folder
     assert recipe.family == family
-    assert recipe.max_context <= model.config.max_position_embeddings
+    assert recipe.build.max_context <= model.config.max_position_embeddings
     # rope_mode only means something for RoPE models: written for llama only.
     assert ("rope_mode" in tomllib.loads(path.read_text())["compress"]) == (family == "llama")

@@ -5,7 +5,7 @@ import torch
 from eigen_export.errors import EigenExportError
 from eigen_export.families import REGISTRY, get_adapter
 from eigen_export.loading import decoder_from_hf_model
-from tiny_models import TINY, tiny_hf_model, ptb_like_ids
+from tests.helpers.tiny_models import TINY, ptb_like_ids, tiny_hf_model
 
 
 def test_every_supported_model_type_has_a_tiny_model():

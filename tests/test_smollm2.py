@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import eigen_export
-from eigen_export.manifest import Manifest
+from eigen_export.artifacts.folded import Manifest
 
 pytestmark = pytest.mark.slow
 
@@ -23,9 +23,9 @@ def ptb_windows(smollm2_path):
 
 
 def test_folded_smollm2_keeps_perplexity_within_measured_bound(smollm2_path, smollm2_folded, ptb_windows):
-    from eigen_export.runtime import TorchBackend, perplexity
+    from eigen_export.backends import TorchBackend, perplexity
 
-    manifest = Manifest.read(smollm2_folded / "eigen.json")
+    manifest = Manifest.read(smollm2_folded)
     assert 0.68 <= manifest.kv_ratio <= 0.7
     folded = eigen_export.load(smollm2_folded)
     ppl = perplexity(TorchBackend(folded), ptb_windows)

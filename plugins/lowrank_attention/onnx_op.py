@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import torch
 
-from .reference import lowrank_attention_reference
+from .reference import NAMESPACE, OP_NAME, ROPE_MODES, VERSION, lowrank_attention_reference
 
-DOMAIN = "eigen_export"
-OP_TYPE = "LowRankAttention"
-OPSET_VERSION = 1
-PLUGIN_NAMESPACE = "eigen_export"
-PLUGIN_VERSION = "1"
-ROPE_MODES = ("none", "pre", "post")
+DOMAIN = PLUGIN_NAMESPACE = NAMESPACE
+OP_TYPE = OP_NAME
+OPSET_VERSION = int(VERSION)
+PLUGIN_VERSION = VERSION
 # onnxruntime-extensions registers every Python op in this one domain; it cannot be chosen per op
 ORT_PYOP_DOMAIN = "ai.onnx.contrib"
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(bfloat16)")

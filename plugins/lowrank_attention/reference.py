@@ -18,6 +18,12 @@ from __future__ import annotations
 
 import torch
 
+# The op's identity, one definition for the ONNX node (onnx_op.py) and the TensorRT plugin (trt_plugin.py):
+# TensorRT's parser finds the creator by op_type + plugin_version + plugin_namespace.
+OP_NAME = "LowRankAttention"
+NAMESPACE = "eigen_export"
+VERSION = "1"
+ROPE_MODES = ("none", "pre", "post")
 # Ranks are padded to a power of two inside the kernel; beyond this the register tiles get too
 # large to be useful, and no model we target has head_dim > 256.
 MAX_RANK = 256

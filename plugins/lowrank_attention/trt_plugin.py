@@ -30,9 +30,9 @@ import functools
 import re
 from dataclasses import dataclass
 
-PLUGIN_NAMESPACE = "eigen_export"
-PLUGIN_NAME = "LowRankAttention"
-PLUGIN_VERSION = "1"
+from .reference import NAMESPACE as PLUGIN_NAMESPACE
+from .reference import OP_NAME as PLUGIN_NAME
+from .reference import VERSION as PLUGIN_VERSION
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 MIN_TENSORRT = (10, 9)
 INSTALL_HINT = ("TensorRT >= 10.9 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "

@@ -3,11 +3,11 @@ low-precision logits stay close to fp32. Skips without a CUDA GPU (CI has none).
 import pytest
 import torch
 
-from eigen_export.calibrate import calibrate
-from eigen_export.fold import fold_state
+from eigen_export.method.calibrate import calibrate
+from eigen_export.method.fold import fold_state
 from eigen_export.loading import build_decoder, decoder_from_hf_model
 from eigen_export.modeling import LayerRanks, default_position_ids
-from tiny_models import ptb_like_ids, tiny_hf_model
+from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

@@ -13,12 +13,15 @@ import torch
 
 pytest.importorskip("onnx")
 
-from eigen_export.build import BUILD_JSON, build, read_build, tensorrt_unavailable  # noqa: E402
+from eigen_export.artifacts.layout import BUILD_JSON  # noqa: E402
+from tests.helpers.stages import build  # noqa: E402
+from eigen_export.artifacts.engine import read_build  # noqa: E402
+from eigen_export.backends.tensorrt_backend import tensorrt_unavailable  # noqa: E402
 from eigen_export.errors import EigenExportError  # noqa: E402
-from eigen_export.export import export_onnx  # noqa: E402
+from tests.helpers.stages import export  # noqa: E402
 from eigen_export.modeling import default_position_ids  # noqa: E402
-from eigen_export.runtime import TensorRTBackend, TorchBackend, generate  # noqa: E402
-from tiny_models import ptb_like_ids  # noqa: E402
+from eigen_export.backends import TensorRTBackend, TorchBackend, generate  # noqa: E402
+from tests.helpers.tiny_models import ptb_like_ids  # noqa: E402
 
 UNAVAILABLE = tensorrt_unavailable()          # "TensorRT not installed" / "no CUDA GPU" / None
 needs_tensorrt = pytest.mark.skipif(UNAVAILABLE is not None, reason=UNAVAILABLE or "")
@@ -31,11 +34,11 @@ RELATIVE_ATOL = 1e-2
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A folded tiny Llama (GQA, rope post, r_k != r_v) exported in fp16 with the plugin graph."""
-    from test_fold import _write as write_tiny_folded
+    from tests.helpers.folds import write_tiny_folded
 
     root = tmp_path_factory.mktemp("trt")
     model_dir, _ = write_tiny_folded(root, "llama-gqa", "post")
-    onnx_dir = export_onnx(model_dir, root / "onnx", dtype="fp16", plugin=True)
+    onnx_dir = export(model_dir, root / "onnx", dtype="fp16", plugin=True)
     return model_dir, onnx_dir
 
 
@@ -49,10 +52,10 @@ def plugin_engine(tiny):
 @pytest.fixture(scope="module")
 def reference(tiny):
     """The model the export captured (fp16, RoPE tables in fp32), on the GPU."""
-    from eigen_export.export import _load_for_export
+    from eigen_export.backends.onnx_export import load_for_export
 
     model_dir, _ = tiny
-    return TorchBackend(_load_for_export(model_dir, torch.float16).cuda())
+    return TorchBackend(load_for_export(model_dir, torch.float16).cuda())
 
 
 def _left_padded(batch, seq, seed=3):
@@ -149,7 +152,7 @@ def test_plan_from_another_tensorrt_gets_the_rebuild_error(plugin_engine, tmp_pa
 
 # -- error paths that need neither TensorRT nor a GPU ----------------------------------------------------------
 def _fake_trt_engine(tmp_path, **changes):
-    from test_build import _sidecar
+    from tests.stages.test_build import _sidecar
 
     (tmp_path / BUILD_JSON).write_text(json.dumps(_sidecar(**changes)))
     return tmp_path
@@ -173,11 +176,9 @@ def test_backend_without_tensorrt_or_gpu_says_why_in_one_line(tmp_path):
 
 @pytest.mark.skipif(UNAVAILABLE is None, reason="TensorRT and a GPU are present")
 def test_build_with_tensorrt_requested_here_says_why(tmp_path):
-    from test_build import IO
+    from tests.helpers.records import io_record
 
-    (tmp_path / "io.json").write_text(json.dumps({"format": "eigen_export.onnx", "version": 1, "model": "model.onnx",
-                                                  "ranks": [[40, 56]], "num_kv_heads": 2, "dtype": "fp16",
-                                                  "outputs": [], **IO}))
+    (tmp_path / "io.json").write_text(json.dumps(io_record()))
     with pytest.raises(EigenExportError, match=f"--backend tensorrt: {UNAVAILABLE}; pip install"):
         build(tmp_path, backend="tensorrt", max_batch=2, max_context=16)
 
@@ -185,8 +186,8 @@ def test_build_with_tensorrt_requested_here_says_why(tmp_path):
 def test_capacity_buffers_are_reused_in_turn_and_never_under_a_callers_feet():
     """The present storage of the TensorRT backend (CPU tensors stand in for CUDA ones): two fixed-capacity
     buffers alternate while the caller keeps only the latest present; a caller that keeps more gets new memory."""
-    from eigen_export.runtime.onnxruntime_backend import _use_count
-    from eigen_export.runtime.tensorrt_backend import _CapacityBuffers
+    from eigen_export.backends.onnxruntime_backend import _use_count
+    from eigen_export.backends.tensorrt_backend import _CapacityBuffers
 
     if _use_count is None:
         pytest.skip("this torch has no storage use count: buffers are never reused")

@@ -15,10 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from plugins.lowrank_attention.trt_plugin import (  # noqa: E402
+from eigen_export_plugins.lowrank_attention.trt_plugin import (  # noqa: E402
     INSTALL_HINT, compile_prefill_ptx, drop_unused_entry_params, register,
 )
 
@@ -112,10 +109,9 @@ _INTERPRETED = r"""
 import json, sys
 import torch
 import triton
-sys.path.insert(0, sys.argv[1])
-from plugins.lowrank_attention.reference import lowrank_attention_reference
-from plugins.lowrank_attention.trt_plugin import _aot_entry
-from plugins.lowrank_attention.triton_kernels import LOG2E, _padded
+from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
+from eigen_export_plugins.lowrank_attention.trt_plugin import _aot_entry
+from eigen_export_plugins.lowrank_attention.triton_kernels import LOG2E, _padded
 
 entry = _aot_entry()
 results = {}
@@ -174,7 +170,7 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     and the AOT launch covers (S / BLOCK_M, B * H) with S and P+S as the two int32 extra arguments."""
     import types
 
-    import plugins.lowrank_attention.trt_plugin as trt_plugin
+    import eigen_export_plugins.lowrank_attention.trt_plugin as trt_plugin
 
     recorded = {}
 

@@ -1,0 +1,153 @@
+"""folded/: config.json + model.safetensors + tokenizer + eigen.json, the versioned contract between the fold
+and every later stage (DESIGN 1); its one writer and its one reader (the low-rank reference Decoder)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import EigenExportError
+from ..families import spec_from_config
+from ..loading import build_decoder, load_hf, load_hf_config, load_tokenizer
+from ..modeling import Decoder, LayerRanks
+from .layout import GENERATION_CONFIG, MANIFEST, WEIGHTS, is_folded
+from .records import atomic_dir, read_json_record, sha256_file
+
+log = logging.getLogger("eigen_export")
+
+FORMAT = "eigen_export.folded"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_type: str
+    family: str
+    source: str                          # what was compressed: hub id or local path
+    rope_mode: str | None                # pre | post for RoPE families, None otherwise
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int                        # the ORIGINAL head dim: the softmax scale comes from it
+    softmax_scale: float
+    ranks: list[list[int]]               # per layer [r_k, r_v]
+    kv_ratio: float
+    layer_errors: list[float | None]     # calibrated block-output error per layer (None: ranks not on the curve)
+    calibration: dict                    # dataset, nsamples, seqlen, seed, allocation rule, ...
+    weights_sha256: str
+    dtype: str = "float32"
+    format: str = FORMAT
+    version: int = VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.format != FORMAT:
+            raise EigenExportError(f"eigen.json has format {self.format!r}, expected {FORMAT!r}: not a folded model")
+        if self.version != VERSION:
+            raise EigenExportError(f"eigen.json is version {self.version}, this eigen_export reads version "
+                                   f"{VERSION}: re-run `eigen-export fold` with this version")
+        if len(self.ranks) != self.num_layers:
+            raise EigenExportError(f"eigen.json lists {len(self.ranks)} layer ranks for {self.num_layers} layers")
+        for i, (rk, rv) in enumerate(self.ranks):
+            if not (1 <= rk <= self.head_dim and 1 <= rv <= self.head_dim):
+                raise EigenExportError(f"eigen.json layer {i} ranks ({rk}, {rv}) outside [1, head_dim={self.head_dim}]")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EigenExportError(f"eigen.json has unknown keys {unknown}: written by another version or edited")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise EigenExportError(f"eigen.json is missing keys {missing}: the fold did not finish; re-run it")
+        return cls(**data)
+
+    @classmethod
+    def read(cls, folded_dir: str | Path) -> "Manifest":
+        return cls.from_dict(read_json_record(Path(folded_dir) / MANIFEST,
+                                              "run `eigen-export fold` to make a folded model",
+                                              "the artifact is corrupt; re-run the fold"))
+
+
+def write_folded(out_dir: Path, hf_config, state: dict[str, torch.Tensor], manifest_fields: dict,
+                 tokenizer_source: str | Path | None = None, force: bool = False) -> Manifest:
+    """config.json + model.safetensors + tokenizer + eigen.json (written last), atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir, force=force) as tmp:
+        hf_config.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer_source is not None:
+            copy_model_files(tokenizer_source, tmp)
+        manifest = Manifest(weights_sha256=sha256_file(tmp / WEIGHTS), **manifest_fields)
+        (tmp / MANIFEST).write_text(manifest.to_json())
+    return manifest
+
+
+def copy_model_files(source, dest: Path) -> None:
+    """What a compressed model keeps of its source besides the weights: tokenizer and generation config."""
+    try:
+        load_tokenizer(source).save_pretrained(str(dest))
+    except EigenExportError as e:
+        log.warning("no tokenizer saved with the model (%s)", e)
+    generation = Path(str(source)) / GENERATION_CONFIG
+    if generation.is_file():
+        (dest / GENERATION_CONFIG).write_bytes(generation.read_bytes())
+
+
+def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = True) -> Decoder:
+    """Rebuild the low-rank reference model of a folded directory; refuse weights that do not match."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    manifest = Manifest.read(path)
+    config = load_hf_config(path)
+    if config.model_type != manifest.model_type:
+        raise EigenExportError(f"{path}: config.json is {config.model_type!r} but eigen.json says "
+                               f"{manifest.model_type!r}: the artifact was mixed up; re-run the fold")
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise EigenExportError(f"{weights} is missing: re-run `eigen-export fold`")
+    if verify and sha256_file(weights) != manifest.weights_sha256:
+        raise EigenExportError(f"{weights} does not match the sha256 in eigen.json: the weights were changed "
+                               "or belong to another fold; re-run `eigen-export fold`")
+    spec = spec_from_config(config)
+    # A KV-head merge in a family whose config has no num_key_value_heads: the manifest holds the count.
+    merged = manifest.extra.get("merge", {}).get("kv_heads") == manifest.num_kv_heads
+    if (spec.num_layers, spec.head_dim) != (manifest.num_layers, manifest.head_dim) or \
+            (spec.num_kv_heads != manifest.num_kv_heads and not merged):
+        raise EigenExportError(f"{path}: config.json and eigen.json disagree on layers/KV heads/head_dim")
+    ranks = [LayerRanks(k, v) for k, v in manifest.ranks]
+    state = load_file(str(weights))
+    return build_decoder(config, state, ranks, manifest.rope_mode, dtype=dtype, device=device,
+                         num_kv_heads=manifest.num_kv_heads)
+
+
+def load_model(path: str | Path, dtype="float32", device="cpu") -> Decoder:
+    """A folded artifact (directory with eigen.json) or an original HF model, as a reference Decoder."""
+    if is_folded(path):
+        return load_folded(path, dtype=dtype, device=device)
+    return load_hf(path, dtype=dtype, device=device)[1]
+
+
+def load_uncompressed(source: str | Path, dtype="float32", device="cpu"):
+    """(HF config, Decoder) of a model that calibration, fold and merge may start from: an HF model, or a
+    merged-KV-head artifact of a family with no GQA in transformers (still full rank). A low-rank artifact is
+    refused: its bases would be refitted."""
+    if not is_folded(source):
+        return load_hf(source, dtype=dtype, device=device)
+    model = load_folded(source, dtype=dtype, device=device)
+    d = model.spec.head_dim
+    if model.rope_mode is not None or any((r.k, r.v) != (d, d) for r in model.ranks):
+        raise EigenExportError(f"{source} is already folded to low rank: calibrate and fold the model it came from")
+    return load_hf_config(source), model

@@ -1,0 +1,104 @@
+"""Fold: decide the ranks and write the chosen bases into the weights (DESIGN 3.1-3.3). Tensors only.
+
+Per head h of KV group g(h), with U = basis_k[g] (d x r_k) and P = basis_v[g] (d x r_v):
+  non-RoPE:  W_Q'[h] = U^T W_Q[h],  W_K'[g] = U^T W_K[g]   (biases likewise)
+  RoPE post: W_Q, W_K unchanged; U is kept and applied after rotation (cache = U^T rope(k))
+  RoPE pre:  W_K'[g] = U^T W_K[g] (pre-RoPE keys); W_Q unchanged; U kept to rebuild keys
+  all:       W_V'[g] = P^T W_V[g],  W_O'[:, h] = W_O[:, h] P
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import EigenExportError
+from ..families import ModelSpec
+from ..modeling import Decoder, LayerRanks
+from .decompose import choose_by_budget, choose_by_energy, choose_by_kv_ratio
+
+
+def _per_query_head(basis: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    return basis.repeat_interleave(spec.group_size, dim=0)          # [H, d, r]
+
+
+def _rows(weight, basis, heads):
+    """U^T W per head: weight [heads*d, ...] -> [heads*r, ...]; basis [heads, d, r]."""
+    w = weight.double().reshape(heads, basis.shape[1], *weight.shape[1:])
+    return torch.einsum("hdr,hd...->hr...", basis.double(), w).reshape(-1, *weight.shape[1:])
+
+
+def fold_layer(weights: dict[str, torch.Tensor], basis_k: torch.Tensor, basis_v: torch.Tensor,
+               spec: ModelSpec, rope_mode: str | None) -> dict[str, torch.Tensor]:
+    """Fold one layer. `weights` uses in-layer canonical names ("attn.q.weight", ...); returns a new dict."""
+    out = dict(weights)
+    h, h_kv = spec.num_heads, spec.num_kv_heads
+    rope = spec.positions == "rope"
+    for part in ("weight", "bias"):
+        if f"attn.v.{part}" in weights:
+            out[f"attn.v.{part}"] = _rows(weights[f"attn.v.{part}"], basis_v, h_kv)
+        if f"attn.k.{part}" in weights and (not rope or rope_mode == "pre"):
+            out[f"attn.k.{part}"] = _rows(weights[f"attn.k.{part}"], basis_k, h_kv)
+        if f"attn.q.{part}" in weights and not rope:
+            out[f"attn.q.{part}"] = _rows(weights[f"attn.q.{part}"], _per_query_head(basis_k, spec), h)
+    o = weights["attn.o.weight"].double()
+    p = _per_query_head(basis_v, spec).double()                      # [H, d, r_v]
+    out["attn.o.weight"] = torch.einsum("Dhd,hdr->Dhr", o.reshape(o.shape[0], h, -1), p).reshape(o.shape[0], -1)
+    if rope:
+        out["attn.basis_k"] = basis_k.double()
+    dtype = weights["attn.o.weight"].dtype
+    return {k: v.to(dtype) for k, v in out.items()}
+
+
+def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, torch.Tensor]],
+               ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None) -> dict[str, torch.Tensor]:
+    """Fold every layer of a canonical state dict; bases[i] = (full U_k, full U_v), each [H_kv, d, d]."""
+    folded = {k: v for k, v in state.items() if not k.startswith("layers.")}
+    for i, (r, (u_k, u_v)) in enumerate(zip(ranks, bases)):
+        prefix = f"layers.{i}."
+        layer = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        layer = fold_layer(layer, u_k[..., : r.k], u_v[..., : r.v], spec, rope_mode)
+        folded |= {prefix + k: v for k, v in layer.items()}
+    return folded
+
+
+ALLOCATIONS = ("energy", "error", "update_error")
+
+
+def decide_ranks(layers, head_dim: int, kv_ratio_target: float | None, error_budget: float | None,
+                 allocation: str = "energy", rank_multiple: int = 1):
+    """(ranks, per-layer calibrated error or None), and what the rule found, for exactly one user rule
+    (DESIGN 3.3; the values are checked by settings.FoldSettings).
+
+    --kv-ratio: `energy` (default) takes one energy threshold for all layers; `error` / `update_error`
+    take the smallest worst-layer calibrated block error that fits (decompose.CurvePoint). --error-budget
+    is the paper's per-layer rule on the block error.
+    """
+    if error_budget is not None:
+        return _ranks_errors(choose_by_budget([layer.curve for layer in layers], error_budget)), {}
+    try:
+        if allocation == "energy":
+            pairs, eps = choose_by_energy([(layer.eig_k, layer.eig_v) for layer in layers], kv_ratio_target,
+                                          head_dim, rank_multiple)
+            measured = [{(p.rank_k, p.rank_v): p.error for p in layer.curve} for layer in layers]
+            ranks = [LayerRanks(k, v) for k, v in pairs]
+            return (ranks, [m.get(pair) for m, pair in zip(measured, pairs)]), {"energy_threshold": eps}
+        chosen, budget = choose_by_kv_ratio([layer.curve for layer in layers], kv_ratio_target, head_dim,
+                                            allocation)
+    except ValueError as e:
+        raise EigenExportError(str(e)) from None
+    return _ranks_errors(chosen), {"error_budget_found": budget}
+
+
+def _ranks_errors(points):
+    return [LayerRanks(p.rank_k, p.rank_v) for p in points], [p.error for p in points]
+
+
+def fold_to_target(model: Decoder, layers, rope_mode: str | None, kv_ratio_target: float | None,
+                   error_budget: float | None = None, allocation: str = "energy", rank_multiple: int = 1):
+    """(ranks, layer errors, what the rule found, folded canonical state) for one target, in memory."""
+    (ranks, layer_errors), found = decide_ranks(layers, model.spec.head_dim, kv_ratio_target,
+                                                            error_budget, allocation, rank_multiple)
+    state = fold_state(model.state_dict(), [(layer.basis_k, layer.basis_v) for layer in layers], ranks, model.spec,
+                       rope_mode)
+    return ranks, layer_errors, found, state
+
+

@@ -1,0 +1,70 @@
+"""`make engine MODEL=...`: calibrate -> fold -> export -> build -> validate (DESIGN 1).
+
+Each stage decides for itself whether its output is current (stages/common.must_make: its record holds the
+requested settings and its inputs' hashes) and skips when it is; the pipeline owns build/<name>/ and lets
+every stage replace what a change upstream made stale.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .artifacts.layout import REPORT_MD, BuildLayout
+from .errors import EigenExportError
+from .families import spec_from_config
+from .loading import load_hf_config
+from .settings import Recipe, find_recipe
+from .stages.build import run_build
+from .stages.calibrate import run_calibrate
+from .stages.export import run_export
+from .stages.fold import run_fold
+from .stages.validate import run_validate
+
+log = logging.getLogger("eigen_export")
+
+
+def recipe_for(model: str) -> Recipe:
+    """A recipe name (models/<name>.toml or a .toml path) or a local model directory with default settings."""
+    recipe = find_recipe(model)
+    if recipe is not None:
+        return recipe
+    if not Path(model).is_dir():
+        raise EigenExportError(f"{model!r} is neither a recipe in models/*.toml nor a local model directory: "
+                               "pick a recipe name (e.g. smollm2-135m) or pass a directory")
+    return Recipe(name=Path(model).resolve().name, source=str(Path(model).resolve()), family="auto")
+
+
+def check_family(recipe: Recipe, source: str) -> None:
+    """A recipe says which family it expects: a hub id that now points elsewhere fails here, not mid-fold."""
+    if recipe.family != "auto":
+        family = spec_from_config(load_hf_config(source)).family
+        if family != recipe.family:
+            raise EigenExportError(f"recipe {recipe.name} says family {recipe.family!r} but {source} is a "
+                                   f"{family!r} model: fix [model] family or source in the recipe")
+
+
+def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False, device: str | None = None) -> int:
+    """Every stage for one recipe; returns 0 when the parity report passes, 1 when a check fails."""
+    recipe = recipe_for(model)
+    source = recipe.resolved_source()
+    device = device or recipe.resolved_device()
+    check_family(recipe, source)
+    layout = BuildLayout.of(build_dir, recipe.name)
+    stale = dict(force=force, replace_stale=True)
+    calib = recipe.calibration
+    log.info("[calibrate] %s on %s (%d x %d tokens)", recipe.name, calib.dataset, calib.nsamples, calib.seqlen)
+    run_calibrate(source, layout.calib, calib, device=device, **stale)
+    manifest = run_fold(source, layout.calib, layout.folded, recipe.fold, **stale)
+    log.info("[fold] KV ratio %.3f -> %s", manifest.kv_ratio, layout.folded)
+    run_export(layout.folded, recipe.export, layout.onnx, **stale)
+    log.info("[export] %s", layout.onnx)
+    run_build(layout.onnx, recipe.build, layout.engine, **stale)
+    log.info("[build] %s", layout.engine)
+    report = run_validate(layout.root, recipe.validation, layout.report, device=device, **stale)
+    print(f"{recipe.name}: KV ratio {report['compression']['kv_ratio']:.3f}, "
+          f"{recipe.validation.dataset} perplexity {report['accuracy']['perplexity_original']:.2f} -> "
+          f"{report['accuracy']['perplexity_folded']:.2f}; engine: {report['engine']['backend']}; "
+          f"parity report {report['verdict'].upper()} ({report['passed']} passed, {report['failed']} failed"
+          f"{', ' + str(len(report['skipped'])) + ' skipped' if report['skipped'] else ''}): "
+          f"{layout.report / REPORT_MD}")
+    return 0 if report["verdict"] == "pass" else 1

@@ -1,0 +1,328 @@
+"""Every setting of every stage: one frozen dataclass per stage, one default and one validation per setting,
+checked when the object is made, before any work starts (STYLE: one settings object per workflow).
+
+A Recipe (models/<name>.toml) composes them; the CLI maps its flags onto them in one place (cli.py); the
+stage records store them, so a later run can tell whether an output was made with the settings asked for.
+Unknown recipe tables or keys are typos: rejected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .assets import smollm2_dir
+from .dtypes import EXPORT_NAMES, FLOAT_NAMES
+from .errors import EigenExportError
+from .families import REGISTRY
+from .method.fold import ALLOCATIONS
+from .method.merge import check_method
+from .modeling import ROPE_MODES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = REPO_ROOT / "models"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
+DEVICES = ("auto", "cpu", "cuda")
+ENGINE_CHOICES = ("auto", "tensorrt", "onnxruntime")
+MIN_OPSET = 18
+
+
+# Messages name the setting as recipes spell it (the flag is the same name with dashes).
+def _at_least(owner, low: int, *names: str, why: str = "") -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise EigenExportError(f"{name} must be an integer >= {low}{why}, got {value!r}")
+
+
+def _one_of(owner, name: str, allowed) -> None:
+    if getattr(owner, name) not in allowed:
+        raise EigenExportError(f"{name} {getattr(owner, name)!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _device(owner) -> None:
+    value = owner.device
+    if value not in DEVICES and not value.startswith("cuda:"):
+        raise EigenExportError(f"device {value!r} is not one of {', '.join(DEVICES)} (or cuda:N)")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """`calibrate`: which text, how much of it, and which bases to fit."""
+    dataset: str = "ptb"                   # ptb | wikitext2 | c4 | path/to/file.txt
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    rope_mode: str = "pre"                 # RoPE models: basis before (paper) or after rotation
+    dtype: str = "float32"
+    batch_size: int = 4
+    error_samples: int = 2                 # samples used for the block-error curves
+    rank_multiple: int = 1                 # GPU recipes: 16, so cache rows stay 16-byte aligned for the kernel
+
+    def __post_init__(self):
+        _at_least(self, 1, "nsamples", "batch_size", "error_samples", "rank_multiple")
+        _at_least(self, 2, "seqlen")
+        _one_of(self, "rope_mode", ROPE_MODES)
+        _one_of(self, "dtype", FLOAT_NAMES)
+
+    def record(self) -> dict:
+        """What calib.json records and a later run compares (the batch size changes no number)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "batch_size"}
+
+
+@dataclass(frozen=True)
+class FoldSettings:
+    """`fold`: the KV budget (exactly one of kv_ratio and error_budget) and how ranks are spread over layers."""
+    kv_ratio: float | None = 0.7           # fraction of the original KV cache to keep
+    error_budget: float | None = None      # per-layer relative block-output error budget instead
+    allocation: str = "energy"             # energy: one energy threshold; error / update_error: calibrated error
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if (self.kv_ratio is None) == (self.error_budget is None):
+            raise EigenExportError("give exactly one of kv_ratio (--kv-ratio) or error_budget (--error-budget)")
+        if self.kv_ratio is not None and not (isinstance(self.kv_ratio, (int, float)) and 0 < self.kv_ratio <= 1):
+            raise EigenExportError(f"kv_ratio {self.kv_ratio} is outside (0, 1]: it is the fraction of the "
+                                   "original KV cache to keep, e.g. 0.7")
+        budget = self.error_budget
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise EigenExportError(f"error_budget {self.error_budget} must be positive (e.g. 0.02)")
+        _one_of(self, "allocation", ALLOCATIONS)
+        _one_of(self, "dtype", FLOAT_NAMES)
+
+    @classmethod
+    def target(cls, kv_ratio: float | None = None, error_budget: float | None = None, **rest) -> "FoldSettings":
+        """The default kv_ratio applies only where neither budget is given."""
+        if kv_ratio is None and error_budget is None:
+            return cls(**rest)
+        return cls(kv_ratio=kv_ratio, error_budget=error_budget, **rest)
+
+    def allocation_record(self) -> dict:
+        """The rule eigen.json records; a fold is current when its record repeats it."""
+        if self.error_budget is not None:
+            return {"rule": "error_budget", "error_budget": self.error_budget}
+        return {"rule": "kv_ratio", "target": self.kv_ratio, "allocation": self.allocation}
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """`merge-heads`: the KV head count to merge to, the method, and the calibration text of the group caches."""
+    kv_heads: int
+    method: str = "svd"                    # svd: eigenvectors of the group caches; mean: mean-pool baseline
+    dataset: str = "ptb"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 4
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _at_least(self, 1, "kv_heads", "nsamples", "batch_size")
+        _at_least(self, 2, "seqlen")
+        check_method(self.method)
+        _one_of(self, "dtype", FLOAT_NAMES)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """`export`: the graphs' dtype and opset, and whether to write the plugin graph too."""
+    dtype: str = "fp32"                    # fp16/bf16 keep softmax and norms in fp32
+    opset: int = MIN_OPSET
+    plugin: bool = True
+    external_data: bool | None = None      # None: only where the model needs it (> 2 GB)
+
+    def __post_init__(self):
+        _one_of(self, "dtype", EXPORT_NAMES)
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or self.opset < MIN_OPSET:
+            raise EigenExportError(f"opset {self.opset} is below {MIN_OPSET}, the lowest this export supports "
+                                   "(DESIGN 5)")
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """`build`: which engine and the largest batch and context it serves."""
+    backend: str = "auto"                  # auto: TensorRT where installed with a GPU, else ONNX Runtime
+    max_batch: int = 8
+    max_context: int = 4096                # past + new tokens
+
+    def __post_init__(self):
+        _one_of(self, "backend", ENGINE_CHOICES)
+        _at_least(self, 1, "max_batch")
+        _at_least(self, 2, "max_context", why=" (decode needs one cached token plus the new one)")
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What `validate` measures and the limits each check must hold (DESIGN 8). Ratios compare the folded
+    model with the original; `backend_*` compare a backend (ONNX Runtime, TensorRT) with the folded model."""
+    dataset: str = "ptb"
+    windows: int = 8                       # held-out windows for perplexity, top-1 and KL
+    seqlen: int = 512
+    generate_steps: int = 16               # greedy tokens compared between a backend and PyTorch
+    sweep: tuple[float, ...] = ()          # extra KV ratios folded in memory for the perplexity-vs-ratio plot
+    latency_contexts: tuple[int, ...] = (128, 512)
+    latency_batches: tuple[int, ...] = (1, 4)
+    latency_repeats: int = 5               # timed prefills per point (after one warm-up)
+    decode_steps: int = 16                 # timed decode steps per point (after two warm-up steps)
+    # layer 1: folded vs original
+    max_ppl_ratio: float = 1.6             # folded perplexity / original perplexity
+    min_top1: float = 0.6                  # next-token argmax agreement with the original
+    max_kl: float = 0.6                    # mean KL(original || folded) per token, nats
+    max_layer_error: float = 0.6           # relative error of any layer's output hidden state
+    # layer 2: backend vs folded PyTorch (fp32 defaults; fp16 engines need looser ones)
+    backend_max_abs: float = 1e-3          # logits
+    backend_min_cosine: float = 0.9999
+    backend_min_top1: float = 0.999
+    backend_max_kl: float = 1e-4
+    backend_present_max_abs: float = 1e-3
+    backend_min_greedy: float = 1.0        # fraction of greedy tokens equal to PyTorch's
+
+    def __post_init__(self):
+        for key in ("windows", "seqlen", "generate_steps", "latency_repeats", "decode_steps"):
+            if getattr(self, key) < 1:
+                raise EigenExportError(f"[validate] {key} must be >= 1, got {getattr(self, key)}")
+        for key in ("latency_contexts", "latency_batches"):
+            values = getattr(self, key)
+            if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                raise EigenExportError(f"[validate] {key} must be a non-empty list of positive integers")
+        if any(not 0 < r < 1 for r in self.sweep):
+            raise EigenExportError(f"[validate] sweep ratios must lie in (0, 1), got {list(self.sweep)}")
+        for key in ("min_top1", "backend_min_top1", "backend_min_greedy", "backend_min_cosine"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise EigenExportError(f"[validate] {key} must lie in [0, 1], got {getattr(self, key)}")
+        for key in ("max_ppl_ratio", "max_kl", "max_layer_error", "backend_max_abs", "backend_max_kl",
+                    "backend_present_max_abs"):
+            if getattr(self, key) < 0:
+                raise EigenExportError(f"[validate] {key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A model and the settings of every stage that work for it."""
+    name: str
+    source: str
+    family: str
+    device: str = "auto"
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    fold: FoldSettings = field(default_factory=FoldSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    build: BuildSettings = field(default_factory=BuildSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    def __post_init__(self):
+        families = ("auto", *sorted({a.family for a in REGISTRY.values()}))
+        if self.family not in families:
+            raise EigenExportError(f"family = {self.family!r} is not one of {', '.join(families)}")
+        _device(self)
+
+    def resolved_source(self) -> str:
+        """A loadable path or hub id: built-in assets are materialised, repo-relative paths made absolute."""
+        if self.source == BUILTIN_SMOLLM2:
+            return str(smollm2_dir())
+        local = REPO_ROOT / self.source
+        return str(local) if not Path(self.source).is_absolute() and local.exists() else self.source
+
+    def resolved_device(self) -> str:
+        return resolve_device(self.device)
+
+
+def resolve_device(device: str) -> str:
+    """auto: CUDA when torch sees a GPU, else CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# recipe table -> (Recipe field, {recipe key: settings field}); [model] keys are Recipe's own
+_TABLES = {
+    "model": (None, {"source": "source", "family": "family", "device": "device", "dtype": "dtype"}),
+    "calibration": ("calibration", {"dataset": "dataset", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed",
+                                    "rank_multiple": "rank_multiple"}),
+    "compress": (None, {"kv_ratio": "kv_ratio", "error_budget": "error_budget", "rope_mode": "rope_mode",
+                        "allocation": "allocation"}),
+    "engine": (None, {"max_batch": "max_batch", "max_context": "max_context", "onnx_dtype": "onnx_dtype",
+                      "backend": "backend"}),
+    "validate": ("validation", {f.name: f.name for f in fields(ValidationSettings)}),
+}
+
+
+def recipe_from_tables(name: str, data: dict) -> Recipe:
+    """A Recipe from the parsed TOML tables; every value is checked by the settings it lands in."""
+    values = {}
+    for table, entries in data.items():
+        if table not in _TABLES or not isinstance(entries, dict):
+            raise EigenExportError(f"unknown table [{table}]; known tables: {', '.join(_TABLES)}")
+        unknown = sorted(set(entries) - set(_TABLES[table][1]))
+        if unknown:
+            known = ", ".join(sorted(_TABLES[table][1]))
+            raise EigenExportError(f"unknown key(s) {unknown} in [{table}]; known: {known}")
+        values[table] = entries
+    model, compress, engine = (values.get(t, {}) for t in ("model", "compress", "engine"))
+    for required in ("source", "family"):
+        if required not in model:
+            raise EigenExportError(f"[model] needs '{required}'")
+    dtype = model.get("dtype", "float32")
+    calibration = {**values.get("calibration", {}), "dtype": dtype,
+                   **{k: compress[k] for k in ("rope_mode",) if k in compress}}
+    validation = {k: tuple(v) if isinstance(v, list) else v for k, v in values.get("validate", {}).items()}
+    try:
+        return Recipe(
+            name=name, source=model["source"], family=model["family"], device=model.get("device", "auto"),
+            calibration=CalibrationSettings(**calibration),
+            fold=FoldSettings.target(compress.get("kv_ratio"), compress.get("error_budget"), dtype=dtype,
+                                     **{k: compress[k] for k in ("allocation",) if k in compress}),
+            export=ExportSettings(**({"dtype": engine["onnx_dtype"]} if "onnx_dtype" in engine else {})),
+            build=BuildSettings(**{k: engine[k] for k in ("backend", "max_batch", "max_context") if k in engine}),
+            validation=ValidationSettings(**validation))
+    except TypeError as e:      # a wrong value type (a string where a number belongs) surfaces here
+        raise EigenExportError(f"a value has the wrong type ({e})") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise EigenExportError(f"recipe {path} not found: recipes live in models/<name>.toml") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EigenExportError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return recipe_from_tables(path.stem, data)
+    except EigenExportError as e:
+        raise EigenExportError(f"{path}: {e}") from None
+
+
+def find_recipe(name: str) -> Recipe | None:
+    """The recipe called `name` (models/<name>.toml) or a .toml path; None for a model path or hub id."""
+    if name.endswith(".toml"):
+        return load_recipe(name)
+    candidate = RECIPES_DIR / f"{name}.toml"
+    return load_recipe(candidate) if candidate.exists() else None
+
+
+def resolve_model(name: str) -> str:
+    """MODEL as the user wrote it -> a loadable source (recipe name, local directory or hub id)."""
+    recipe = find_recipe(name)
+    return recipe.resolved_source() if recipe else name
+
+
+def override(settings, assignments: list[str]):
+    """--set key=value on a frozen settings dataclass; values are parsed as the field's current type."""
+    known = {f.name: getattr(settings, f.name) for f in fields(settings)}
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise EigenExportError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+        current = known[key]
+        try:
+            if isinstance(current, tuple):
+                changes[key] = tuple(type(current[0] if current else 0.0)(v) for v in text.split(",") if v)
+            else:
+                changes[key] = type(current)(text)
+        except ValueError:
+            raise EigenExportError(f"--set {item!r}: {text!r} is not a {type(current).__name__}") from None
+    return dataclasses.replace(settings, **changes)

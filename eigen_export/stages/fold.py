@@ -1,0 +1,66 @@
+"""`fold`: decide ranks from a calibration, fold the bases into the weights, write folded/ (DESIGN 3)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..artifacts.calib import calib_sha256, read_calibration
+from ..artifacts.folded import Manifest, load_uncompressed, write_folded
+from ..artifacts.merged import read_merge_record
+from ..dtypes import resolve_dtype
+from ..errors import EigenExportError
+from ..method.decompose import kv_ratio
+from ..method.fold import fold_to_target
+from ..settings import FoldSettings
+from .common import must_make
+
+log = logging.getLogger("eigen_export")
+
+
+def is_current(out_dir: Path, source: str, calib_dir: Path, settings: FoldSettings) -> bool:
+    """eigen.json holds this source, this calibration's hash and the rule and dtype asked for."""
+    try:
+        manifest = Manifest.read(out_dir)
+        calib = calib_sha256(calib_dir)
+    except (EigenExportError, OSError):
+        return False
+    recorded = manifest.calibration.get("allocation", {})
+    return manifest.source == str(source) and manifest.dtype == settings.dtype and \
+        manifest.calibration.get("calib_sha256") == calib and \
+        all(recorded.get(k) == v for k, v in settings.allocation_record().items())
+
+
+def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: FoldSettings = FoldSettings(),
+             force: bool = False, replace_stale: bool = False) -> Manifest:
+    """Decide ranks from the calibration curves, fold the bases, write the folded artifact."""
+    calib_dir, out_dir = Path(calib_dir), Path(out_dir)
+    current = is_current(out_dir, source, calib_dir, settings)
+    if not must_make("fold", out_dir, current, force, replace_stale, "a fold of this calibration"):
+        return Manifest.read(out_dir)
+    layers, calib = read_calibration(calib_dir)
+    config, model = load_uncompressed(source, dtype="float32")
+    spec = model.spec
+    if calib.model_type != config.model_type or len(layers) != spec.num_layers or \
+            layers[0].basis_k.shape[-1] != spec.head_dim:
+        raise EigenExportError(f"calibration in {calib_dir} was made for {calib.source!r}, not {source!r}: "
+                               "re-run `eigen-export calibrate` for this model")
+    ranks, layer_errors, found, state = fold_to_target(model, layers, calib.rope_mode, settings.kv_ratio,
+                                                       settings.error_budget, settings.allocation,
+                                                       calib.rank_multiple)
+    state = {k: v.to(resolve_dtype(settings.dtype)) for k, v in state.items()}
+    pairs = [(r.k, r.v) for r in ranks]
+    merge = read_merge_record(source)     # KV heads merged before this fold: one manifest records both
+    calibration = {k: v for k, v in calib.as_dict().items() if k not in ("format", "version")}
+    fields = dict(
+        model_type=config.model_type, family=spec.family, source=str(source), rope_mode=calib.rope_mode,
+        num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, softmax_scale=spec.softmax_scale, ranks=[list(p) for p in pairs],
+        kv_ratio=round(kv_ratio(pairs, spec.head_dim), 6), layer_errors=layer_errors,
+        calibration={**calibration, "calib_sha256": calib_sha256(calib_dir),
+                     "allocation": settings.allocation_record() | found},
+        dtype=settings.dtype,
+        extra={"merge": merge} if merge else {},
+    )
+    manifest = write_folded(out_dir, config, state, fields, tokenizer_source=source, force=True)
+    log.info("folded %s: KV ratio %.3f, ranks %s", source, manifest.kv_ratio, pairs)
+    return manifest

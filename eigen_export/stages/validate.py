@@ -1,0 +1,401 @@
+"""`eigen-export validate`: the parity report a person reads before shipping a compressed model (DESIGN 8).
+
+Three layers of checks, each with an explicit limit from the recipe's [validate] table:
+1. accuracy: the folded model against the original, both in PyTorch, on held-out text;
+2. parity: every backend this build has (its engine, the plugin graph) against the folded PyTorch model;
+3. performance: prefill and decode latency, KV bytes, sizes, peak memory. Reported, never pass/fail: on a
+   shared machine a timing threshold would fail for the neighbours' sake.
+A backend that cannot run here (TensorRT without a GPU) is listed as skipped with the reason; a skipped
+check is never counted as passed. `report/report.json` holds every number, `report.md` the tables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..artifacts.calib import read_calibration
+from ..artifacts.engine import read_build
+from ..artifacts.folded import Manifest, load_model
+from ..artifacts.layout import BUILD_JSON, CALIB_JSON, IO_JSON, MANIFEST, BuildLayout
+from ..artifacts.onnx_io import OnnxIO, read_io
+from ..artifacts.report import read_report, report_owner, write_report
+from ..backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend, generate, perplexity
+from ..backends.tensorrt_backend import tensorrt_unavailable
+from ..data import eval_windows
+from ..dtypes import dtype as dtype_of
+from ..errors import EigenExportError
+from ..loading import build_decoder, load_hf_config, load_tokenizer
+from ..machine import git_commit, machine, versions
+from ..method.decompose import kv_bytes_per_token, kv_ratio
+from ..method.fold import fold_to_target
+from ..method.metrics import logit_metrics, percentiles, present_max_abs, relative_errors
+from ..modeling import default_position_ids
+from ..settings import ValidationSettings
+from .common import must_make
+
+log = logging.getLogger("eigen_export")
+
+PARITY_PROMPT_LEN = 48          # longest of the three left-padded parity prompts
+
+
+@dataclass(frozen=True)
+class Check:
+    layer: str                  # "accuracy" or "parity: <backend>"
+    name: str
+    value: float
+    op: str                     # "<=" or ">="
+    limit: float
+
+    @property
+    def passed(self) -> bool:
+        if math.isnan(self.value):
+            return False
+        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+
+    def record(self) -> dict:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+# -- layer 1: folded vs original ----------------------------------------------------------------------------
+@torch.no_grad()
+def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden state after every decoder layer for a full-length prefill of ids [B, S]."""
+    mask = torch.ones_like(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    x = model.embed_tokens(ids, positions)
+    ctx = model.context(mask, positions, x.dtype)
+    outs = []
+    for layer in model.layers:
+        x, _, _ = layer(x, ctx)
+        outs.append(x)
+    return outs
+
+
+@torch.no_grad()
+def accuracy_numbers(original, folded, windows: torch.Tensor, batch_size: int = 2) -> dict:
+    """Perplexity of both, top-1 agreement and KL per token over the windows; per-layer output errors."""
+    nll = {"original": 0.0, "folded": 0.0}
+    agree, kl, tokens = 0.0, 0.0, 0
+    device = next(original.parameters()).device
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start:start + batch_size].to(device)
+        logits = {name: model(ids)[0][:, :-1].float() for name, model in (("original", original), ("folded", folded))}
+        for name, lg in logits.items():
+            nll[name] += F.cross_entropy(lg.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        m = logit_metrics(logits["original"], logits["folded"])
+        agree += m["top1"] * m["positions"]
+        kl += m["kl"] * m["positions"]
+        tokens += m["positions"]
+    probe = windows[:1].to(device)
+    errors = relative_errors(layer_outputs(original, probe), layer_outputs(folded, probe))
+    return {"perplexity_original": math.exp(nll["original"] / tokens),
+            "perplexity_folded": math.exp(nll["folded"] / tokens),
+            "top1_agreement": agree / tokens, "kl": kl / tokens, "layer_errors": errors,
+            "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
+
+
+def accuracy_checks(numbers: dict, s: ValidationSettings) -> list[Check]:
+    ratio = numbers["perplexity_folded"] / numbers["perplexity_original"]
+    return [Check("accuracy", "perplexity ratio folded/original", ratio, "<=", s.max_ppl_ratio),
+            Check("accuracy", "top-1 agreement with the original", numbers["top1_agreement"], ">=", s.min_top1),
+            Check("accuracy", "KL(original || folded) per token", numbers["kl"], "<=", s.max_kl),
+            Check("accuracy", "worst layer output relative error", max(numbers["layer_errors"]), "<=",
+                  s.max_layer_error)]
+
+
+# -- layer 2: a backend vs the folded PyTorch model ----------------------------------------------------------
+def parity_batch(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three real-text prompts of different lengths, left padded: (ids [3, L], mask [3, L])."""
+    length = min(PARITY_PROMPT_LEN, windows.shape[1])
+    rows = windows[:3] if windows.shape[0] >= 3 else windows[:1].repeat(3, 1)
+    lengths = [length, max(1, length - 7), max(1, length - 13)]
+    ids = torch.zeros(3, length, dtype=torch.long)
+    mask = torch.zeros(3, length, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, length - n:] = rows[i, :n]
+        mask[i, length - n:] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def parity_run(backend, ids: torch.Tensor, mask: torch.Tensor, steps: int, token: torch.Tensor | None = None) -> dict:
+    """What layer 2 compares, from one backend: prefill logits and caches, the logits of one decode step (of
+    `token`, default this backend's own next token) and `steps` greedy tokens. Tensors on the CPU."""
+    dev = backend.device
+    positions = default_position_ids(mask, 0)
+    logits, past = backend.forward(ids.to(dev), mask.to(dev), positions.to(dev), None)
+    token = logits[:, -1:].float().argmax(-1).cpu() if token is None else token
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    step_logits, _ = backend.forward(token.to(dev), step_mask.to(dev), (positions[:, -1:] + 1).to(dev), past)
+    return {"logits": logits.cpu(), "past": [(k.cpu(), v.cpu()) for k, v in past], "token": token,
+            "step_logits": step_logits.cpu(), "tokens": generate(backend, ids, mask, max_new_tokens=steps).cpu()}
+
+
+def parity_numbers(reference: dict, run: dict, mask: torch.Tensor) -> dict:
+    """A backend's `parity_run` against the reference's (the backend's decode step fed the reference's token)."""
+    return {"prefill": logit_metrics(reference["logits"], run["logits"], mask.bool()),
+            "decode": logit_metrics(reference["step_logits"], run["step_logits"]),
+            "present_max_abs": present_max_abs(reference["past"], run["past"], mask),
+            "greedy_match": (reference["tokens"] == run["tokens"]).float().mean().item(),
+            "greedy_steps": int(run["tokens"].shape[1]), "batch": int(mask.shape[0]),
+            "prompt_lengths": mask.sum(1).tolist()}
+
+
+def parity_checks(backend: str, n: dict, s: ValidationSettings) -> list[Check]:
+    layer = f"parity: {backend}"
+    checks = []
+    for phase in ("prefill", "decode"):
+        m = n[phase]
+        checks += [Check(layer, f"{phase} logits max abs error", m["max_abs"], "<=", s.backend_max_abs),
+                   Check(layer, f"{phase} logits min cosine", m["cosine"], ">=", s.backend_min_cosine),
+                   Check(layer, f"{phase} top-1 agreement", m["top1"], ">=", s.backend_min_top1),
+                   Check(layer, f"{phase} KL per token", m["kl"], "<=", s.backend_max_kl)]
+    return checks + [Check(layer, "present caches max abs error", n["present_max_abs"], "<=",
+                           s.backend_present_max_abs),
+                     Check(layer, f"greedy tokens equal ({n['greedy_steps']} steps)", n["greedy_match"], ">=",
+                           s.backend_min_greedy)]
+
+
+# -- layer 3: performance -------------------------------------------------------------------------------------
+def _elapsed_ms(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    started = time.perf_counter()
+    fn()
+    return (time.perf_counter() - started) * 1e3
+
+
+@torch.no_grad()
+def measure_latency(backend, vocab_size: int, batch: int, context: int, repeats: int, steps: int) -> dict:
+    """Prefill of `context` tokens (one warm-up run excluded) and decode steps whose cache ends at `context`
+    (two warm-up steps excluded), in milliseconds."""
+    device = backend.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab_size, (batch, context), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    positions = torch.arange(context, device=device).expand(batch, context)
+    prefill = [_elapsed_ms(lambda: backend.forward(ids, mask, positions, None), device) for _ in range(repeats + 1)]
+    start = max(1, context - steps - 2)
+    _, past = backend.forward(ids[:, :start], mask[:, :start], positions[:, :start], None)
+    decode = []
+    for t in range(start, context):
+        token, step_mask, pos = ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1]
+        holder = {}
+        ms = _elapsed_ms(lambda: holder.update(out=backend.forward(token, step_mask, pos, past)), device)
+        past = holder["out"][1]
+        decode.append(ms)
+    return {"batch": batch, "context": context, "prefill_ms": percentiles(prefill[1:]),
+            "decode_ms": percentiles(decode[2:] or decode)}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
+
+
+# -- the stages this report reads ---------------------------------------------------------------------------
+def find_build(root: str | Path) -> BuildLayout:
+    """build/<name> with every stage validate reads, or a one-line error naming the command that makes it."""
+    layout = BuildLayout(Path(root))
+    if not layout.root.is_dir():
+        raise EigenExportError(f"{layout.root} is not a build directory: run `make engine MODEL=...` or "
+                               "`eigen-export engine MODEL` first")
+    for path, record, command in ((layout.folded, MANIFEST, f"eigen-export fold MODEL --calib {layout.calib} "
+                                   f"--out {layout.folded}"),
+                                  (layout.onnx, IO_JSON, f"eigen-export export {layout.folded}"),
+                                  (layout.engine, BUILD_JSON, f"eigen-export build {layout.onnx}")):
+        if not (path / record).exists():
+            raise EigenExportError(f"{path / record} is missing: validate needs every earlier stage; "
+                                   f"make it with `{command}` (or `eigen-export engine`)")
+    return layout
+
+
+def available_backends(layout: BuildLayout, build: dict, io: OnnxIO) -> tuple[dict, dict]:
+    """({name: factory}, {name: reason it is skipped}) for the backends this build (its build.json and io.json)
+    can be validated on."""
+    runnable, skipped = {}, {}
+    kind = build["backend"]
+    if kind == "onnxruntime":
+        runnable["onnxruntime"] = lambda: OnnxRuntimeBackend(layout.engine)
+    else:
+        reason = tensorrt_unavailable()
+        if reason:
+            skipped["tensorrt"] = f"{reason} on this machine: the engine in {layout.engine} was not run"
+        else:
+            runnable["tensorrt"] = lambda: TensorRTBackend(layout.engine)
+    if not io.plugin_model:
+        skipped["onnxruntime (plugin graph)"] = io.plugin_model_reason or "the export has no plugin graph"
+    elif io.dtype != "fp32":
+        skipped["onnxruntime (plugin graph)"] = f"ONNX Runtime runs the plugin graph in fp32 only ({io.dtype} export)"
+    else:
+        runnable["onnxruntime (plugin graph)"] = lambda: OnnxRuntimeBackend(layout.onnx, plugin=True)
+    return runnable, skipped
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+def report_inputs(layout: BuildLayout, settings: ValidationSettings) -> dict:
+    """What a report was measured on: any change (a refold, a re-export, a rebuild, other settings) makes it stale."""
+    digest = {name: hashlib.sha256((path / record).read_bytes()).hexdigest()
+              for name, path, record in (("io_json_sha256", layout.onnx, IO_JSON),
+                                         ("build_json_sha256", layout.engine, BUILD_JSON))}
+    return {"folded_sha256": Manifest.read(layout.folded).weights_sha256, **digest,
+            "settings": json.loads(json.dumps(dataclasses.asdict(settings)))}
+
+
+def is_current(out: Path, layout: BuildLayout, settings: ValidationSettings) -> bool:
+    """report.json was measured on exactly these stage outputs and settings."""
+    try:
+        return read_report(out).get("inputs") == report_inputs(layout, settings)
+    except EigenExportError:
+        return False
+
+
+def run_validate(root: str | Path, settings: ValidationSettings = ValidationSettings(), out: str | Path | None = None,
+                 device: str = "cpu", force: bool = False, replace_stale: bool = False,
+                 calib: str | Path | None = None, measure_again: bool = False) -> dict:
+    """Measure everything, write report/ atomically, return the report (its "verdict" is pass or fail).
+
+    A report directory belongs to one folded model: a stale report of the same model is replaced, another
+    model's only with `force`. measure_again: measure even when the report is current (`eigen-export validate`
+    is a request to measure; `make engine` keeps a current report)."""
+    layout = find_build(root)
+    out = Path(out) if out is not None else layout.report
+    manifest = Manifest.read(layout.folded)
+    owner = report_owner(out)
+    same_model = owner is not None and owner["folded_sha256"] == manifest.weights_sha256
+    if owner is not None and not (same_model or force or replace_stale):
+        raise EigenExportError(f"{out} holds the report of another model ({owner['model']}): pass "
+                               "--force to replace it or choose another --out")
+    current = not measure_again and is_current(out, layout, settings)
+    if not must_make("validate", out, current, force, replace_stale or same_model, "a report of these stage outputs"):
+        return read_report(out)
+    build, io = read_build(layout.engine), read_io(layout.onnx)
+    available, skipped = available_backends(layout, build, io)
+    started = time.perf_counter()
+
+    windows = eval_windows(load_tokenizer(layout.folded), settings.dataset, settings.seqlen, split="test",
+                           max_windows=settings.windows)
+    # the fold's dtype (fp16 for the GPU recipes): two fp32 copies of a 7B model would not fit next to an engine
+    opened = {name: factory() for name, factory in available.items()}    # a damaged engine fails now, not later
+    original = load_model(manifest.source, dtype=manifest.dtype, device=device)
+    folded = load_model(layout.folded, dtype=manifest.dtype, device=device)
+    log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
+    phase = time.perf_counter()
+    accuracy = accuracy_numbers(original, folded, windows)
+    accuracy["kv_ratio"] = manifest.kv_ratio
+    checks = accuracy_checks(accuracy, settings)
+    seconds = {"accuracy": time.perf_counter() - phase}
+    phase = time.perf_counter()
+    sweep = _sweep(manifest, original, windows, settings.sweep, Path(calib) if calib else layout.calib, device)
+    seconds["sweep"] = time.perf_counter() - phase
+
+    reference = TorchBackend(folded)
+    ids, mask = parity_batch(windows)
+    reference_run = parity_run(reference, ids, mask, settings.generate_steps) if opened else None
+    backends = {}
+    for name, backend in opened.items():
+        log.info("[validate] parity: %s", name)
+        phase = time.perf_counter()
+        run = parity_run(backend, ids, mask, settings.generate_steps, token=reference_run["token"])
+        backends[name] = parity_numbers(reference_run, run, mask)
+        checks += parity_checks(name, backends[name], settings)
+        seconds[f"parity: {name}"] = time.perf_counter() - phase
+
+    # the plugin graph on ONNX Runtime runs a Python op: its wiring is checked above, its speed means nothing
+    timed = {"pytorch original": TorchBackend(original), "pytorch compressed": reference,
+             **{f"{name} compressed": b for name, b in opened.items() if "plugin" not in name}}
+    vocab = load_hf_config(layout.folded).vocab_size
+    latency = []
+    phase = time.perf_counter()
+    for name, backend in timed.items():
+        for batch in settings.latency_batches:
+            for context in settings.latency_contexts:
+                log.info("[validate] latency: %s, batch %d, context %d", name, batch, context)
+                latency.append({"backend": name, **measure_latency(backend, vocab, batch, context,
+                                                                   settings.latency_repeats, settings.decode_steps)})
+    seconds["latency"] = time.perf_counter() - phase
+    seconds["total"] = time.perf_counter() - started
+    report = _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks,
+                       device, {k: round(v, 1) for k, v in seconds.items()})
+    report["inputs"] = report_inputs(layout, settings)
+    write_report(out, report)
+    return read_report(out)
+
+
+def _sweep(manifest, original, windows, ratios, calib_dir: Path, device: str) -> list[dict]:
+    """Perplexity at other KV ratios, folded in memory from the same calibration (for the plot)."""
+    if not ratios:
+        return []
+    if not (calib_dir / CALIB_JSON).exists():
+        raise EigenExportError(f"[validate] sweep needs the calibration in {calib_dir}: run `eigen-export calibrate` "
+                               "or remove `sweep` from the recipe")
+    layers, calib = read_calibration(calib_dir)
+    config = load_hf_config(manifest.source)
+    points = []
+    for target in ratios:
+        ranks, _, _, state = fold_to_target(original, layers, calib.rope_mode, target,
+                                            rank_multiple=calib.rank_multiple)
+        model = build_decoder(config, state, ranks, calib.rope_mode, device=device)
+        ppl = perplexity(TorchBackend(model), windows, batch_size=2)
+        points.append({"target": target, "kv_ratio": kv_ratio([(r.k, r.v) for r in ranks], manifest.head_dim),
+                       "perplexity": ppl})
+        log.info("[validate] sweep: KV ratio %.3f -> perplexity %.2f", points[-1]["kv_ratio"], ppl)
+    return points
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
+
+
+def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks, device,
+              seconds) -> dict:
+    itemsize = dtype_of(io.dtype).torch.itemsize
+    h_kv, d = manifest.num_kv_heads, manifest.head_dim
+    memory = {"kv_bytes_per_token_original": kv_bytes_per_token([(d, d)] * manifest.num_layers, h_kv, itemsize),
+              "kv_bytes_per_token_compressed": kv_bytes_per_token([tuple(r) for r in manifest.ranks], h_kv, itemsize),
+              "kv_dtype": io.dtype, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        memory["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    failed = [c for c in checks if not c.passed]
+    return {
+        "model": layout.root.name, "source": manifest.source,
+        "folded_sha256": manifest.weights_sha256,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(), "versions": versions(), "machine": machine(), "device": device,
+        "settings": dataclasses.asdict(settings),
+        "compression": {"kv_ratio": manifest.kv_ratio, "rope_mode": manifest.rope_mode, "ranks": manifest.ranks,
+                        "num_layers": manifest.num_layers, "num_heads": manifest.num_heads,
+                        "num_kv_heads": h_kv, "head_dim": d},
+        "engine": {"backend": build["backend"], "dir": str(layout.engine), "note": _engine_note(build)},
+        "accuracy": accuracy, "sweep": sweep, "backends": backends, "skipped": skipped, "latency": latency,
+        "memory": memory,
+        "sizes_bytes": {"folded": dir_bytes(layout.folded), "onnx": dir_bytes(layout.onnx),
+                        "engine": dir_bytes(layout.engine)},
+        "checks": [c.record() for c in checks],
+        "verdict": "fail" if failed else "pass", "failed": len(failed), "passed": len(checks) - len(failed),
+        "seconds": seconds,
+    }
+
+
+def _engine_note(build: dict) -> str | None:
+    """DESIGN 7: where TensorRT could not build, the report says so instead of implying an engine exists."""
+    if build["backend"] != "onnxruntime":
+        return None
+    reason = tensorrt_unavailable()
+    return (f"No TensorRT engine: {reason} on the machine that validated; the engine is the ONNX Runtime session."
+            if reason else "The engine is the ONNX Runtime session (built with --backend onnxruntime).")

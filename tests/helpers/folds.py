@@ -1,0 +1,36 @@
+"""Tiny folds built in-process: calibrated on random ids, folded at fixed fractions of head_dim."""
+from eigen_export.artifacts.folded import write_folded
+from eigen_export.loading import build_decoder, decoder_from_hf_model
+from eigen_export.method.calibrate import calibrate
+from eigen_export.method.fold import fold_state
+from eigen_export.modeling import LayerRanks
+
+from .tiny_models import TINY, ptb_like_ids, tiny_hf_model
+
+CASES = [(name, mode) for name in TINY for mode in (("pre", "post") if name not in ("opt", "opt-postnorm", "mpt")
+                                                     else (None,))]
+
+
+def tiny_fold(name, mode, k_fraction, v_fraction=None):
+    """(hf model, original Decoder, folded Decoder, folded state, ranks, calibration) of a tiny model."""
+    hf = tiny_hf_model(name)
+    model = decoder_from_hf_model(hf)
+    layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False)
+    d = model.spec.head_dim
+    v_fraction = k_fraction if v_fraction is None else v_fraction
+    ranks = [LayerRanks(max(1, int(d * k_fraction)), max(1, int(d * v_fraction)))] * model.spec.num_layers
+    state = fold_state(model.state_dict(), [(c.basis_k, c.basis_v) for c in layers], ranks, model.spec, mode)
+    return hf, model, build_decoder(hf.config, state, ranks, mode), state, ranks, layers
+
+
+def write_tiny_folded(tmp_path, name="llama-gqa", mode="post"):
+    """A tiny fold written as a folded/ artifact under tmp_path: (its directory, the folded Decoder)."""
+    hf, model, folded, state, ranks, _ = tiny_fold(name, mode, 0.5, 0.75)
+    fields = dict(model_type=hf.config.model_type, family=model.spec.family, source="tiny", rope_mode=mode,
+                  num_layers=model.spec.num_layers, num_heads=model.spec.num_heads,
+                  num_kv_heads=model.spec.num_kv_heads, head_dim=model.spec.head_dim,
+                  softmax_scale=model.spec.softmax_scale, ranks=[[r.k, r.v] for r in ranks], kv_ratio=0.5,
+                  layer_errors=[0.0] * len(ranks), calibration={"dataset": "random"})
+    out = tmp_path / "folded"
+    write_folded(out, hf.config, state, fields)
+    return out, folded

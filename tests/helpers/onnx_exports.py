@@ -1,0 +1,32 @@
+"""Tiny models exported to ONNX once per test session, shared by tests/backends/test_export.py and test_plugin_graph.py."""
+from tests.helpers.stages import export
+from eigen_export import load
+from eigen_export.backends import OnnxRuntimeBackend
+from tests.helpers.folds import write_tiny_folded
+from tests.helpers.tiny_models import tiny_hf_model
+
+
+class Exports:
+    """Lazily exported tiny models: (model dir, ONNX dir, reference Decoder, ORT backend) per case."""
+
+    def __init__(self, root):
+        self.root = root
+        self.cache = {}
+
+    def get(self, name, kind, dtype="fp32"):
+        key = (name, kind, dtype)
+        if key not in self.cache:
+            self.cache[key] = self._make(name, kind, dtype)
+        return self.cache[key]
+
+    def _make(self, name, kind, dtype):
+        base = self.root / f"{name}-{kind}-{dtype}"
+        if kind == "original":
+            model_dir = base / "hf"
+            tiny_hf_model(name).save_pretrained(model_dir)
+        else:
+            model_dir, _ = write_tiny_folded(base, name, None if kind == "folded" else kind)
+        # one case also exercises the external-data layout, which large models need
+        onnx_dir = export(model_dir, dtype=dtype, external_data=(name, kind) == ("opt", "original"))
+        reference = load(model_dir)
+        return model_dir, onnx_dir, reference, OnnxRuntimeBackend(onnx_dir, threads=1)

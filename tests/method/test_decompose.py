@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from eigen_export.method.decompose import (CurvePoint, choose_by_budget, choose_by_energy, choose_by_kv_ratio,
+                                           eigenbasis, energy_rank, kv_ratio, layer_rank)
+
+
+def test_bases_are_orthonormal_and_sorted():
+    x = torch.randn(500, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    values, vectors = eigenbasis((x.T @ x)[None].repeat(3, 1, 1))
+    eye = torch.eye(16, dtype=torch.float64)
+    assert torch.allclose(vectors.transpose(-1, -2) @ vectors, eye.expand(3, 16, 16), atol=1e-10)
+    assert (values[:, :-1] >= values[:, 1:]).all()
+    # the eigenvalues of X^T X are the squared singular values of X
+    assert torch.allclose(values[0], torch.linalg.svdvals(x) ** 2, rtol=1e-8)
+
+
+def test_energy_rank_by_hand():
+    # energies 4, 3, 2, 1 of 10: cumulative shares 0.4, 0.7, 0.9, 1.0
+    e = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    assert [energy_rank(e, eps) for eps in (0.4, 0.41, 0.7, 0.71, 0.9, 0.95, 1.0)] == [1, 2, 2, 3, 3, 4, 4]
+    heads = torch.stack([e, torch.tensor([9.0, 0.5, 0.4, 0.1], dtype=torch.float64)])
+    assert layer_rank(heads, 0.9) == 3                 # max over heads: 3 and 1
+    assert layer_rank(heads, 0.9, multiple=8) == 4     # rounded up, capped at head_dim
+    with pytest.raises(ValueError):
+        energy_rank(e, 0.0)
+
+
+def test_kv_ratio_counts_both_caches():
+    assert kv_ratio([(64, 64), (32, 32)], head_dim=64) == pytest.approx(0.75)
+    assert kv_ratio([(40, 24)], head_dim=64) == pytest.approx(0.5)
+
+
+def _curves():
+    # two layers; layer 0 degrades fast, layer 1 slowly
+    return [
+        [CurvePoint(1.0, 8, 8, 0.0), CurvePoint(0.9, 6, 6, 0.10), CurvePoint(0.8, 4, 4, 0.30)],
+        [CurvePoint(1.0, 8, 8, 0.0), CurvePoint(0.9, 6, 6, 0.02), CurvePoint(0.8, 4, 4, 0.05)],
+    ]
+
+
+def test_budget_rule_takes_cheapest_passing_point():
+    chosen = choose_by_budget(_curves(), 0.05)
+    assert [(p.rank_k, p.rank_v) for p in chosen] == [(8, 8), (4, 4)]
+
+
+def test_kv_ratio_allocation_meets_target_with_least_worst_error():
+    chosen, budget = choose_by_kv_ratio(_curves(), 0.75, head_dim=8, metric="error")   # 24 of 32 dims
+    assert sum(p.cost for p in chosen) <= 24
+    assert budget == pytest.approx(0.05)            # (8,8)+(4,4) = 24 dims at worst error 0.05 beats 0.10
+    assert [(p.rank_k, p.rank_v) for p in chosen] == [(8, 8), (4, 4)]
+    with pytest.raises(ValueError, match="below the smallest ratio"):
+        choose_by_kv_ratio(_curves(), 0.4, head_dim=8)
+
+
+def test_allocation_metric_is_selectable():
+    # the update-relative errors rank the layers the other way round: layer 1 is now the fragile one
+    curves = [[CurvePoint(p.eps, p.rank_k, p.rank_v, p.error, update_error=u) for p, u in zip(curve, errs)]
+              for curve, errs in zip(_curves(), ([0.0, 0.02, 0.05], [0.0, 0.10, 0.30]))]
+    chosen, budget = choose_by_kv_ratio(curves, 0.75, head_dim=8, metric="update_error")
+    assert [(p.rank_k, p.rank_v) for p in chosen] == [(4, 4), (8, 8)] and budget == pytest.approx(0.05)
+    chosen, _ = choose_by_kv_ratio(curves, 0.75, head_dim=8, metric="error")
+    assert [(p.rank_k, p.rank_v) for p in chosen] == [(8, 8), (4, 4)]
+
+
+def test_energy_allocation_takes_one_threshold_for_all_layers():
+    flat = torch.ones(1, 8, dtype=torch.float64)                       # every dim holds 1/8 of the energy
+    steep = torch.tensor([[64.0, 32, 16, 8, 4, 2, 1, 1]], dtype=torch.float64)
+    pairs, eps = choose_by_energy([(flat, steep), (steep, flat)], target=0.75, head_dim=8)
+    assert kv_ratio(pairs, 8) <= 0.75
+    # one threshold: the flat spectrum needs many more dims than the steep one for the same share
+    assert pairs[0][0] > pairs[0][1] and pairs[1][1] > pairs[1][0]
+    assert [energy_rank(flat[0], eps), energy_rank(steep[0], eps)] == list(pairs[0])
+    assert choose_by_energy([(flat, flat)], 1.0, 8)[0] == [(8, 8)]
+    with pytest.raises(ValueError, match="below what rank 1"):
+        choose_by_energy([(flat, flat)], 0.05, 8)

@@ -1,0 +1,96 @@
+"""`eigen-export engine` / `make engine`: every stage, skipped when current, redone when its inputs change."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eigen_export.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A random model: its accuracy limits are not the point here (tests/stages/test_validate.py covers them on a
+# trained mini), so they are opened up; the backend parity limits stay the fp32 defaults.
+TINY_RECIPE = """[model]
+source = "{source}"
+family = "llama"
+
+[calibration]
+nsamples = 4
+seqlen = 64
+
+[compress]
+kv_ratio = {kv_ratio}
+
+[engine]
+max_batch = 2
+max_context = 128
+
+[validate]
+windows = 2
+seqlen = 64
+generate_steps = 4
+latency_contexts = [16]
+latency_batches = [1]
+latency_repeats = 1
+decode_steps = 2
+min_top1 = 0.0
+max_layer_error = 2.0
+max_kl = 5.0
+"""
+
+
+def stage_records(root):
+    return [root / "calib" / "calib.json", root / "folded" / "eigen.json", root / "onnx" / "io.json",
+            root / "engine" / "build.json", root / "report" / "report.json"]
+
+
+def test_engine_runs_every_stage_then_skips_current_ones(tiny_llama_dir, tmp_path, capsys):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(source=tiny_llama_dir, kv_ratio=0.7))
+    build = tmp_path / "build"
+    assert main(["engine", str(recipe), "--build-dir", str(build)]) == 0
+    out = capsys.readouterr().out
+    root = build / "tiny"
+    assert "engine: onnxruntime" in out and "parity report PASS" in out
+    assert "TensorRT" not in out or "not" in out               # never claims a TensorRT engine
+    stamps = {p: p.stat().st_mtime_ns for p in stage_records(root)}
+    assert main(["engine", str(recipe), "--build-dir", str(build)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps       # every stage skipped
+    recipe.write_text(TINY_RECIPE.format(source=tiny_llama_dir, kv_ratio=0.5))
+    assert main(["engine", str(recipe), "--build-dir", str(build)]) == 0
+    changed = [p.parent.name for p in stamps if p.stat().st_mtime_ns != stamps[p]]
+    assert changed == ["folded", "onnx", "engine", "report"]             # the calibration was reused
+    assert json.loads((root / "report" / "report.json").read_text())["compression"]["kv_ratio"] <= 0.5
+    stamps = {p: p.stat().st_mtime_ns for p in stamps}
+    assert main(["engine", str(recipe), "--build-dir", str(build), "--force"]) == 0
+    assert all(p.stat().st_mtime_ns > t for p, t in stamps.items())
+
+
+def test_engine_rejects_unknown_model(tmp_path, capsys):
+    assert main(["engine", "no-such-recipe", "--build-dir", str(tmp_path)]) == 2
+    assert "neither a recipe" in capsys.readouterr().err
+
+
+def test_engine_checks_the_recipe_family(tiny_llama_dir, tmp_path, capsys):
+    recipe = tmp_path / "wrong.toml"
+    recipe.write_text(TINY_RECIPE.format(source=tiny_llama_dir, kv_ratio=0.7).replace('"llama"', '"opt"'))
+    assert main(["engine", str(recipe), "--build-dir", str(tmp_path / "build")]) == 2
+    assert "says family 'opt' but" in capsys.readouterr().err
+    assert not (tmp_path / "build").exists()                     # failed before writing anything
+
+
+@pytest.mark.slow
+def test_make_engine_on_the_opt_mini_end_to_end(tmp_path):
+    """What the README promises, on the project's OPT mini: `make engine MODEL=...` exits 0 with a passing report."""
+    env = {**os.environ, "PY": sys.executable}
+    proc = subprocess.run(["make", "-s", "engine", "MODEL=ptb-opt-mini", f"ENGINE_ARGS=--build-dir {tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "parity report PASS" in proc.stdout
+    report = json.loads((tmp_path / "ptb-opt-mini" / "report" / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["accuracy"]["kv_ratio"] <= 0.7
+    assert len(report["sweep"]) == 4                            # the mini recipe's perplexity-vs-ratio points
+    assert report["accuracy"]["perplexity_folded"] < 1.05 * report["accuracy"]["perplexity_original"]
