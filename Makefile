@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m
 ENGINE_ARGS ?=
-# a GPU machine adds tensorrt,hub (TensorRT from NVIDIA's index; datasets for WikiText-2)
-EXTRAS ?= onnx,report,dev
+# a CUDA machine: EXTRAS=onnx,gpu,report,dev,tensorrt,hub (onnxruntime-gpu instead of ort; TensorRT from
+# NVIDIA's index; datasets for WikiText-2)
+EXTRAS ?= onnx,ort,report,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

@@ -26,7 +26,7 @@ def machine() -> dict:
 
 
 def versions(packages=("eigen_export", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-extensions",
-                       "triton", "tensorrt")) -> dict:
+                       "polygraphy", "triton", "tensorrt")) -> dict:
     found = {"python": platform.python_version()}
     for name in packages:
         try:

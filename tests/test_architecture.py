@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eigen_export"
 PYPROJECT = PACKAGE.parent / "pyproject.toml"
 # imported inside the function that needs them, so that --help and the CPU path never load them
 HEAVY_OPTIONAL = {"onnx", "onnxruntime", "onnxruntime_extensions", "onnxscript", "onnx_ir", "tensorrt", "triton",
-                  "matplotlib"}
+                  "matplotlib", "polygraphy", "onnx_graphsurgeon"}
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess:

@@ -11,14 +11,14 @@ from .layout import BUILD_JSON
 from .records import check_format, read_json_record
 
 BUILD_FORMAT = "eigen_export.engine"
-BUILD_VERSION = 1
+BUILD_VERSION = 2              # 2: graph_nodes (the graph TensorRT parsed: node counts before/after folding)
 REBUILD = "run `eigen-export build --force`"
 ENGINE_BACKENDS = ("tensorrt", "onnxruntime")
 # Keys of build.json; every one is written, None where it does not apply to the backend.
 SIDECAR_KEYS = (
     "format", "version", "backend", "engine_file", "graph", "graph_file", "graph_note", "onnx_sha256",
     "source_sha256", "dtype", "num_layers", "num_heads", "num_kv_heads", "ranks", "rope_mode", "positions",
-    "max_batch", "max_context", "profiles", "tensorrt_version", "gpu_name", "compute_capability",
+    "max_batch", "max_context", "profiles", "graph_nodes", "tensorrt_version", "gpu_name", "compute_capability",
     "timing_cache", "onnxruntime_version", "providers", "graph_optimization_level", "build_seconds",
     "build_cpu_seconds", "eigen_export_version",
 )

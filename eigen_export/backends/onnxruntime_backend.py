@@ -38,6 +38,9 @@ from .base import check_step_inputs
 
 log = logging.getLogger("eigen_export")
 
+# onnxruntime and onnxruntime-gpu install the same module: one extra each, never both in one environment
+ORT_HINT = "pip install 'eigen_export[onnx,ort]' (on a CUDA machine 'eigen_export[onnx,gpu]' instead)"
+
 
 
 def default_providers() -> list[str]:
@@ -97,7 +100,7 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise EigenExportError("the onnxruntime backend needs onnxruntime: pip install 'eigen_export[onnx]'") \
+            raise EigenExportError(f"the onnxruntime backend needs onnxruntime: {ORT_HINT}") \
                 from None
         self.onnx_dir = Path(onnx_dir)
         self.io = read_io(self.onnx_dir)
@@ -249,7 +252,7 @@ def build_onnxruntime(onnx_dir: Path, io: OnnxIO, tmp: Path) -> dict:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise EigenExportError("the onnxruntime build needs onnxruntime: pip install 'eigen_export[onnx]'") from None
+        raise EigenExportError(f"the onnxruntime build needs onnxruntime: {ORT_HINT}") from None
     source = onnx_dir / io.model
     external = bool(io.external_data) or source.stat().st_size > (1 << 30)
     options = ort.SessionOptions()

@@ -1,4 +1,11 @@
-"""A TensorRT engine (`eigen-export build`) behind the Backend interface (DESIGN 7).
+"""A TensorRT engine (`eigen-export build`) behind the Backend interface (DESIGN 7), and its build.
+
+Built and deserialized through Polygraphy's loaders (create_network, CreateConfig + Profile with the timing
+cache, EngineBytesFromNetwork, engine_from_bytes), which NVIDIA tests against every TensorRT release.
+Executed by hand on the execution context, not by Polygraphy's TrtRunner: the runner writes each output into
+a buffer of its own that the next call reuses, and the decode loop feeds every present back as the next
+past, so a present would be overwritten by the very step that reads it (or must be copied out each step).
+The two capacity buffers below avoid both.
 
 The engine has two optimization profiles (build.json lists them): 0 = prefill (past 0, seq 1..max_context),
 1 = decode (seq 1, past 1..max_context-1). forward() picks one by the past length, sets the input shapes,
@@ -33,6 +40,7 @@ from ..artifacts.onnx_io import read_io
 from ..dtypes import dtype
 from ..errors import EigenExportError
 from .base import check_step_inputs
+from .onnx_sanitize import quiet_polygraphy, sanitize
 from .onnxruntime_backend import _use_count
 
 log = logging.getLogger("eigen_export")
@@ -73,7 +81,7 @@ class TensorRTBackend:
             raise EigenExportError(f"{self.engine_dir} holds an ONNX Runtime session, not a TensorRT engine: "
                                    "run it with --backend onnxruntime, or rebuild with `eigen-export build "
                                    "--backend tensorrt --force` on a machine with TensorRT and a GPU")
-        trt = _import_tensorrt()
+        _import_tensorrt()
         if not torch.cuda.is_available():
             raise EigenExportError("the tensorrt backend needs a CUDA GPU and a CUDA build of torch; none is "
                                    "available here: use --backend onnxruntime")
@@ -82,13 +90,7 @@ class TensorRTBackend:
             register()          # harmless for AOT plugin layers; needed if the engine holds the JIT path
         self.io = read_io(self.engine_dir)
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        plan = (self.engine_dir / self.build["engine_file"]).read_bytes()
-        self.engine = self.runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise EigenExportError(f"TensorRT could not load {self.engine_dir / self.build['engine_file']}: "
-                                   "run `eigen-export build --force`")
+        self.engine = _load_engine(self.engine_dir / self.build["engine_file"])
         self._check_engine()
         self.context = self.engine.create_execution_context()
         self.max_batch, self.max_context = int(self.build["max_batch"]), int(self.build["max_context"])
@@ -175,6 +177,18 @@ class TensorRTBackend:
                                    "(seq 1); feed the new tokens one at a time")
 
 
+def _load_engine(plan: Path):
+    """The deserialized engine, through Polygraphy's loader; a damaged plan is a one-line error."""
+    from polygraphy.backend.trt import engine_from_bytes
+    from polygraphy.exception import PolygraphyException
+
+    with quiet_polygraphy():
+        try:
+            return engine_from_bytes(plan.read_bytes())
+        except PolygraphyException:
+            raise EigenExportError(f"TensorRT could not load {plan}: run `eigen-export build --force`") from None
+
+
 def _import_tensorrt():
     try:
         import tensorrt as trt
@@ -220,67 +234,75 @@ def runtime_env(onnx_sha256: str | None = None) -> RuntimeEnv:
 
 
 # -- the build ------------------------------------------------------------------------------------------------
-def _trt_logger(trt):
-    level = trt.Logger.VERBOSE if log.isEnabledFor(logging.DEBUG) else trt.Logger.WARNING
-    return trt.Logger(level)
+def graph_for_parser(path: Path, graph: str) -> tuple[bytes, dict]:
+    """The serialized graph TensorRT parses, and its node counts (build.json `graph_nodes`).
 
-
-def _graph_for_parser(path: Path, graph: str) -> bytes:
-    """The serialized graph to parse: for the plugin graph, a copy whose plugin nodes carry `aot=1`, the
-    attribute that makes TensorRT's parser take the plugin's AOT implementation (compiled kernel, no Python
-    at run time) instead of its JIT one (https://github.com/NVIDIA/TensorRT/tree/main/samples/python/
-    quickly_deployable_plugins#onnx-model-with-an-aot-plugin). Weights stay external, read from beside `path`."""
+    The export, folded further by Polygraphy where that removes nodes (backends/onnx_sanitize.py); for the
+    plugin graph, each plugin node carries `aot=1`, the attribute that makes TensorRT's parser take the
+    plugin's AOT implementation (compiled kernel, no Python at run time) instead of its JIT one
+    (https://github.com/NVIDIA/TensorRT/tree/main/samples/python/quickly_deployable_plugins#onnx-model-with-an-
+    aot-plugin). External weights stay where they are, read from beside `path`. The file is not changed."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    sanitized = sanitize(path)
+    model = sanitized.model
     if graph == "plugin":
         for node in model.graph.node:
             if node.op_type == PLUGIN_NAME and not any(a.name == "aot" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("aot", 1))
-    return model.SerializeToString()
+    return model.SerializeToString(), sanitized.record()
+
+
+def polygraphy_profile(profile: dict):
+    """One of stages.build.optimization_profiles as Polygraphy's Profile (input -> min/opt/max shapes)."""
+    from polygraphy.backend.trt import Profile
+
+    trt_profile = Profile()
+    for name, shape in profile["shapes"].items():
+        trt_profile.add(name, shape["min"], shape["opt"], shape["max"])
+    return trt_profile
 
 
 def build_tensorrt(graph_path: Path, graph: str, profiles: list[dict], plan_path: Path, cache_path: Path) -> dict:
+    """The engine through Polygraphy's loaders: network, builder config with the two profiles and the timing
+    cache, the serialized engine (Polygraphy locks the cache file while it merges this build's timings in)."""
     import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, create_network
+    from polygraphy.backend.trt.util import get_trt_logger
+    from polygraphy.exception import PolygraphyException
 
     if graph == "plugin":
         try:
             register()
         except RuntimeError as e:
             raise EigenExportError(str(e)) from None
-    logger = _trt_logger(trt)
-    builder = trt.Builder(logger)
+    model_bytes, nodes = graph_for_parser(graph_path, graph)
     # Strongly typed: every tensor keeps the ONNX graph's type (fp16/bf16 exports stay so; softmax and norm
-    # accumulation in fp32 is in the graph). TensorRT 11 removed the FP16/BF16 builder flags and ignores
-    # this flag (always strongly typed); TensorRT 10 needs it.
-    # https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Builder.html
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if flag is None else 1 << int(flag))
-    parser = trt.OnnxParser(network, logger)
-    # parse(model bytes, path): the path tells the parser where external weights live
-    # https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/parsers/Onnx/pyOnnx.html
-    if not parser.parse(_graph_for_parser(graph_path, graph), str(graph_path)):
-        errors = "; ".join(str(parser.get_error(i)).strip().replace("\n", " ") for i in range(parser.num_errors))
-        raise EigenExportError(f"TensorRT could not parse {graph_path.name}: {errors}")
-    config = builder.create_builder_config()
-    for profile in profiles:
-        trt_profile = builder.create_optimization_profile()
-        for name, shape in profile["shapes"].items():
-            trt_profile.set_shape(name, shape["min"], shape["opt"], shape["max"])
-        config.add_optimization_profile(trt_profile)        # index = position in `profiles` (0 prefill, 1 decode)
-    # Timing cache: loaded from disk when present, extended by this build, written back
-    # (https://docs.nvidia.com/deeplearning/tensorrt/latest/performance/builder-performance.html#timing-cache).
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EigenExportError(f"TensorRT could not build an engine from {graph_path.name} (run with -v for its log)")
+    # accumulation in fp32 is in the graph). TensorRT 11 removed the flag (always strongly typed) and the
+    # FP16/BF16 builder flags; TensorRT 10 needs it.
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    with quiet_polygraphy():
+        try:
+            builder, network = create_network(strongly_typed=strongly_typed)
+            # Parsed here rather than by NetworkFromOnnxPath / NetworkFromOnnxBytes: the graph parsed is not the
+            # file (aot=1, folded), and only parse(bytes, path) tells the parser where external weights live
+            # (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/parsers/Onnx/pyOnnx.html).
+            parser = trt.OnnxParser(network, get_trt_logger())
+            if not parser.parse(model_bytes, str(graph_path)):
+                errors = "; ".join(str(parser.get_error(i)).strip().replace("\n", " ")
+                                   for i in range(parser.num_errors))
+                raise EigenExportError(f"TensorRT could not parse {graph_path.name}: {errors}")
+            # index = position in `profiles` (0 prefill, 1 decode): TensorRTBackend selects them by index
+            config = CreateConfig(profiles=[polygraphy_profile(p) for p in profiles],
+                                  load_timing_cache=str(cache_path) if cache_path.exists() else None)
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            plan = EngineBytesFromNetwork((builder, network, parser), config=config,
+                                          save_timing_cache=str(cache_path))()
+        except PolygraphyException as e:
+            raise EigenExportError(f"TensorRT could not build an engine from {graph_path.name} "
+                                   f"({str(e).strip().splitlines()[-1]}; run with -v for its log)") from None
     plan_path.write_bytes(bytes(plan))
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_cache = cache_path.with_name(cache_path.name + ".tmp")
-    tmp_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    tmp_cache.replace(cache_path)                          # atomic: a concurrent build reads old or new, never half
     capability = torch.cuda.get_device_capability()
-    return {"engine_file": plan_path.name, "profiles": profiles, "tensorrt_version": trt.__version__,
-            "gpu_name": torch.cuda.get_device_name(), "compute_capability": f"{capability[0]}.{capability[1]}",
-            "timing_cache": str(cache_path)}
+    return {"engine_file": plan_path.name, "profiles": profiles, "graph_nodes": nodes,
+            "tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(),
+            "compute_capability": f"{capability[0]}.{capability[1]}", "timing_cache": str(cache_path)}

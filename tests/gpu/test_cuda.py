@@ -41,3 +41,37 @@ def test_folded_model_on_cuda(name, mode, dtype):
         step = gpu(nxt, mask2, default_position_ids(mask2, ids.shape[1]), past)[0][:, -1]
         full = gpu(torch.cat([ids.cuda(), nxt], 1), mask2)[0][:, -1]
         assert (step.float() - full.float()).abs().max().item() <= TOLERANCE[dtype]
+
+
+def _cuda_provider() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _cuda_provider(), reason="onnxruntime-gpu (the `gpu` extra) is not installed")
+def test_onnxruntime_gpu_keeps_the_cache_on_the_gpu(exports):
+    """With onnxruntime-gpu the backend takes the CUDA provider, binds CUDA memory, returns presents on the GPU,
+    and matches the CPU session of the same export (fp32; kernels differ: 1e-3)."""
+    from eigen_export.backends import OnnxRuntimeBackend
+
+    _, onnx_dir, _, _ = exports.get("llama-gqa", "post")
+    gpu = OnnxRuntimeBackend(onnx_dir)
+    cpu = OnnxRuntimeBackend(onnx_dir, providers=["CPUExecutionProvider"])
+    assert gpu.providers[0] == "CUDAExecutionProvider" and gpu.device.type == "cuda"
+    ids = ptb_like_ids(2, 9, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    positions = default_position_ids(mask, 0)
+    logits, past = gpu.forward(ids.cuda(), mask.cuda(), positions.cuda(), None)
+    assert logits.is_cuda and all(k.is_cuda and v.is_cuda for k, v in past)
+    want, want_past = cpu.forward(ids, mask, positions, None)
+    assert (logits.cpu() - want)[mask.bool()].abs().max().item() <= 1e-3
+    step = torch.tensor([[3], [4]])
+    mask2 = torch.cat([mask, torch.ones_like(step)], 1)
+    positions2 = default_position_ids(mask2, 9)
+    got, _ = gpu.forward(step.cuda(), mask2.cuda(), positions2.cuda(), past)      # the cache never left the GPU
+    want, _ = cpu.forward(step, mask2, positions2, want_past)
+    assert (got.cpu() - want).abs().max().item() <= 1e-3

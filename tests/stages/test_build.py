@@ -90,7 +90,7 @@ def test_sidecar_round_trip_and_rejections(tmp_path):
     with pytest.raises(EigenExportError, match=r"unknown keys \['colour'\].*eigen-export build --force"):
         read_build(tmp_path)
     (tmp_path / BUILD_JSON).write_text(json.dumps({**data, "version": 99}))
-    with pytest.raises(EigenExportError, match="version 99, this eigen_export reads version 1"):
+    with pytest.raises(EigenExportError, match=f"version 99, this eigen_export reads version {BUILD_VERSION}"):
         read_build(tmp_path)
     missing = dict(data)
     del missing["profiles"]
@@ -223,7 +223,7 @@ def test_graph_choice_and_the_aot_attribute(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from eigen_export.backends.tensorrt_backend import _graph_for_parser
+    from eigen_export.backends.tensorrt_backend import graph_for_parser
     from eigen_export.stages.build import _pick_graph
 
     (tmp_path / "model_plugin.onnx").write_bytes(b"")
@@ -244,10 +244,28 @@ def test_graph_choice_and_the_aot_attribute(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     path = tmp_path / "model_plugin.onnx"
     onnx.save(helper.make_model(graph), str(path))
-    parsed = onnx.load_from_string(_graph_for_parser(path, "plugin"))
+    parsed_bytes, nodes = graph_for_parser(path, "plugin")
+    parsed = onnx.load_from_string(parsed_bytes)
+    assert nodes == {"before": 2, "after": 2, "folded": False, "note": "folding removed no node"}
     attrs = {a.name: helper.get_attribute_value(a) for a in parsed.graph.node[0].attribute}
     assert attrs["aot"] == 1 and attrs["plugin_namespace"] == b"eigen_export" and attrs["num_heads"] == 4
     assert not any(a.name == "aot" for a in parsed.graph.node[1].attribute)
     assert not any(a.name == "aot" for a in onnx.load(str(path)).graph.node[0].attribute)
-    standard = onnx.load_from_string(_graph_for_parser(path, "standard"))
+    standard = onnx.load_from_string(graph_for_parser(path, "standard")[0])
     assert not any(a.name == "aot" for a in standard.graph.node[0].attribute)
+
+
+def test_profiles_become_polygraphys_profiles():
+    """What build_tensorrt hands Polygraphy's CreateConfig: one Profile per optimization profile, every input,
+    the same min/opt/max (Polygraphy imports TensorRT lazily: this runs without it)."""
+    pytest.importorskip("polygraphy")
+    from eigen_export.backends.tensorrt_backend import polygraphy_profile
+
+    prefill, decode = optimization_profiles(IO, BuildSettings(max_batch=8, max_context=4096))
+    for ours in (prefill, decode):
+        theirs = polygraphy_profile(ours)
+        assert list(theirs) == [e["name"] for e in IO.inputs]
+        for name, shape in ours["shapes"].items():
+            assert list(theirs[name]) == [shape["min"], shape["opt"], shape["max"]]
+    assert list(polygraphy_profile(decode)["past_key_values.0.value"]) == [[1, 2, 1, 56], [4, 2, 2048, 56],
+                                                                          [8, 2, 4095, 56]]

@@ -111,6 +111,11 @@ def test_standard_graph_engine_agrees_with_the_plugin_engine(tiny, plugin_engine
                        max_context=MAX_CONTEXT)
     sidecar = read_build(engine_dir)
     assert sidecar["graph"] == "standard" and "the baseline engine of this test" in sidecar["graph_note"]
+    import onnx
+
+    nodes = sidecar["graph_nodes"]          # Polygraphy's folding before the parse: counted, kept only if smaller
+    assert nodes["before"] == len(onnx.load(str(standard_onnx / "model.onnx")).graph.node)
+    assert nodes["after"] <= nodes["before"] and nodes["folded"] == (nodes["after"] < nodes["before"])
     standard, plugin = TensorRTBackend(engine_dir), TensorRTBackend(plugin_engine)
     ids, mask = _left_padded(2, 11)
     positions = default_position_ids(mask, 0)
