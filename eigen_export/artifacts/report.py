@@ -30,13 +30,15 @@ def report_owner(report_dir: str | Path) -> dict | None:
     return {"folded_sha256": old.get("folded_sha256"), "model": old.get("model", "unknown")}
 
 
-def write_report(out: Path, report: dict) -> None:
-    """report.md and the plots, then report.json (last: marks completion), replacing `out` atomically."""
+def write_report(out: Path, report: dict) -> dict:
+    """report.md and the plots, then report.json (last: marks completion), replacing `out` atomically; returns
+    the record as written."""
     report = {"format": REPORT_FORMAT, "version": REPORT_VERSION, **report}
     with atomic_dir(out, force=True) as tmp:
         plots = render_plots(report, tmp)
         (tmp / REPORT_MD).write_text(render_markdown(report, plots))
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 def table(header: list[str], rows: list[list]) -> str:

@@ -333,8 +333,7 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     report = _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks,
                        device, {k: round(v, 1) for k, v in seconds.items()})
     report["inputs"] = report_inputs(layout, settings)
-    write_report(out, report)
-    return read_report(out)
+    return json.loads(json.dumps(write_report(out, report)))     # as a later read_report returns it: JSON types
 
 
 def _sweep(manifest, original, windows, ratios, calib_dir: Path, device: str) -> list[dict]:
