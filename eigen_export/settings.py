@@ -159,6 +159,11 @@ class ValidationSettings:
     dataset: str = "ptb"
     windows: int = 8                       # held-out windows for perplexity, top-1 and KL
     seqlen: int = 512
+    long_windows: int = 2                  # windows as long as the engine's max_context (a basis that only
+                                           # holds up to its calibration length fails there)
+    continuation_prompts: int = 4          # greedy continuations of real-text prompts, folded vs original
+    prompt_tokens: int = 32
+    continuation_tokens: int = 64
     generate_steps: int = 16               # greedy tokens compared between a backend and PyTorch
     sweep: tuple[float, ...] = ()          # extra KV ratios folded in memory for the perplexity-vs-ratio plot
     latency_contexts: tuple[int, ...] = (128, 512)
@@ -170,6 +175,8 @@ class ValidationSettings:
     min_top1: float = 0.6                  # next-token argmax agreement with the original
     max_kl: float = 0.6                    # mean KL(original || folded) per token, nats
     max_layer_error: float = 0.6           # relative error of any layer's output hidden state
+    min_continuation_prefix: float = 4.0   # mean length of the greedy continuation both models agree on (tokens)
+    max_top1_drop: float = 0.05            # next-token accuracy on the held-out text: original minus folded
     # layer 2: backend vs folded PyTorch (fp32 defaults; fp16 engines need looser ones)
     backend_max_abs: float = 1e-3          # logits
     backend_min_cosine: float = 0.9999
@@ -179,7 +186,8 @@ class ValidationSettings:
     backend_min_greedy: float = 1.0        # fraction of greedy tokens equal to PyTorch's
 
     def __post_init__(self):
-        for key in ("windows", "seqlen", "generate_steps", "latency_repeats", "decode_steps"):
+        for key in ("windows", "seqlen", "long_windows", "continuation_prompts", "prompt_tokens",
+                    "continuation_tokens", "generate_steps", "latency_repeats", "decode_steps"):
             if getattr(self, key) < 1:
                 raise EigenExportError(f"[validate] {key} must be >= 1, got {getattr(self, key)}")
         for key in ("latency_contexts", "latency_batches"):
@@ -191,8 +199,11 @@ class ValidationSettings:
         for key in ("min_top1", "backend_min_top1", "backend_min_greedy", "backend_min_cosine"):
             if not 0 <= getattr(self, key) <= 1:
                 raise EigenExportError(f"[validate] {key} must lie in [0, 1], got {getattr(self, key)}")
-        for key in ("max_ppl_ratio", "max_kl", "max_layer_error", "backend_max_abs", "backend_max_kl",
-                    "backend_present_max_abs"):
+        if self.min_continuation_prefix > self.continuation_tokens:
+            raise EigenExportError(f"[validate] min_continuation_prefix {self.min_continuation_prefix} is more than "
+                                   f"the {self.continuation_tokens} continuation_tokens")
+        for key in ("max_ppl_ratio", "max_kl", "max_layer_error", "min_continuation_prefix", "max_top1_drop",
+                    "backend_max_abs", "backend_max_kl", "backend_present_max_abs"):
             if getattr(self, key) < 0:
                 raise EigenExportError(f"[validate] {key} must be >= 0, got {getattr(self, key)}")
 

@@ -39,6 +39,8 @@ decode_steps = 2
 min_top1 = 0.0
 max_layer_error = 2.0
 max_kl = 5.0
+min_continuation_prefix = 0.0
+max_top1_drop = 1.0
 """
 
 

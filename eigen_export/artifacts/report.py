@@ -63,17 +63,27 @@ def cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
+def trade(report: dict) -> str:
+    """The deployment trade in one clause: bytes saved against accuracy lost at the served context."""
+    mem, acc = report["memory"], report["accuracy"]
+    long, cont = acc["long_context"], acc["continuations"]
+    bytes_ratio = mem["kv_bytes_per_token_compressed"] / mem["kv_bytes_per_token_original"]
+    ppl = long["perplexity_folded"] / long["perplexity_original"] - 1
+    return (f"{bytes_ratio:.2f}x KV bytes, {ppl:+.1%} perplexity at {long['seqlen']} tokens, greedy continuations "
+            f"agree for {cont['mean_matching_prefix']:.1f} of {cont['tokens']} tokens")
+
+
 def verdict_line(report: dict) -> str:
     checks = report["checks"]
     failed = [c for c in checks if not c["passed"]]
     skipped = report["skipped"]
     tail = f"; {len(skipped)} backend(s) skipped, see below" if skipped else ""
     if not failed:
-        return f"**PASS**: all {len(checks)} checks passed{tail}."
+        return f"{trade(report)}: **PASS** (all {len(checks)} checks passed{tail})."
     worst = "; ".join(f"{c['layer']} / {c['name']} = {cell(c['value'])} (limit {c['op']} {cell(c['limit'])})"
                       for c in failed[:3])
     more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-    return f"**FAIL**: {len(failed)} of {len(checks)} checks failed: {worst}{more}{tail}."
+    return f"{trade(report)}: **FAIL** ({len(failed)} of {len(checks)} checks failed: {worst}{more}{tail})."
 
 
 def _latency(report: dict, backend: str, batch: int, context: int, phase: str) -> float | None:
@@ -89,10 +99,17 @@ def _summary(report: dict) -> str:
     def versus(orig, comp):
         return [orig, f"{cell(comp)} ({comp / orig:.2f}x)" if orig else cell(comp)]
 
+    long, cont = acc["long_context"], acc["continuations"]
     rows = [[f"KV cache bytes per token ({mem['kv_dtype']})",
              *versus(mem["kv_bytes_per_token_original"], mem["kv_bytes_per_token_compressed"])],
             [f"{settings['dataset']} test perplexity ({acc['windows']} x {acc['seqlen']})",
-             *versus(acc["perplexity_original"], acc["perplexity_folded"])]]
+             *versus(acc["perplexity_original"], acc["perplexity_folded"])],
+            [f"{settings['dataset']} test perplexity ({long['windows']} x {long['seqlen']}, the engine's context)",
+             *versus(long["perplexity_original"], long["perplexity_folded"])],
+            [f"next-token accuracy ({acc['windows']} x {acc['seqlen']})", acc["top1_accuracy_original"],
+             acc["top1_accuracy_folded"]],
+            [f"greedy continuation agreed with the original (mean of {cont['prompts']} prompts)",
+             f"{cont['tokens']} tokens", cont["mean_matching_prefix"]]]
     batch, context = settings["latency_batches"][-1], settings["latency_contexts"][-1]
     engine = f"{report['engine']['backend']} compressed"
     for phase, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms")):

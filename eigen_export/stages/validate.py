@@ -84,8 +84,10 @@ def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def accuracy_numbers(original, folded, windows: torch.Tensor, batch_size: int = 2) -> dict:
-    """Perplexity of both, top-1 agreement and KL per token over the windows; per-layer output errors."""
+    """Perplexity and next-token accuracy of both, top-1 agreement and KL per token over the windows;
+    per-layer output errors."""
     nll = {"original": 0.0, "folded": 0.0}
+    correct = {"original": 0, "folded": 0}
     agree, kl, tokens = 0.0, 0.0, 0
     device = next(original.parameters()).device
     for start in range(0, windows.shape[0], batch_size):
@@ -93,6 +95,7 @@ def accuracy_numbers(original, folded, windows: torch.Tensor, batch_size: int = 
         logits = {name: model(ids)[0][:, :-1].float() for name, model in (("original", original), ("folded", folded))}
         for name, lg in logits.items():
             nll[name] += F.cross_entropy(lg.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            correct[name] += (lg.argmax(-1) == ids[:, 1:]).sum().item()
         m = logit_metrics(logits["original"], logits["folded"])
         agree += m["top1"] * m["positions"]
         kl += m["kl"] * m["positions"]
@@ -101,14 +104,45 @@ def accuracy_numbers(original, folded, windows: torch.Tensor, batch_size: int = 
     errors = relative_errors(layer_outputs(original, probe), layer_outputs(folded, probe))
     return {"perplexity_original": math.exp(nll["original"] / tokens),
             "perplexity_folded": math.exp(nll["folded"] / tokens),
+            "top1_accuracy_original": correct["original"] / tokens, "top1_accuracy_folded": correct["folded"] / tokens,
             "top1_agreement": agree / tokens, "kl": kl / tokens, "layer_errors": errors,
             "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
 
 
+def long_context_numbers(original, folded, windows: torch.Tensor) -> dict:
+    """Perplexity of both on windows as long as the engine serves, one window at a time (a 2048-token window's
+    logits alone take 400 MB at SmolLM2's vocabulary)."""
+    return {"perplexity_original": perplexity(TorchBackend(original), windows, batch_size=1),
+            "perplexity_folded": perplexity(TorchBackend(folded), windows, batch_size=1),
+            "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
+
+
+@torch.no_grad()
+def continuation_numbers(original, folded, windows: torch.Tensor, s: ValidationSettings) -> dict:
+    """Greedy continuations of real-text prompts (each window's first prompt_tokens) by both models: how many
+    leading tokens they agree on, of continuation_tokens."""
+    prompts = windows[:s.continuation_prompts, :s.prompt_tokens]
+    want = generate(TorchBackend(original), prompts, max_new_tokens=s.continuation_tokens)
+    got = generate(TorchBackend(folded), prompts, max_new_tokens=s.continuation_tokens)
+    prefix = (want == got).long().cumprod(1).sum(1)                        # leading tokens equal, per prompt
+    return {"prompts": int(prompts.shape[0]), "prompt_tokens": int(prompts.shape[1]),
+            "tokens": s.continuation_tokens, "matching_prefix": prefix.tolist(),
+            "mean_matching_prefix": prefix.float().mean().item()}
+
+
 def accuracy_checks(numbers: dict, s: ValidationSettings) -> list[Check]:
     ratio = numbers["perplexity_folded"] / numbers["perplexity_original"]
-    return [Check("accuracy", "perplexity ratio folded/original", ratio, "<=", s.max_ppl_ratio),
+    long = numbers["long_context"]
+    cont = numbers["continuations"]
+    return [Check("accuracy", f"perplexity ratio folded/original at {numbers['seqlen']} tokens", ratio, "<=",
+                  s.max_ppl_ratio),
+            Check("accuracy", f"perplexity ratio folded/original at {long['seqlen']} tokens (the engine's context)",
+                  long["perplexity_folded"] / long["perplexity_original"], "<=", s.max_ppl_ratio),
             Check("accuracy", "top-1 agreement with the original", numbers["top1_agreement"], ">=", s.min_top1),
+            Check("accuracy", "next-token accuracy drop (original - folded)",
+                  numbers["top1_accuracy_original"] - numbers["top1_accuracy_folded"], "<=", s.max_top1_drop),
+            Check("accuracy", f"greedy continuations: mean tokens agreed (of {cont['tokens']})",
+                  cont["mean_matching_prefix"], ">=", s.min_continuation_prefix),
             Check("accuracy", "KL(original || folded) per token", numbers["kl"], "<=", s.max_kl),
             Check("accuracy", "worst layer output relative error", max(numbers["layer_errors"]), "<=",
                   s.max_layer_error)]
@@ -288,8 +322,10 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     available, skipped = available_backends(layout, build, io)
     started = time.perf_counter()
 
-    windows = eval_windows(load_tokenizer(layout.folded), settings.dataset, settings.seqlen, split="test",
-                           max_windows=settings.windows)
+    tokenizer = load_tokenizer(layout.folded)
+    windows = eval_windows(tokenizer, settings.dataset, settings.seqlen, split="test", max_windows=settings.windows)
+    long_windows = eval_windows(tokenizer, settings.dataset, build["max_context"], split="test",
+                                max_windows=settings.long_windows)
     # the fold's dtype (fp16 for the GPU recipes): two fp32 copies of a 7B model would not fit next to an engine
     opened = {name: factory() for name, factory in available.items()}    # a damaged engine fails now, not later
     original = load_model(manifest.source, dtype=manifest.dtype, device=device)
@@ -297,6 +333,9 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
     phase = time.perf_counter()
     accuracy = accuracy_numbers(original, folded, windows)
+    log.info("[validate] accuracy at the engine's context: %d x %d tokens", *long_windows.shape)
+    accuracy["long_context"] = long_context_numbers(original, folded, long_windows)
+    accuracy["continuations"] = continuation_numbers(original, folded, windows, settings)
     accuracy["kv_ratio"] = manifest.kv_ratio
     checks = accuracy_checks(accuracy, settings)
     seconds = {"accuracy": time.perf_counter() - phase}

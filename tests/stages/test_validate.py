@@ -1,5 +1,6 @@
 """The parity report (DESIGN 8): checks, thresholds from the recipe, rendering, bad input."""
 import json
+import re
 import shutil
 
 import pytest
@@ -111,6 +112,13 @@ def test_engine_writes_a_complete_passing_report(built):
         assert parity["prefill"]["max_abs"] < 1e-4 and parity["greedy_match"] == 1.0
     acc = report["accuracy"]
     assert acc["kv_ratio"] <= 0.7 and len(acc["layer_errors"]) == 4 and acc["perplexity_folded"] > 1
+    long, cont = acc["long_context"], acc["continuations"]
+    assert (long["seqlen"], long["windows"]) == (256, 2)      # the engine's max_context, the default 2 windows
+    assert long["perplexity_folded"] > 1 and long["perplexity_original"] > 1
+    assert (cont["prompts"], cont["prompt_tokens"], cont["tokens"]) == (2, 32, 64)     # 2 windows loaded
+    assert cont["mean_matching_prefix"] == sum(cont["matching_prefix"]) / 2
+    assert 0 < acc["top1_accuracy_folded"] <= 1
+    assert abs(acc["top1_accuracy_original"] - acc["top1_accuracy_folded"]) < 0.05
     assert [p["target"] for p in report["sweep"]] == [0.5] and report["sweep"][0]["kv_ratio"] <= 0.5
     points = {(r["backend"], r["batch"], r["context"]) for r in report["latency"]}
     assert len(points) == 3 * 2 * 2                          # original, compressed, onnxruntime
@@ -126,7 +134,9 @@ def test_engine_writes_a_complete_passing_report(built):
 def test_report_markdown_and_plots_render(built):
     root = built[0] / "report"
     md = (root / "report.md").read_text()
-    assert md.splitlines()[2].startswith("**PASS**")         # verdict first, under the title
+    verdict = md.splitlines()[2]                              # verdict first, under the title: the trade, then PASS
+    assert re.fullmatch(r"0\.\d\dx KV bytes, [+-]\d+\.\d% perplexity at 256 tokens, greedy continuations agree for "
+                        r"\d+\.\d of 64 tokens: \*\*PASS\*\* \(all \d+ checks passed\)\.", verdict), verdict
     lines = md.splitlines()
     tables = 0
     for i, line in enumerate(lines):
@@ -166,7 +176,7 @@ def test_a_perturbed_backend_fails_its_checks_and_the_exit_code(built, tmp_path,
     failed = {(c["layer"], c["name"]) for c in report["checks"] if not c["passed"]}
     assert ("parity: onnxruntime", "prefill logits max abs error") in failed
     assert all(layer == "parity: onnxruntime" for layer, _ in failed)           # the others still pass
-    assert (root / "report" / "report.md").read_text().splitlines()[2].startswith("**FAIL**")
+    assert ": **FAIL** (" in (root / "report" / "report.md").read_text().splitlines()[2]
 
 
 @pytest.mark.slow
@@ -177,8 +187,9 @@ def test_thresholds_come_from_the_recipe_and_the_command_line(built, tmp_path):
     check = next(c for c in report_of(root)["checks"] if c["name"] == "top-1 agreement with the original")
     assert check["limit"] == 1.0 and not check["passed"]
     assert main(["validate", str(root), "--recipe", str(built[1]), "--set", "max_ppl_ratio=0.5"]) == 1
-    check = next(c for c in report_of(root)["checks"] if c["name"] == "perplexity ratio folded/original")
-    assert check["limit"] == 0.5 and not check["passed"]
+    ratios = [c for c in report_of(root)["checks"] if c["name"].startswith("perplexity ratio folded/original")]
+    assert [c["name"].split(" at ")[1] for c in ratios] == ["128 tokens", "256 tokens (the engine's context)"]
+    assert all(c["limit"] == 0.5 and not c["passed"] for c in ratios)
 
 
 # -- bad input ------------------------------------------------------------------------------------------------
