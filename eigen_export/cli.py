@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.add_argument("--device", default=None, help="torch device for calibration and validation "
                                                   "(default: the recipe's, auto = CUDA when available)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip exporting and building the uncompressed model (the report's baseline engine): "
+                        "for machines short of disk")
     return parser
 
 
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args):
     if args.verb == "engine":
-        return run_engine(args.model, build_dir=Path(args.build_dir), force=args.force, device=args.device)
+        return run_engine(args.model, build_dir=Path(args.build_dir), force=args.force, device=args.device,
+                          baseline=args.baseline)
     if args.verb == "validate":
         return _validate(args)
     # every setting is checked before a model is resolved or loaded

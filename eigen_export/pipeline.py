@@ -43,8 +43,12 @@ def check_family(recipe: Recipe, source: str) -> None:
                                    f"{family!r} model: fix [model] family or source in the recipe")
 
 
-def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False, device: str | None = None) -> int:
-    """Every stage for one recipe; returns 0 when the parity report passes, 1 when a check fails."""
+def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False, device: str | None = None,
+               baseline: bool = True) -> int:
+    """Every stage for one recipe; returns 0 when the parity report passes, 1 when a check fails.
+
+    baseline: also export and build the uncompressed model the same way (build/<name>/original/), so that the
+    report compares engine with engine; False saves its disk (one more copy of the weights) and time."""
     recipe = recipe_for(model)
     source = recipe.resolved_source()
     device = device or recipe.resolved_device()
@@ -60,6 +64,10 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
     log.info("[export] %s", layout.onnx)
     run_build(layout.onnx, recipe.build, layout.engine, **stale)
     log.info("[build] %s", layout.engine)
+    if baseline:
+        run_export(source, recipe.export, layout.baseline_onnx, **stale)
+        run_build(layout.baseline_onnx, recipe.build, layout.baseline_engine, **stale)
+        log.info("[build] baseline (uncompressed) %s", layout.baseline_engine)
     report = run_validate(layout.root, recipe.validation, layout.report, device=device, **stale)
     print(f"{recipe.name}: KV ratio {report['compression']['kv_ratio']:.3f}, "
           f"{recipe.validation.dataset} perplexity {report['accuracy']['perplexity_original']:.2f} -> "

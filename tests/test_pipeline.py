@@ -46,7 +46,8 @@ max_top1_drop = 1.0
 
 def stage_records(root):
     return [root / "calib" / "calib.json", root / "folded" / "eigen.json", root / "onnx" / "io.json",
-            root / "engine" / "build.json", root / "report" / "report.json"]
+            root / "engine" / "build.json", root / "original" / "onnx" / "io.json",
+            root / "original" / "engine" / "build.json", root / "report" / "report.json"]
 
 
 def test_engine_runs_every_stage_then_skips_current_ones(tiny_llama_dir, tmp_path, capsys):
@@ -64,11 +65,27 @@ def test_engine_runs_every_stage_then_skips_current_ones(tiny_llama_dir, tmp_pat
     recipe.write_text(TINY_RECIPE.format(source=tiny_llama_dir, kv_ratio=0.5))
     assert main(["engine", str(recipe), "--build-dir", str(build)]) == 0
     changed = [p.parent.name for p in stamps if p.stat().st_mtime_ns != stamps[p]]
-    assert changed == ["folded", "onnx", "engine", "report"]             # the calibration was reused
+    assert changed == ["folded", "onnx", "engine", "report"]     # the calibration and the baseline were reused
+    report = json.loads((root / "report" / "report.json").read_text())
+    backends = {r["backend"] for r in report["latency"]}
+    assert "onnxruntime original" in backends and "onnxruntime compressed" in backends   # engine against engine
+    assert report["sizes_bytes"]["baseline_engine"] > 0 and report["engine"]["baseline_note"] is None
     assert json.loads((root / "report" / "report.json").read_text())["compression"]["kv_ratio"] <= 0.5
     stamps = {p: p.stat().st_mtime_ns for p in stamps}
     assert main(["engine", str(recipe), "--build-dir", str(build), "--force"]) == 0
     assert all(p.stat().st_mtime_ns > t for p, t in stamps.items())
+
+
+def test_no_baseline_skips_the_uncompressed_engine_and_the_report_says_so(tiny_llama_dir, tmp_path, capsys):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(source=tiny_llama_dir, kv_ratio=0.7))
+    assert main(["engine", str(recipe), "--build-dir", str(tmp_path / "build"), "--no-baseline"]) == 0
+    root = tmp_path / "build" / "tiny"
+    assert not (root / "original").exists()
+    report = json.loads((root / "report" / "report.json").read_text())
+    assert "no baseline engine" in report["engine"]["baseline_note"]
+    assert "onnxruntime original" not in {r["backend"] for r in report["latency"]}
+    assert "decode time" not in (root / "report" / "report.md").read_text().splitlines()[2]
 
 
 def test_engine_rejects_unknown_model(tmp_path, capsys):

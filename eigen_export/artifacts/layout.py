@@ -5,6 +5,7 @@
                  onnx/    model.onnx (+ .data), model_plugin.onnx, io.json
                  engine/  model.plan or model.onnx, io.json, build.json
                  report/  report.json, report.md, *.png
+                 original/onnx/, original/engine/   the uncompressed model exported and built the same way
     build/.trt-timing-cache   shared by every TensorRT build under build/
 Each stage writes its JSON record last: its presence marks a complete output.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CALIB_DIR, FOLDED_DIR, ONNX_DIR, ENGINE_DIR, REPORT_DIR = "calib", "folded", "onnx", "engine", "report"
+BASELINE_DIR = "original"          # the uncompressed model's own export and engine, the report's baseline
 
 BASES = "bases.safetensors"
 CALIB_JSON = "calib.json"
@@ -61,6 +63,14 @@ class BuildLayout:
     @property
     def report(self) -> Path:
         return self.root / REPORT_DIR
+
+    @property
+    def baseline_onnx(self) -> Path:
+        return self.root / BASELINE_DIR / ONNX_DIR
+
+    @property
+    def baseline_engine(self) -> Path:
+        return self.root / BASELINE_DIR / ENGINE_DIR
 
 
 def is_folded(path: str | Path) -> bool:

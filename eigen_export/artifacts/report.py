@@ -63,14 +63,24 @@ def cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _engines(report: dict) -> tuple[str, str]:
+    backend = report["engine"]["backend"]
+    return f"{backend} original", f"{backend} compressed"
+
+
 def trade(report: dict) -> str:
-    """The deployment trade in one clause: bytes saved against accuracy lost at the served context."""
-    mem, acc = report["memory"], report["accuracy"]
+    """The deployment trade in one clause: bytes and decode time saved against accuracy lost at the served
+    context (decode time: compressed engine / uncompressed engine at the largest batch and context timed)."""
+    mem, acc, settings = report["memory"], report["accuracy"], report["settings"]
     long, cont = acc["long_context"], acc["continuations"]
     bytes_ratio = mem["kv_bytes_per_token_compressed"] / mem["kv_bytes_per_token_original"]
     ppl = long["perplexity_folded"] / long["perplexity_original"] - 1
-    return (f"{bytes_ratio:.2f}x KV bytes, {ppl:+.1%} perplexity at {long['seqlen']} tokens, greedy continuations "
-            f"agree for {cont['mean_matching_prefix']:.1f} of {cont['tokens']} tokens")
+    batch, context = settings["latency_batches"][-1], settings["latency_contexts"][-1]
+    original, compressed = (_latency(report, name, batch, context, "decode_ms") for name in _engines(report))
+    speed = f"{compressed / original:.2f}x decode time at batch {batch} / {context}, " if original and compressed \
+        else ""
+    return (f"{bytes_ratio:.2f}x KV bytes, {speed}{ppl:+.1%} perplexity at {long['seqlen']} tokens, greedy "
+            f"continuations agree for {cont['mean_matching_prefix']:.1f} of {cont['tokens']} tokens")
 
 
 def verdict_line(report: dict) -> str:
@@ -110,17 +120,35 @@ def _summary(report: dict) -> str:
              acc["top1_accuracy_folded"]],
             [f"greedy continuation agreed with the original (mean of {cont['prompts']} prompts)",
              f"{cont['tokens']} tokens", cont["mean_matching_prefix"]]]
+    backend = report["engine"]["backend"]
+    engine_original, engine_compressed = _engines(report)
+    for batch in settings["latency_batches"]:
+        for context in settings["latency_contexts"]:
+            orig = _latency(report, engine_original, batch, context, "decode_ms")
+            comp = _latency(report, engine_compressed, batch, context, "decode_ms")
+            if comp is None:
+                continue
+            where = f"batch {batch}, context {context} (p50)"
+            rows.append([f"{backend} engine decode ms/token, {where}",
+                         *(versus(orig, comp) if orig else ["not built", comp])])
+            rows.append([f"{backend} engine tokens/s, {where}", *(versus(_rate(batch, orig), _rate(batch, comp))
+                                                                if orig else ["not built", _rate(batch, comp)])])
+            prefill = [_latency(report, name, batch, context, "prefill_ms") for name in _engines(report)]
+            rows.append([f"{backend} engine prefill ms, {where}",
+                         *(versus(*prefill) if prefill[0] else ["not built", prefill[1]])])
     batch, context = settings["latency_batches"][-1], settings["latency_contexts"][-1]
-    engine = f"{report['engine']['backend']} compressed"
-    for phase, label in (("decode_ms", "decode ms/token"), ("prefill_ms", "prefill ms")):
-        orig = _latency(report, "pytorch original", batch, context, phase)
-        comp = _latency(report, "pytorch compressed", batch, context, phase)
-        rows.append([f"PyTorch {label}, batch {batch}, context {context} (p50)", *versus(orig, comp)])
-        ours = _latency(report, engine, batch, context, phase)
-        if ours is not None:
-            rows.append([f"{report['engine']['backend']} {label}, batch {batch}, context {context} (p50)",
-                         "not exported", ours])
+    rows.append([f"PyTorch decode ms/token, batch {batch}, context {context} (p50)",
+                 *versus(_latency(report, "pytorch original", batch, context, "decode_ms"),
+                         _latency(report, "pytorch compressed", batch, context, "decode_ms"))])
+    sizes = report["sizes_bytes"]
+    rows.append(["engine size (bytes)", *(versus(sizes["baseline_engine"], sizes["engine"])
+                                         if sizes.get("baseline_engine") else ["not built", sizes["engine"]])])
     return table(["", "original", "compressed"], rows)
+
+
+def _rate(batch: int, ms: float | None) -> float | None:
+    """Tokens per second of a decode step over the whole batch."""
+    return batch * 1000.0 / ms if ms else None
 
 
 def render_markdown(report: dict, plots: list[str]) -> str:
@@ -129,7 +157,9 @@ def render_markdown(report: dict, plots: list[str]) -> str:
              f"KV ratio {comp['kv_ratio']:.3f} (rope mode {comp['rope_mode'] or 'n/a'}), engine backend "
              f"`{report['engine']['backend']}`, measured on {report['machine'].get('gpu') or report['machine']['cpu']} "
              f"({report['device']}), {report['created']}, commit `{report['git_commit'][:10]}`."
-             + (f" {report['engine']['note']}" if report["engine"].get("note") else ""),
+             + (f" {report['engine']['note']}" if report["engine"].get("note") else "")
+             + (f" Baseline engine: {report['engine']['baseline_note']}." if report["engine"].get("baseline_note")
+                else ""),
              _summary(report),
              "## Checks",
              table(["layer", "check", "value", "limit", "result"],

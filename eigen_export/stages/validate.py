@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..artifacts.calib import read_calibration
 from ..artifacts.engine import read_build
 from ..artifacts.folded import Manifest, load_model
-from ..artifacts.layout import BUILD_JSON, CALIB_JSON, IO_JSON, MANIFEST, BuildLayout
+from ..artifacts.layout import BUILD_JSON, CALIB_JSON, IO_JSON, MANIFEST, BuildLayout, is_engine
 from ..artifacts.onnx_io import OnnxIO, read_io
 from ..artifacts.report import read_report, report_owner, write_report
 from ..backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend, generate, perplexity
@@ -281,12 +281,31 @@ def available_backends(layout: BuildLayout, build: dict, io: OnnxIO) -> tuple[di
     return runnable, skipped
 
 
+def baseline_engine(layout: BuildLayout, build: dict, manifest: Manifest):
+    """(backend of the uncompressed model's engine, or None; why there is none). It counts only where it was
+    built from this fold's source, by the same backend as the compressed engine: engine against engine."""
+    if not is_engine(layout.baseline_engine):
+        return None, f"no baseline engine in {layout.baseline_engine} (make engine builds it unless --no-baseline)"
+    theirs = read_build(layout.baseline_engine)
+    source = read_io(layout.baseline_engine).source
+    if theirs["backend"] != build["backend"] or Path(source).resolve() != Path(manifest.source).resolve():
+        return None, (f"the engine in {layout.baseline_engine} is a {theirs['backend']} build of {source}, not a "
+                      f"{build['backend']} build of {manifest.source}: re-run `eigen-export engine`")
+    if build["backend"] == "tensorrt":
+        reason = tensorrt_unavailable()
+        if reason:
+            return None, f"{reason} on this machine: the baseline engine was not run"
+        return TensorRTBackend(layout.baseline_engine), None
+    return OnnxRuntimeBackend(layout.baseline_engine), None
+
+
 # -- the report -----------------------------------------------------------------------------------------------
 def report_inputs(layout: BuildLayout, settings: ValidationSettings) -> dict:
     """What a report was measured on: any change (a refold, a re-export, a rebuild, other settings) makes it stale."""
-    digest = {name: hashlib.sha256((path / record).read_bytes()).hexdigest()
-              for name, path, record in (("io_json_sha256", layout.onnx, IO_JSON),
-                                         ("build_json_sha256", layout.engine, BUILD_JSON))}
+    records = [("io_json_sha256", layout.onnx, IO_JSON), ("build_json_sha256", layout.engine, BUILD_JSON)]
+    if is_engine(layout.baseline_engine):
+        records.append(("baseline_build_json_sha256", layout.baseline_engine, BUILD_JSON))
+    digest = {name: hashlib.sha256((path / record).read_bytes()).hexdigest() for name, path, record in records}
     return {"folded_sha256": Manifest.read(layout.folded).weights_sha256, **digest,
             "settings": json.loads(json.dumps(dataclasses.asdict(settings)))}
 
@@ -358,6 +377,9 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     # the plugin graph on ONNX Runtime runs a Python op: its wiring is checked above, its speed means nothing
     timed = {"pytorch original": TorchBackend(original), "pytorch compressed": reference,
              **{f"{name} compressed": b for name, b in opened.items() if "plugin" not in name}}
+    baseline, baseline_note = baseline_engine(layout, build, manifest)
+    if baseline is not None:
+        timed[f"{build['backend']} original"] = baseline
     vocab = load_hf_config(layout.folded).vocab_size
     latency = []
     phase = time.perf_counter()
@@ -371,6 +393,7 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     seconds["total"] = time.perf_counter() - started
     report = _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks,
                        device, {k: round(v, 1) for k, v in seconds.items()})
+    report["engine"]["baseline_note"] = baseline_note
     report["inputs"] = report_inputs(layout, settings)
     return json.loads(json.dumps(write_report(out, report)))     # as a later read_report returns it: JSON types
 
@@ -423,7 +446,7 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
         "accuracy": accuracy, "sweep": sweep, "backends": backends, "skipped": skipped, "latency": latency,
         "memory": memory,
         "sizes_bytes": {"folded": dir_bytes(layout.folded), "onnx": dir_bytes(layout.onnx),
-                        "engine": dir_bytes(layout.engine)},
+                        "engine": dir_bytes(layout.engine), "baseline_engine": dir_bytes(layout.baseline_engine)},
         "checks": [c.record() for c in checks],
         "verdict": "fail" if failed else "pass", "failed": len(failed), "passed": len(checks) - len(failed),
         "seconds": seconds,

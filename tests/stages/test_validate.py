@@ -121,7 +121,8 @@ def test_engine_writes_a_complete_passing_report(built):
     assert abs(acc["top1_accuracy_original"] - acc["top1_accuracy_folded"]) < 0.05
     assert [p["target"] for p in report["sweep"]] == [0.5] and report["sweep"][0]["kv_ratio"] <= 0.5
     points = {(r["backend"], r["batch"], r["context"]) for r in report["latency"]}
-    assert len(points) == 3 * 2 * 2                          # original, compressed, onnxruntime
+    assert len(points) == 4 * 2 * 2                          # PyTorch and engine, each original and compressed
+    assert report["sizes_bytes"]["baseline_engine"] > report["sizes_bytes"]["engine"] > 0
     assert all(r["decode_ms"]["p50"] > 0 and r["prefill_ms"]["p90"] >= r["prefill_ms"]["p50"]
                for r in report["latency"])
     mem = report["memory"]
@@ -135,8 +136,9 @@ def test_report_markdown_and_plots_render(built):
     root = built[0] / "report"
     md = (root / "report.md").read_text()
     verdict = md.splitlines()[2]                              # verdict first, under the title: the trade, then PASS
-    assert re.fullmatch(r"0\.\d\dx KV bytes, [+-]\d+\.\d% perplexity at 256 tokens, greedy continuations agree for "
-                        r"\d+\.\d of 64 tokens: \*\*PASS\*\* \(all \d+ checks passed\)\.", verdict), verdict
+    assert re.fullmatch(r"0\.\d\dx KV bytes, \d\.\d\dx decode time at batch 2 / 64, [+-]\d+\.\d% perplexity at 256 "
+                        r"tokens, greedy continuations agree for \d+\.\d of 64 tokens: \*\*PASS\*\* "
+                        r"\(all \d+ checks passed\)\.", verdict), verdict
     lines = md.splitlines()
     tables = 0
     for i, line in enumerate(lines):
