@@ -347,6 +347,7 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
                                 max_windows=settings.long_windows)
     # the fold's dtype (fp16 for the GPU recipes): two fp32 copies of a 7B model would not fit next to an engine
     opened = {name: factory() for name, factory in available.items()}    # a damaged engine fails now, not later
+    baseline, baseline_note = baseline_engine(layout, build, manifest)
     original = load_model(manifest.source, dtype=manifest.dtype, device=device)
     folded = load_model(layout.folded, dtype=manifest.dtype, device=device)
     log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
@@ -377,7 +378,6 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     # the plugin graph on ONNX Runtime runs a Python op: its wiring is checked above, its speed means nothing
     timed = {"pytorch original": TorchBackend(original), "pytorch compressed": reference,
              **{f"{name} compressed": b for name, b in opened.items() if "plugin" not in name}}
-    baseline, baseline_note = baseline_engine(layout, build, manifest)
     if baseline is not None:
         timed[f"{build['backend']} original"] = baseline
     vocab = load_hf_config(layout.folded).vocab_size
@@ -392,8 +392,7 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     seconds["latency"] = time.perf_counter() - phase
     seconds["total"] = time.perf_counter() - started
     report = _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks,
-                       device, {k: round(v, 1) for k, v in seconds.items()})
-    report["engine"]["baseline_note"] = baseline_note
+                       device, {k: round(v, 1) for k, v in seconds.items()}, baseline_note)
     report["inputs"] = report_inputs(layout, settings)
     return json.loads(json.dumps(write_report(out, report)))     # as a later read_report returns it: JSON types
 
@@ -424,7 +423,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks, device,
-              seconds) -> dict:
+              seconds, baseline_note) -> dict:
     itemsize = dtype_of(io.dtype).torch.itemsize
     h_kv, d = manifest.num_kv_heads, manifest.head_dim
     memory = {"kv_bytes_per_token_original": kv_bytes_per_token([(d, d)] * manifest.num_layers, h_kv, itemsize),
@@ -442,7 +441,8 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
         "compression": {"kv_ratio": manifest.kv_ratio, "rope_mode": manifest.rope_mode, "ranks": manifest.ranks,
                         "num_layers": manifest.num_layers, "num_heads": manifest.num_heads,
                         "num_kv_heads": h_kv, "head_dim": d},
-        "engine": {"backend": build["backend"], "dir": str(layout.engine), "note": _engine_note(build)},
+        "engine": {"backend": build["backend"], "dir": str(layout.engine), "note": _engine_note(build),
+                   "baseline_note": baseline_note},
         "accuracy": accuracy, "sweep": sweep, "backends": backends, "skipped": skipped, "latency": latency,
         "memory": memory,
         "sizes_bytes": {"folded": dir_bytes(layout.folded), "onnx": dir_bytes(layout.onnx),
