@@ -17,6 +17,7 @@ from .backends import OnnxRuntimeBackend, TensorRTBackend, TorchBackend, generat
 from .data import eval_windows
 from .errors import EigenExportError
 from .loading import load_hf_config, load_tokenizer
+from .machine import return_freed_memory
 from .pipeline import run_engine
 from .settings import (BuildSettings, CalibrationSettings, ExportSettings, FoldSettings, MergeSettings,
                        ValidationSettings, find_recipe, override, resolve_device, resolve_model)
@@ -190,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")
+    return_freed_memory()
     try:
         return _dispatch(args) or 0
     except EigenExportError as e:

@@ -130,7 +130,9 @@ class ExportSettings:
     dtype: str = "fp32"                    # fp16/bf16 keep softmax and norms in fp32
     opset: int = MIN_OPSET
     plugin: bool = True
-    external_data: bool | None = None      # None: only where the model needs it (> 2 GB)
+    # weights in model.onnx.data: saved tensor by tensor and shared by the plugin graph. Inline (False) or
+    # size-decided (None) graphs are serialised whole in memory, twice the weights for a moment.
+    external_data: bool | None = True
 
     def __post_init__(self):
         _one_of(self, "dtype", EXPORT_NAMES)

@@ -3,8 +3,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from ..method.metrics import next_token_nll
 
 
 @torch.no_grad()
@@ -16,7 +17,6 @@ def perplexity(backend, windows: torch.Tensor, batch_size: int = 4, progress: bo
         mask = torch.ones_like(ids)
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         logits, _ = backend.forward(ids, mask, positions, None)
-        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        total_nll += nll.item()
+        total_nll += next_token_nll(logits, ids)[0]
         total_tokens += ids[:, 1:].numel()
     return math.exp(total_nll / total_tokens)

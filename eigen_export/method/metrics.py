@@ -27,6 +27,37 @@ def logit_metrics(ref: torch.Tensor, test: torch.Tensor, valid: torch.Tensor | N
             "positions": int(ref.shape[0])}
 
 
+# Positions per slice where a whole [S, V] logits tensor would be copied several times over: at SmolLM2's
+# 49k vocabulary a 2048-token window's logits alone take 400 MB, and each softmax another 400 MB.
+LOGIT_CHUNK = 128
+
+
+def chunked_logit_metrics(ref: torch.Tensor, test: torch.Tensor, chunk: int = LOGIT_CHUNK) -> dict:
+    """logit_metrics over every position of [B, S, V] logits, computed `chunk` positions at a time."""
+    return combined_logit_metrics([logit_metrics(r, t) for r, t in zip(ref.split(chunk, 1), test.split(chunk, 1))])
+
+
+def combined_logit_metrics(parts: list[dict]) -> dict:
+    """logit_metrics of disjoint sets of positions -> those of their union."""
+    n = sum(p["positions"] for p in parts)
+    mean = {key: sum(p[key] * p["positions"] for p in parts) / n for key in ("mean_abs", "top1", "kl")}
+    return {"max_abs": max(p["max_abs"] for p in parts), "cosine": min(p["cosine"] for p in parts), **mean,
+            "positions": n}
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, chunk: int = LOGIT_CHUNK) -> tuple[float, int]:
+    """(summed cross-entropy of each token of ids [B, S] but the first given the logits of the position before,
+    how many of them the top-1 logit predicts), `chunk` positions at a time. logits: [B, S or S - 1, V] (the
+    last position predicts nothing)."""
+    nll, correct = 0.0, 0
+    for start in range(0, ids.shape[1] - 1, chunk):
+        lg = logits[:, start:min(start + chunk, ids.shape[1] - 1)].float()
+        target = ids[:, start + 1:start + 1 + lg.shape[1]]
+        nll += F.cross_entropy(lg.flatten(0, 1), target.flatten(), reduction="sum").item()
+        correct += (lg.argmax(-1) == target).sum().item()
+    return nll, correct
+
+
 def present_max_abs(ref: list, test: list, mask: torch.Tensor) -> float:
     """Largest |difference| over every layer's key and value cache at real (unpadded) positions."""
     keep = mask.bool()[:, None, :, None]                                 # [B, 1, T, 1]

@@ -10,6 +10,7 @@ check is never counted as passed. `report/report.json` holds every number, `repo
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -20,9 +21,9 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..artifacts.calib import read_calibration
 from ..artifacts.engine import read_build
@@ -39,7 +40,8 @@ from ..loading import build_decoder, load_hf_config, load_tokenizer
 from ..machine import git_commit, machine, versions
 from ..method.decompose import kv_bytes_per_token, kv_ratio
 from ..method.fold import fold_to_target
-from ..method.metrics import logit_metrics, percentiles, present_max_abs, relative_errors
+from ..method.metrics import LOGIT_CHUNK, chunked_logit_metrics, combined_logit_metrics, logit_metrics, \
+    next_token_nll, percentiles, present_max_abs, relative_errors
 from ..modeling import default_position_ids
 from ..settings import ValidationSettings
 from .common import must_make
@@ -69,63 +71,77 @@ class Check:
 
 # -- layer 1: folded vs original ----------------------------------------------------------------------------
 @torch.no_grad()
-def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden state after every decoder layer for a full-length prefill of ids [B, S]."""
+def hidden_states(model, ids: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The hidden state after each decoder layer in turn, for a full-length prefill of ids [B, S] (no cache)."""
     mask = torch.ones_like(ids)
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     x = model.embed_tokens(ids, positions)
     ctx = model.context(mask, positions, x.dtype)
-    outs = []
     for layer in model.layers:
         x, _, _ = layer(x, ctx)
-        outs.append(x)
-    return outs
+        yield x
+
+
+def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    return list(hidden_states(model, ids))
 
 
 @torch.no_grad()
-def accuracy_numbers(original, folded, windows: torch.Tensor, batch_size: int = 2) -> dict:
-    """Perplexity and next-token accuracy of both, top-1 agreement and KL per token over the windows;
-    per-layer output errors."""
+def accuracy_numbers(original, folded, windows: torch.Tensor) -> dict:
+    """Perplexity and next-token accuracy of both, top-1 agreement and KL per token over the windows (one at a
+    time: two models' logits of a batch would take more memory than the models); per-layer output errors."""
     nll = {"original": 0.0, "folded": 0.0}
     correct = {"original": 0, "folded": 0}
-    agree, kl, tokens = 0.0, 0.0, 0
+    parts = []
     device = next(original.parameters()).device
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start:start + batch_size].to(device)
-        logits = {name: model(ids)[0][:, :-1].float() for name, model in (("original", original), ("folded", folded))}
-        for name, lg in logits.items():
-            nll[name] += F.cross_entropy(lg.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            correct[name] += (lg.argmax(-1) == ids[:, 1:]).sum().item()
-        m = logit_metrics(logits["original"], logits["folded"])
-        agree += m["top1"] * m["positions"]
-        kl += m["kl"] * m["positions"]
-        tokens += m["positions"]
+    for ids in windows.split(1):
+        ids = ids.to(device)
+        logits = {}
+        for name, model in (("original", original), ("folded", folded)):
+            logits[name] = model(ids)[0][:, :-1]
+            window_nll, window_correct = next_token_nll(logits[name], ids)
+            nll[name] += window_nll
+            correct[name] += window_correct
+        parts.append(chunked_logit_metrics(logits["original"], logits["folded"]))
+    m = combined_logit_metrics(parts)
+    tokens = m["positions"]
     probe = windows[:1].to(device)
     errors = relative_errors(layer_outputs(original, probe), layer_outputs(folded, probe))
     return {"perplexity_original": math.exp(nll["original"] / tokens),
             "perplexity_folded": math.exp(nll["folded"] / tokens),
             "top1_accuracy_original": correct["original"] / tokens, "top1_accuracy_folded": correct["folded"] / tokens,
-            "top1_agreement": agree / tokens, "kl": kl / tokens, "layer_errors": errors,
-            "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
-
-
-def long_context_numbers(original, folded, windows: torch.Tensor) -> dict:
-    """Perplexity of both on windows as long as the engine serves, one window at a time (a 2048-token window's
-    logits alone take 400 MB at SmolLM2's vocabulary)."""
-    return {"perplexity_original": perplexity(TorchBackend(original), windows, batch_size=1),
-            "perplexity_folded": perplexity(TorchBackend(folded), windows, batch_size=1),
+            "top1_agreement": m["top1"], "kl": m["kl"], "layer_errors": errors,
             "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
 
 
 @torch.no_grad()
-def continuation_numbers(original, folded, windows: torch.Tensor, s: ValidationSettings) -> dict:
-    """Greedy continuations of real-text prompts (each window's first prompt_tokens) by both models: how many
-    leading tokens they agree on, of continuation_tokens."""
-    prompts = windows[:s.continuation_prompts, :s.prompt_tokens]
-    want = generate(TorchBackend(original), prompts, max_new_tokens=s.continuation_tokens)
-    got = generate(TorchBackend(folded), prompts, max_new_tokens=s.continuation_tokens)
+def long_context_perplexity(model, windows: torch.Tensor) -> float:
+    """Perplexity on windows as long as the engine serves, one window at a time, its logits made LOGIT_CHUNK
+    positions at a time from the last hidden states: a 2048-token window's logits alone take 400 MB at
+    SmolLM2's vocabulary."""
+    nll, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for ids in windows.split(1):
+        ids = ids.to(device)
+        x = collections.deque(hidden_states(model, ids), maxlen=1)[0]
+        for start in range(0, ids.shape[1] - 1, LOGIT_CHUNK):
+            stop = min(start + LOGIT_CHUNK, ids.shape[1] - 1)
+            nll += next_token_nll(model.head(x[:, start:stop]), ids[:, start:stop + 1])[0]
+        tokens += ids.shape[1] - 1
+    return math.exp(nll / tokens)
+
+
+@torch.no_grad()
+def continuations(model, windows: torch.Tensor, s: ValidationSettings) -> torch.Tensor:
+    """Greedy continuations [P, continuation_tokens] of real-text prompts: each window's first prompt_tokens."""
+    return generate(TorchBackend(model), windows[:s.continuation_prompts, :s.prompt_tokens],
+                    max_new_tokens=s.continuation_tokens)
+
+
+def continuation_numbers(want: torch.Tensor, got: torch.Tensor, s: ValidationSettings) -> dict:
+    """How many leading tokens of the original's continuations (want) the folded model's (got) agree on."""
     prefix = (want == got).long().cumprod(1).sum(1)                        # leading tokens equal, per prompt
-    return {"prompts": int(prompts.shape[0]), "prompt_tokens": int(prompts.shape[1]),
+    return {"prompts": int(want.shape[0]), "prompt_tokens": s.prompt_tokens,
             "tokens": s.continuation_tokens, "matching_prefix": prefix.tolist(),
             "mean_matching_prefix": prefix.float().mean().item()}
 
@@ -238,10 +254,6 @@ def measure_latency(backend, vocab_size: int, batch: int, context: int, repeats:
             "decode_ms": percentiles(decode[2:] or decode)}
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
-
-
 # -- the stages this report reads ---------------------------------------------------------------------------
 def find_build(root: str | Path) -> BuildLayout:
     """build/<name> with every stage validate reads, or a one-line error naming the command that makes it."""
@@ -282,8 +294,8 @@ def available_backends(layout: BuildLayout, build: dict, io: OnnxIO) -> tuple[di
 
 
 def baseline_engine(layout: BuildLayout, build: dict, manifest: Manifest):
-    """(backend of the uncompressed model's engine, or None; why there is none). It counts only where it was
-    built from this fold's source, by the same backend as the compressed engine: engine against engine."""
+    """(factory of the uncompressed model's engine backend, or None; why there is none). It counts only where
+    it was built from this fold's source, by the same backend as the compressed engine: engine against engine."""
     if not is_engine(layout.baseline_engine):
         return None, f"no baseline engine in {layout.baseline_engine} (make engine builds it unless --no-baseline)"
     theirs = read_build(layout.baseline_engine)
@@ -295,8 +307,8 @@ def baseline_engine(layout: BuildLayout, build: dict, manifest: Manifest):
         reason = tensorrt_unavailable()
         if reason:
             return None, f"{reason} on this machine: the baseline engine was not run"
-        return TensorRTBackend(layout.baseline_engine), None
-    return OnnxRuntimeBackend(layout.baseline_engine), None
+        return lambda: TensorRTBackend(layout.baseline_engine), None
+    return lambda: OnnxRuntimeBackend(layout.baseline_engine), None
 
 
 # -- the report -----------------------------------------------------------------------------------------------
@@ -339,57 +351,76 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
         return read_report(out)
     build, io = read_build(layout.engine), read_io(layout.onnx)
     available, skipped = available_backends(layout, build, io)
-    started = time.perf_counter()
+    baseline, baseline_note = baseline_engine(layout, build, manifest)
+    # (factory, name for the parity checks, name in the latency table): the plugin graph on ONNX Runtime runs a
+    # Python op, so its wiring is checked and its speed means nothing
+    engines = [(factory, name, None if "plugin" in name else f"{name} compressed") for name, factory in available.items()]
+    if baseline is not None:
+        engines.append((baseline, None, f"{build['backend']} original"))
+    for factory, _, _ in engines:
+        factory()           # a damaged engine fails now, not after minutes of measuring (and is closed again)
+    started, seconds = time.perf_counter(), collections.Counter()
 
     tokenizer = load_tokenizer(layout.folded)
     windows = eval_windows(tokenizer, settings.dataset, settings.seqlen, split="test", max_windows=settings.windows)
     long_windows = eval_windows(tokenizer, settings.dataset, build["max_context"], split="test",
                                 max_windows=settings.long_windows)
-    # the fold's dtype (fp16 for the GPU recipes): two fp32 copies of a 7B model would not fit next to an engine
-    opened = {name: factory() for name, factory in available.items()}    # a damaged engine fails now, not later
-    baseline, baseline_note = baseline_engine(layout, build, manifest)
-    original = load_model(manifest.source, dtype=manifest.dtype, device=device)
-    folded = load_model(layout.folded, dtype=manifest.dtype, device=device)
-    log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
-    phase = time.perf_counter()
-    accuracy = accuracy_numbers(original, folded, windows)
-    log.info("[validate] accuracy at the engine's context: %d x %d tokens", *long_windows.shape)
-    accuracy["long_context"] = long_context_numbers(original, folded, long_windows)
-    accuracy["continuations"] = continuation_numbers(original, folded, windows, settings)
-    accuracy["kv_ratio"] = manifest.kv_ratio
-    checks = accuracy_checks(accuracy, settings)
-    seconds = {"accuracy": time.perf_counter() - phase}
-    phase = time.perf_counter()
-    sweep = _sweep(manifest, original, windows, settings.sweep, Path(calib) if calib else layout.calib, device)
-    seconds["sweep"] = time.perf_counter() - phase
-
-    reference = TorchBackend(folded)
-    ids, mask = parity_batch(windows)
-    reference_run = parity_run(reference, ids, mask, settings.generate_steps) if opened else None
-    backends = {}
-    for name, backend in opened.items():
-        log.info("[validate] parity: %s", name)
-        phase = time.perf_counter()
-        run = parity_run(backend, ids, mask, settings.generate_steps, token=reference_run["token"])
-        backends[name] = parity_numbers(reference_run, run, mask)
-        checks += parity_checks(name, backends[name], settings)
-        seconds[f"parity: {name}"] = time.perf_counter() - phase
-
-    # the plugin graph on ONNX Runtime runs a Python op: its wiring is checked above, its speed means nothing
-    timed = {"pytorch original": TorchBackend(original), "pytorch compressed": reference,
-             **{f"{name} compressed": b for name, b in opened.items() if "plugin" not in name}}
-    if baseline is not None:
-        timed[f"{build['backend']} original"] = baseline
     vocab = load_hf_config(layout.folded).vocab_size
     latency = []
-    phase = time.perf_counter()
-    for name, backend in timed.items():
+
+    def time_backend(name: str, backend) -> None:
+        phase = time.perf_counter()
         for batch in settings.latency_batches:
             for context in settings.latency_contexts:
                 log.info("[validate] latency: %s, batch %d, context %d", name, batch, context)
                 latency.append({"backend": name, **measure_latency(backend, vocab, batch, context,
                                                                    settings.latency_repeats, settings.decode_steps)})
-    seconds["latency"] = time.perf_counter() - phase
+        seconds["latency"] += time.perf_counter() - phase
+
+    # One model or engine in memory at a time, except original and folded together for the per-token comparison
+    # (KL, top-1 agreement); each is freed before the next loads. The fold's dtype (fp16 for the GPU recipes).
+    phase = time.perf_counter()
+    original = load_model(manifest.source, dtype=manifest.dtype, device=device)
+    log.info("[validate] accuracy of the original at the engine's context: %d x %d tokens", *long_windows.shape)
+    long_original = long_context_perplexity(original, long_windows)
+    want = continuations(original, windows, settings)
+    folded = load_model(layout.folded, dtype=manifest.dtype, device=device)
+    log.info("[validate] accuracy: %d x %d tokens of %s", *windows.shape, settings.dataset)
+    accuracy = accuracy_numbers(original, folded, windows)
+    seconds["accuracy"] += time.perf_counter() - phase
+    phase = time.perf_counter()
+    sweep = _sweep(manifest, original, windows, settings.sweep, Path(calib) if calib else layout.calib, device)
+    seconds["sweep"] += time.perf_counter() - phase
+    time_backend("pytorch original", TorchBackend(original))
+    del original
+
+    phase = time.perf_counter()
+    log.info("[validate] accuracy of the folded model at the engine's context")
+    accuracy["long_context"] = {"perplexity_original": long_original,
+                                "perplexity_folded": long_context_perplexity(folded, long_windows),
+                                "windows": int(long_windows.shape[0]), "seqlen": int(long_windows.shape[1])}
+    accuracy["continuations"] = continuation_numbers(want, continuations(folded, windows, settings), settings)
+    accuracy["kv_ratio"] = manifest.kv_ratio
+    checks = accuracy_checks(accuracy, settings)
+    seconds["accuracy"] += time.perf_counter() - phase
+    ids, mask = parity_batch(windows)
+    reference_run = parity_run(TorchBackend(folded), ids, mask, settings.generate_steps) if available else None
+    time_backend("pytorch compressed", TorchBackend(folded))
+    del folded
+
+    backends = {}
+    for factory, name, timed_as in engines:
+        backend = factory()
+        if name is not None:
+            log.info("[validate] parity: %s", name)
+            phase = time.perf_counter()
+            run = parity_run(backend, ids, mask, settings.generate_steps, token=reference_run["token"])
+            backends[name] = parity_numbers(reference_run, run, mask)
+            checks += parity_checks(name, backends[name], settings)
+            seconds[f"parity: {name}"] += time.perf_counter() - phase
+        if timed_as is not None:
+            time_backend(timed_as, backend)
+        del backend
     seconds["total"] = time.perf_counter() - started
     report = _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, skipped, latency, checks,
                        device, {k: round(v, 1) for k, v in seconds.items()}, baseline_note)

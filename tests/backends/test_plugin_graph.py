@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime_extensions")
 import onnx  # noqa: E402
 
 from eigen_export.errors import EigenExportError  # noqa: E402
-from eigen_export.artifacts.layout import IO_JSON, MODEL_ONNX, MODEL_PLUGIN_ONNX  # noqa: E402
+from eigen_export.artifacts.layout import IO_JSON, MODEL_ONNX, MODEL_PLUGIN_ONNX, ONNX_DATA  # noqa: E402
 from tests.helpers.stages import export  # noqa: E402
 from eigen_export.modeling import default_position_ids  # noqa: E402
 from eigen_export.backends import OnnxRuntimeBackend, TorchBackend, generate  # noqa: E402
@@ -196,7 +196,7 @@ def test_plugin_false_writes_no_plugin_graph_and_a_later_plugin_export_redoes_it
     onnx_dir = export(model_dir, tmp_path / "onnx", plugin=False)
     io = json.loads((onnx_dir / IO_JSON).read_text())
     assert (io["plugin"], io["plugin_model"]) == (False, None) and "not requested" in io["plugin_model_reason"]
-    assert sorted(p.name for p in onnx_dir.iterdir()) == [IO_JSON, MODEL_ONNX]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [IO_JSON, MODEL_ONNX, ONNX_DATA]
     assert export(model_dir, onnx_dir, plugin=False) == onnx_dir                   # current: skipped
     with pytest.raises(EigenExportError, match="already exists"):                      # not current for plugin=True
         export(model_dir, onnx_dir)

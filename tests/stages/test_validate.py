@@ -10,7 +10,6 @@ from eigen_export.cli import main
 from eigen_export.errors import EigenExportError
 from eigen_export.artifacts.report import table
 from eigen_export.stages.validate import Check
-from eigen_export.method.metrics import logit_metrics, percentiles, present_max_abs
 
 # Small measurements, default limits: the project's trained Llama mini (4 layers, MHA 4 x 64) calibrated
 # on 8 x 128 tokens keeps the accuracy limits with room (top-1 0.996 at KV 0.7 when this was written).
@@ -53,40 +52,25 @@ def report_of(root):
     return json.loads((root / "report" / "report.json").read_text())
 
 
-# -- metrics ----------------------------------------------------------------------------------------------
-def test_logit_metrics_by_hand():
-    ref = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
-    test = torch.tensor([[[2.0, 0.5, 0.0], [0.0, 0.0, 1.0]]])
-    m = logit_metrics(ref, test)
-    assert m["max_abs"] == pytest.approx(1.0) and m["mean_abs"] == pytest.approx(2.5 / 6)
-    assert m["top1"] == pytest.approx(0.5)                         # second position: argmax 1 vs 2
-    assert m["cosine"] == pytest.approx(0.0)                       # [0,1,0] vs [0,0,1]
-    p, q = torch.softmax(ref[0, 1], -1), torch.softmax(test[0, 1], -1)
-    kl_second = (p * (p / q).log()).sum().item()
-    p, q = torch.softmax(ref[0, 0], -1), torch.softmax(test[0, 0], -1)
-    assert m["kl"] == pytest.approx(((p * (p / q).log()).sum().item() + kl_second) / 2, rel=1e-5)
-    masked = logit_metrics(ref, test, torch.tensor([[True, False]]))
-    assert masked["top1"] == 1.0 and masked["positions"] == 1 and masked["max_abs"] == pytest.approx(0.5)
-
-
-def test_present_error_ignores_padding_positions():
-    k = torch.zeros(2, 1, 3, 4)
-    noisy = k.clone()
-    noisy[0, :, 0] = 5.0                      # a left-padding slot: ignored
-    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    assert present_max_abs([(k, k)], [(noisy, k)], mask) == 0.0
-    noisy[1, :, 0] = 0.25                     # a real token
-    assert present_max_abs([(k, k)], [(noisy, k)], mask) == pytest.approx(0.25)
-    with pytest.raises(EigenExportError, match="cache of shape"):
-        present_max_abs([(k, k)], [(k[:, :, :2], k)], mask)
-
-
-def test_check_directions_and_percentiles():
+# -- checks -----------------------------------------------------------------------------------------------
+def test_check_directions():
     assert Check("a", "x", 1.0, "<=", 1.0).passed and not Check("a", "x", 1.1, "<=", 1.0).passed
     assert Check("a", "x", 0.9, ">=", 0.9).passed and not Check("a", "x", 0.8, ">=", 0.9).passed
     assert not Check("a", "x", float("nan"), "<=", 1.0).passed
-    p = percentiles([5.0, 1.0, 3.0, 2.0, 4.0, 6.0, 7.0, 8.0, 9.0, 10.0])
-    assert p["p50"] == 5.5 and p["p90"] == 9.0 and p["n"] == 10
+
+
+def test_long_context_perplexity_in_chunks_equals_the_full_logits():
+    """Logits made LOGIT_CHUNK positions at a time from the last hidden states (a ragged last chunk) give the
+    perplexity of one forward pass."""
+    from eigen_export.backends import TorchBackend, perplexity
+    from eigen_export.loading import decoder_from_hf_model
+    from eigen_export.method.metrics import LOGIT_CHUNK
+    from eigen_export.stages.validate import long_context_perplexity
+    from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
+
+    model = decoder_from_hf_model(tiny_hf_model("llama-gqa"))
+    windows = ptb_like_ids(2, LOGIT_CHUNK + 37)
+    assert long_context_perplexity(model, windows) == pytest.approx(perplexity(TorchBackend(model), windows), rel=1e-5)
 
 
 def test_table_rejects_ragged_rows():
