@@ -86,7 +86,8 @@ def attention_core(q, k, v, bias, scale: float):
     # copies of the cache (query head h = h_kv_index * g + j, as HF's repeat_kv maps them)
     qg = q.reshape(b, h_kv, g * s, r_k)                                          # [B, H_kv, g*S, r_k]
     scores = torch.matmul(qg * scale, k.transpose(-1, -2)).float()               # [B, H_kv, g*S, T]
-    scores = scores.view(b, h_kv, g, s, t) + bias.reshape(bias.shape[0], -1, g if bias.shape[1] > 1 else 1, s, t)
+    # in place: at 2048 tokens each [B, H, S, T] fp32 copy is 150 MB per layer of SmolLM2
+    scores = scores.view(b, h_kv, g, s, t).add_(bias.reshape(bias.shape[0], -1, g if bias.shape[1] > 1 else 1, s, t))
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, h_kv, g * s, t)
     return torch.matmul(probs, v).view(b, h, s, v.shape[-1])                     # [B, H, S, r_v]
 
@@ -224,24 +225,36 @@ class Decoder(nn.Module):
         biases = {name.split(".")[-2] for name in state_dict if name.endswith(".bias")}
         ffn_dim = state_dict["layers.0.mlp.up.weight"].shape[0]
         self._block_args = (ffn_dim, biases)
-        self.embed = nn.Embedding(spec.vocab_size, state_dict["embed.weight"].shape[1])
-        self.pos_embed = (nn.Embedding(*state_dict["pos_embed.weight"].shape)
-                          if spec.positions == "learned" else None)
-        self.proj_in = nn.Linear(*reversed(state_dict["proj_in.weight"].shape), bias=False) \
-            if "proj_in.weight" in state_dict else None
-        self.proj_out = nn.Linear(*reversed(state_dict["proj_out.weight"].shape), bias=False) \
-            if "proj_out.weight" in state_dict else None
-        self.layers = nn.ModuleList(
-            Block(spec, r, self.rope_mode, ffn_dim, biases) for r in self.ranks
-        )
-        self.final_norm = make_norm(spec, "final_norm" in biases) if spec.final_norm else None
-        self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        # no random init: load_weights assigns the given tensors (a meta tensor there stays a placeholder: a
+        # model streamed from disk holds its layers one at a time, loading.StreamedCheckpoint)
+        with torch.device("meta"):
+            self.embed = nn.Embedding(spec.vocab_size, state_dict["embed.weight"].shape[1])
+            self.pos_embed = (nn.Embedding(*state_dict["pos_embed.weight"].shape)
+                              if spec.positions == "learned" else None)
+            self.proj_in = nn.Linear(*reversed(state_dict["proj_in.weight"].shape), bias=False) \
+                if "proj_in.weight" in state_dict else None
+            self.proj_out = nn.Linear(*reversed(state_dict["proj_out.weight"].shape), bias=False) \
+                if "proj_out.weight" in state_dict else None
+            self.layers = nn.ModuleList(
+                Block(spec, r, self.rope_mode, ffn_dim, biases) for r in self.ranks
+            )
+            self.final_norm = make_norm(spec, "final_norm" in biases) if spec.final_norm else None
+            self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.positions == "rope":
             self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
             self.rope_scaling = rope_scaling
         if spec.positions == "alibi":
             self.register_buffer("alibi", alibi_slopes(spec.num_heads, spec.alibi_bias_max), persistent=False)
         load_weights(self, state_dict)
+
+    def _apply(self, fn, recurse=True):
+        # RoPE frequencies and ALiBi slopes stay fp32 whatever dtype the model is cast to (they move with it):
+        # rounding inv_freq to fp16 turns into radians of angle error at positions in the thousands
+        kept = {name: self._buffers[name] for name in ("inv_freq", "alibi") if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            self._buffers[name] = original.to(self._buffers[name].device)
+        return self
 
     # -- pieces, also used by calibration --------------------------------------------------------------
     def make_block(self, ranks: LayerRanks, rope_mode: str | None, layer_state: dict[str, torch.Tensor]) -> Block:
@@ -347,4 +360,7 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
             raise EigenExportError(f"tensor {name} has shape {tuple(tensor.shape)}, the manifest implies "
                                    f"{tuple(own[name].shape)}: the weights do not match their manifest")
     meta = any(t.is_meta for t in own.values())
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True, assign=meta)
+    # into a model built on meta: floating tensors keep their dtype (an fp16 checkpoint is not widened to fp32
+    # on its way; the caller's .to(dtype) decides)
+    model.load_state_dict({k: v if meta and v.is_floating_point() and own[k].is_floating_point()
+                           else v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True, assign=meta)

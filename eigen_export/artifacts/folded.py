@@ -3,18 +3,21 @@ and every later stage (DESIGN 1); its one writer and its one reader (the low-ran
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
+from ..dtypes import resolve_dtype
 from ..errors import EigenExportError
 from ..families import spec_from_config
-from ..loading import build_decoder, load_hf, load_hf_config, load_tokenizer
+from ..loading import Checkpoint, StreamedModel, build_decoder, fake_decoder, load_hf, load_hf_config, load_tokenizer
 from ..modeling import Decoder, LayerRanks
-from .layout import GENERATION_CONFIG, MANIFEST, WEIGHTS, is_folded
+from .layout import GENERATION_CONFIG, MANIFEST, WEIGHTS, WEIGHTS_INDEX, is_folded, weights_shard
 from .records import atomic_dir, read_json_record, sha256_file
 
 log = logging.getLogger("eigen_export")
@@ -79,19 +82,73 @@ class Manifest:
                                               "the artifact is corrupt; re-run the fold"))
 
 
-def write_folded(out_dir: Path, hf_config, state: dict[str, torch.Tensor], manifest_fields: dict,
-                 tokenizer_source: str | Path | None = None, force: bool = False) -> Manifest:
-    """config.json + model.safetensors + tokenizer + eigen.json (written last), atomically."""
-    from safetensors.torch import save_file
+# Largest shard written: the fold holds at most one shard (or one layer, if larger) of folded weights at a time.
+SHARD_BYTES = 1 << 30
 
+
+def write_folded(out_dir: Path, hf_config, parts: Iterable[dict[str, torch.Tensor]], manifest_fields: dict,
+                 tokenizer_source: str | Path | None = None, force: bool = False,
+                 shard_bytes: int = SHARD_BYTES) -> Manifest:
+    """config.json + weights + tokenizer + eigen.json (written last), atomically. parts: the canonical state in
+    pieces (e.g. one layer each), consumed one at a time; more than shard_bytes of them go to shards with
+    transformers' index, otherwise to one model.safetensors."""
     with atomic_dir(out_dir, force=force) as tmp:
         hf_config.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _write_shards(tmp, parts, shard_bytes)
         if tokenizer_source is not None:
             copy_model_files(tokenizer_source, tmp)
-        manifest = Manifest(weights_sha256=sha256_file(tmp / WEIGHTS), **manifest_fields)
+        manifest = Manifest(weights_sha256=weights_sha256(tmp), **manifest_fields)
         (tmp / MANIFEST).write_text(manifest.to_json())
     return manifest
+
+
+def _write_shards(out: Path, parts: Iterable[dict[str, torch.Tensor]], shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    written: list[tuple[Path, list[str]]] = []
+    pending: dict[str, torch.Tensor] = {}
+    sizes = {"pending": 0, "total": 0}
+
+    def flush():
+        path = out / f"shard-{len(written)}.tmp"
+        save_file(pending, str(path), metadata={"format": "pt"})
+        written.append((path, list(pending)))
+        pending.clear()
+        sizes["pending"] = 0
+
+    for part in parts:
+        for name, tensor in part.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if pending and sizes["pending"] + nbytes > shard_bytes:
+                flush()
+            pending[name] = tensor.contiguous()
+            sizes["pending"] += nbytes
+            sizes["total"] += nbytes
+    if pending or not written:
+        flush()
+    if len(written) == 1:
+        written[0][0].rename(out / WEIGHTS)
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(written):
+        name = weights_shard(i, len(written))
+        path.rename(out / name)
+        weight_map |= dict.fromkeys(names, name)
+    (out / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"total_size": sizes["total"]}, "weight_map": weight_map},
+                                                indent=2) + "\n")
+
+
+def weights_sha256(folded_dir: Path) -> str:
+    """What eigen.json's weights_sha256 holds: model.safetensors' sha256, or for shards that of the index and
+    every shard's sha256 in order."""
+    if (folded_dir / WEIGHTS).exists() or not (folded_dir / WEIGHTS_INDEX).exists():
+        return sha256_file(folded_dir / WEIGHTS)
+    index = (folded_dir / WEIGHTS_INDEX).read_bytes()
+    shards = sorted(set(json.loads(index)["weight_map"].values()))
+    h = hashlib.sha256(index)
+    for shard in shards:
+        h.update(sha256_file(folded_dir / shard).encode())
+    return h.hexdigest()
 
 
 def copy_model_files(source, dest: Path) -> None:
@@ -107,30 +164,52 @@ def copy_model_files(source, dest: Path) -> None:
 
 def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = True) -> Decoder:
     """Rebuild the low-rank reference model of a folded directory; refuse weights that do not match."""
-    from safetensors.torch import load_file
+    config, manifest, checkpoint = open_folded(path, verify)
+    state = checkpoint.read(checkpoint.names())
+    return build_decoder(config, state, [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode,
+                         dtype=dtype, device=device, num_kv_heads=manifest.num_kv_heads)
 
+
+def open_folded(path: str | Path, verify: bool = True) -> tuple[object, Manifest, Checkpoint]:
+    """(HF config, manifest, its weights unread) of a folded directory whose parts agree with each other."""
     path = Path(path)
     manifest = Manifest.read(path)
     config = load_hf_config(path)
     if config.model_type != manifest.model_type:
         raise EigenExportError(f"{path}: config.json is {config.model_type!r} but eigen.json says "
                                f"{manifest.model_type!r}: the artifact was mixed up; re-run the fold")
-    weights = path / WEIGHTS
+    weights = path / (WEIGHTS if (path / WEIGHTS).exists() or not (path / WEIGHTS_INDEX).exists() else WEIGHTS_INDEX)
     if not weights.exists():
         raise EigenExportError(f"{weights} is missing: re-run `eigen-export fold`")
-    if verify and sha256_file(weights) != manifest.weights_sha256:
-        raise EigenExportError(f"{weights} does not match the sha256 in eigen.json: the weights were changed "
-                               "or belong to another fold; re-run `eigen-export fold`")
+    if verify:
+        try:
+            digest = weights_sha256(path)
+        except (OSError, ValueError, KeyError, TypeError):       # a shard missing, an index edited
+            digest = None
+        if digest != manifest.weights_sha256:
+            raise EigenExportError(f"{weights} does not match the sha256 in eigen.json: the weights were changed "
+                                   "or belong to another fold; re-run `eigen-export fold`")
     spec = spec_from_config(config)
     # A KV-head merge in a family whose config has no num_key_value_heads: the manifest holds the count.
     merged = manifest.extra.get("merge", {}).get("kv_heads") == manifest.num_kv_heads
     if (spec.num_layers, spec.head_dim) != (manifest.num_layers, manifest.head_dim) or \
             (spec.num_kv_heads != manifest.num_kv_heads and not merged):
         raise EigenExportError(f"{path}: config.json and eigen.json disagree on layers/KV heads/head_dim")
-    ranks = [LayerRanks(k, v) for k, v in manifest.ranks]
-    state = load_file(str(weights))
-    return build_decoder(config, state, ranks, manifest.rope_mode, dtype=dtype, device=device,
-                         num_kv_heads=manifest.num_kv_heads)
+    return config, manifest, Checkpoint(path)
+
+
+def model_of_shapes(path: str | Path, dtype) -> tuple[Decoder, Callable[[str], torch.Tensor]]:
+    """(the model of a folded or original directory with fake weights of its shapes in `dtype`, a function
+    reading one weight by its canonical name, in `dtype`): what a graph capture needs, without the weights
+    in memory (issue 17). RoPE frequencies and ALiBi slopes are real and stay fp32."""
+    dtype = resolve_dtype(dtype)
+    if is_folded(path):
+        config, manifest, checkpoint = open_folded(path)
+        model = fake_decoder(config, checkpoint.placeholders(checkpoint.names()), dtype,
+                             [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode, manifest.num_kv_heads)
+        return model, lambda name: checkpoint.read([name])[name].to(dtype)
+    streamed = StreamedModel(path, dtype=dtype)
+    return fake_decoder(streamed.config, streamed.placeholders(), dtype, None, None), streamed.read
 
 
 def load_model(path: str | Path, dtype="float32", device="cpu") -> Decoder:
@@ -151,3 +230,29 @@ def load_uncompressed(source: str | Path, dtype="float32", device="cpu"):
     if model.rope_mode is not None or any((r.k, r.v) != (d, d) for r in model.ranks):
         raise EigenExportError(f"{source} is already folded to low rank: calibrate and fold the model it came from")
     return load_hf_config(source), model
+
+
+class HeldModel:
+    """StreamedModel's interface over a model held whole (a merged-KV-head artifact: small, already ours)."""
+
+    def __init__(self, config, model: Decoder):
+        self.config, self.model, self.spec = config, model, model.spec
+
+    def blocks(self):
+        return iter(self.model.layers)
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        return self.model.layers[i].state_dict()
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("layers.")}
+
+
+def stream_uncompressed(source: str | Path, dtype="float32", device="cpu") -> StreamedModel | HeldModel:
+    """What calibrate and fold read layer by layer: an HF checkpoint streamed from disk (one layer in memory at
+    a time), or a merged artifact held whole (load_uncompressed's rules)."""
+    if not is_folded(source):
+        return StreamedModel(source, dtype=dtype, device=device)
+    config, model = load_uncompressed(source, dtype=dtype, device=device)
+    return HeldModel(config, model)
+

@@ -21,6 +21,13 @@ BASES = "bases.safetensors"
 CALIB_JSON = "calib.json"
 MANIFEST = "eigen.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = WEIGHTS + ".index.json"     # sharded weights: transformers' index (weight_map: name -> shard)
+
+
+def weights_shard(i: int, n: int) -> str:
+    """transformers' shard name: model-00001-of-00003.safetensors for i = 0, n = 3."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
 HF_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 MERGE_JSON = "merge.json"

@@ -50,7 +50,7 @@ def write_merged(out_dir: Path, hf_config, spec: ModelSpec, state: dict[str, tor
             layer_errors=[max(e["key"], e["value"]) for e in record["layers"]],
             calibration={k: record.get(k) for k in ("dataset", "nsamples", "seqlen", "seed")},
             dtype=dtype, extra={"merge": record})
-        write_folded(Path(out_dir), hf_config, state, fields, tokenizer_source=source, force=force)
+        write_folded(Path(out_dir), hf_config, [state], fields, tokenizer_source=source, force=force)
         return Path(out_dir)
     config = copy.deepcopy(hf_config)
     config.num_key_value_heads = spec.num_kv_heads

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -27,7 +28,6 @@ from torch import nn
 from eigen_export_plugins.lowrank_attention.onnx_op import lowrank_attention_op, onnx_translation
 from eigen_export_plugins.lowrank_attention.reference import MAX_RANK
 
-from ..artifacts.folded import load_model
 from ..artifacts.layout import MODEL_ONNX
 from ..dtypes import dtype as dtype_of
 from ..errors import EigenExportError
@@ -100,15 +100,57 @@ def _example_inputs(model: Decoder, dtype: torch.dtype):
     return (ids, mask, positions, past), dynamic
 
 
-def load_for_export(model_dir: Path, dtype: torch.dtype) -> Decoder:
-    model = load_model(model_dir, dtype="float32")
-    # RoPE frequencies and ALiBi slopes stay fp32: rounding inv_freq to fp16 turns into radians of
-    # angle error at positions in the thousands.
-    keep = {name: buf.clone() for name, buf in model.named_buffers() if name in ("inv_freq", "alibi")}
-    model = model.to(dtype)
-    for name, buf in keep.items():
-        setattr(model, name, buf)
-    return model.eval()
+def attach_weights(model, weight_names: set[str], read: Callable[[str], torch.Tensor]) -> None:
+    """Point every initializer the capture made of a fake weight ("model.<canonical name>", FlatDecoder's
+    naming) at the real one: read by `read` when the graph is saved or folded, one tensor at a time."""
+    import onnx_ir as ir
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(getattr(tensor, "raw", None), FakeTensor):
+            continue
+        name = value.name.removeprefix("model.")
+        if name not in weight_names:
+            raise EigenExportError(f"the captured graph has a weight {value.name!r} the model does not: the "
+                                   "exporter renamed a parameter (export bug)")
+        value.const_value = ir.LazyTensor(functools.partial(_weight, read, name, value.name), dtype=tensor.dtype,
+                                          shape=tensor.shape, name=value.name)
+
+
+def _weight(read, name: str, onnx_name: str):
+    from torch.onnx._internal.exporter._core import TorchTensor
+
+    return TorchTensor(read(name).contiguous(), onnx_name)
+
+
+def fold_weight_transposes(model) -> int:
+    """Transpose(weight) with the weight read by that node alone -> the transposed weight as an initializer,
+    computed when it is saved: what constant folding does (torch.onnx exports a linear layer as MatMul of the
+    transposed weight), without reading the weights now. Returns how many were folded."""
+    import numpy as np
+    import onnx_ir as ir
+
+    graph, folded = model.graph, 0
+    for node in list(graph):
+        source = node.inputs[0] if node.inputs else None
+        if (node.domain, node.op_type) != ("", "Transpose") or source is None or not source.is_initializer() or \
+                not isinstance(source.const_value, ir.LazyTensor) or len(source.consumers()) != 1:
+            continue
+        lazy = source.const_value
+        perm = node.attributes.get_ints("perm", list(reversed(range(len(lazy.shape)))))
+        name = f"{source.name}.transposed"
+        shape = ir.Shape([lazy.shape[p] for p in perm])
+        value = ir.Value(name=name, shape=shape, type=ir.TensorType(lazy.dtype), const_value=ir.LazyTensor(
+            lambda lazy=lazy, perm=perm, name=name: ir.Tensor(np.ascontiguousarray(lazy.numpy().transpose(perm)),
+                                                              name=name),
+            dtype=lazy.dtype, shape=shape, name=name))
+        ir.convenience.replace_all_uses_with(node.outputs[0], value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        graph.register_initializer(value)
+        folded += 1
+    return folded
 
 
 def model_metadata(model: Decoder, dtype_name: str) -> dict:
@@ -281,17 +323,22 @@ def _exporter_cause(error: Exception) -> str:
 
 
 def optimize(model) -> None:
-    """Constant folding, dead nodes, shared constants and subexpressions, once.
+    """Constant folding, dead nodes, shared constants and subexpressions, once. Nothing that reads a weight
+    still on disk is folded (fold_weight_transposes did those), so no weight enters memory here.
 
     torch.onnx's default optimizer adds onnxscript's pattern rewriter and repeats everything twice: 13 s of
     a 60 s SmolLM2 export for 12 fewer nodes out of 1800, the kind of clean-up ORT repeats when it loads
     the graph anyway.
     """
+    import onnx_ir as ir
     import onnx_ir.passes.common as common
     from onnxscript import optimizer
 
+    def reads_a_weight(node):
+        return False if any(isinstance(getattr(v, "const_value", None), ir.LazyTensor) for v in node.inputs) else None
+
     with _quiet_exporter():
-        optimizer.fold_constants(model)
+        optimizer.fold_constants(model, should_fold=reads_a_weight)
         optimizer.remove_unused_nodes(model)
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         common.DeduplicateInitializersPass()(model)

@@ -47,7 +47,10 @@ def _spec(config) -> ModelSpec:
 def _to_canonical(sd, spec):
     out = rename(sd, _TABLE, spec.num_layers)
     for i in range(spec.num_layers):
-        q, k, v = torch.chunk(sd[f"transformer.blocks.{i}.attn.Wqkv.weight"], 3, dim=0)
+        fused = sd.get(f"transformer.blocks.{i}.attn.Wqkv.weight")
+        if fused is None:                   # a part of a checkpoint (one streamed layer); load_weights checks
+            continue
+        q, k, v = torch.chunk(fused, 3, dim=0)
         out |= {f"layers.{i}.attn.q.weight": q, f"layers.{i}.attn.k.weight": k, f"layers.{i}.attn.v.weight": v}
     return out
 

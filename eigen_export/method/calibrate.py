@@ -8,6 +8,7 @@ Layer i always sees the outputs of the ORIGINAL layers 0..i-1 (the paper's rule)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -67,8 +68,11 @@ def _errors(y, ref, x) -> tuple[float, float]:
 @torch.no_grad()
 def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "pre",
               eps_grid=EPS_GRID, error_samples: int = 2, batch_size: int = 4, rank_multiple: int = 1,
-              progress: bool = True) -> list[LayerCalibration]:
-    """Bases and error curves for every layer of an uncompressed model on calib_ids [N, L]."""
+              progress: bool = True, blocks: Iterable | None = None) -> list[LayerCalibration]:
+    """Bases and error curves for every layer of an uncompressed model on calib_ids [N, L].
+
+    blocks: the layers in order, where the model does not hold them (loading.StreamedModel.blocks(): each
+    is read from disk when the previous one is done with); default model.layers."""
     spec = model.spec
     rope = spec.positions == "rope"
     if rope and rope_mode not in ROPE_MODES:
@@ -80,7 +84,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     err_slices = chunks(n_err, batch_size)
     d, h_kv = spec.head_dim, spec.num_kv_heads
     results = []
-    bar = tqdm(model.layers, desc="calibrate", unit="layer", disable=not progress)
+    bar = tqdm(model.layers if blocks is None else blocks, desc="calibrate", unit="layer", total=spec.num_layers,
+               disable=not progress)
     for i, block in enumerate(bar):
         g_k = torch.zeros(h_kv, d, d, dtype=torch.float64, device=device)
         g_v = torch.zeros_like(g_k)

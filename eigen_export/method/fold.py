@@ -8,6 +8,8 @@ Per head h of KV group g(h), with U = basis_k[g] (d x r_k) and P = basis_v[g] (d
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import torch
 
 from ..errors import EigenExportError
@@ -52,12 +54,23 @@ def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, t
                ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None) -> dict[str, torch.Tensor]:
     """Fold every layer of a canonical state dict; bases[i] = (full U_k, full U_v), each [H_kv, d, d]."""
     folded = {k: v for k, v in state.items() if not k.startswith("layers.")}
-    for i, (r, (u_k, u_v)) in enumerate(zip(ranks, bases)):
+
+    def layer(i: int) -> dict[str, torch.Tensor]:
         prefix = f"layers.{i}."
-        layer = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        layer = fold_layer(layer, u_k[..., : r.k], u_v[..., : r.v], spec, rope_mode)
-        folded |= {prefix + k: v for k, v in layer.items()}
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    for part in fold_layers(layer, bases, ranks, spec, rope_mode):
+        folded |= part
     return folded
+
+
+def fold_layers(layer_state: Callable[[int], dict[str, torch.Tensor]], bases: list[tuple[torch.Tensor, torch.Tensor]],
+                ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Each layer's folded weights ("layers.i.*"), layer_state(i) (in-layer names) asked for only when the
+    previous layer's are consumed: a fold streamed from disk holds one layer."""
+    for i, (r, (u_k, u_v)) in enumerate(zip(ranks, bases)):
+        layer = fold_layer(layer_state(i), u_k[..., : r.k], u_v[..., : r.v], spec, rope_mode)
+        yield {f"layers.{i}.{k}": v for k, v in layer.items()}
 
 
 ALLOCATIONS = ("energy", "error", "update_error")

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 from ..artifacts.calib import CalibRecord, read_calib_record, write_calibration
-from ..artifacts.folded import load_uncompressed
+from ..artifacts.folded import stream_uncompressed
 from ..data import calibration_batch
 from ..errors import EigenExportError
 from ..loading import load_tokenizer
@@ -36,11 +36,13 @@ def run_calibrate(source: str, out_dir: str | Path, settings: CalibrationSetting
     if not must_make("calibrate", out_dir, current, force, replace_stale, "a calibration of this model"):
         return out_dir
     started = time.perf_counter()
-    config, model = load_uncompressed(source, dtype=settings.dtype, device=resolve_device(device))
+    streamed = stream_uncompressed(source, dtype=settings.dtype, device=resolve_device(device))
+    config, model = streamed.config, streamed.model
     ids = calibration_batch(load_tokenizer(source), settings.dataset, settings.nsamples, settings.seqlen,
                             settings.seed)
     layers = calibrate(model, ids, settings.rope_mode, error_samples=settings.error_samples,
-                       batch_size=settings.batch_size, rank_multiple=settings.rank_multiple, progress=progress)
+                       batch_size=settings.batch_size, rank_multiple=settings.rank_multiple, progress=progress,
+                       blocks=streamed.blocks())
     record = CalibRecord(
         source=str(source), model_type=config.model_type,
         rope_mode=settings.rope_mode if model.spec.positions == "rope" else None,

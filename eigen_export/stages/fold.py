@@ -5,12 +5,12 @@ import logging
 from pathlib import Path
 
 from ..artifacts.calib import calib_sha256, read_calibration
-from ..artifacts.folded import Manifest, load_uncompressed, write_folded
+from ..artifacts.folded import Manifest, stream_uncompressed, write_folded
 from ..artifacts.merged import read_merge_record
 from ..dtypes import resolve_dtype
 from ..errors import EigenExportError
 from ..method.decompose import kv_ratio
-from ..method.fold import fold_to_target
+from ..method.fold import decide_ranks, fold_layers
 from ..settings import FoldSettings
 from .common import must_make
 
@@ -38,16 +38,24 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
     if not must_make("fold", out_dir, current, force, replace_stale, "a fold of this calibration"):
         return Manifest.read(out_dir)
     layers, calib = read_calibration(calib_dir)
-    config, model = load_uncompressed(source, dtype="float32")
-    spec = model.spec
+    source_model = stream_uncompressed(source, dtype="float32")
+    config, spec = source_model.config, source_model.spec
     if calib.model_type != config.model_type or len(layers) != spec.num_layers or \
             layers[0].basis_k.shape[-1] != spec.head_dim:
         raise EigenExportError(f"calibration in {calib_dir} was made for {calib.source!r}, not {source!r}: "
                                "re-run `eigen-export calibrate` for this model")
-    ranks, layer_errors, found, state = fold_to_target(model, layers, calib.rope_mode, settings.kv_ratio,
-                                                       settings.error_budget, settings.allocation,
-                                                       calib.rank_multiple)
-    state = {k: v.to(resolve_dtype(settings.dtype)) for k, v in state.items()}
+    (ranks, layer_errors), found = decide_ranks(layers, spec.head_dim, settings.kv_ratio, settings.error_budget,
+                                                settings.allocation, calib.rank_multiple)
+    dtype = resolve_dtype(settings.dtype)
+
+    def parts():
+        """The weights outside the layers, then one folded layer at a time, each made when the writer asks for
+        it and dropped once written: never the whole model in memory."""
+        yield {k: v.to(dtype) for k, v in source_model.global_state().items()}
+        bases = [(layer.basis_k, layer.basis_v) for layer in layers]
+        for part in fold_layers(source_model.layer_state, bases, ranks, spec, calib.rope_mode):
+            yield {k: v.to(dtype) for k, v in part.items()}
+
     pairs = [(r.k, r.v) for r in ranks]
     merge = read_merge_record(source)     # KV heads merged before this fold: one manifest records both
     calibration = {k: v for k, v in calib.as_dict().items() if k not in ("format", "version")}
@@ -61,6 +69,6 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
         dtype=settings.dtype,
         extra={"merge": merge} if merge else {},
     )
-    manifest = write_folded(out_dir, config, state, fields, tokenizer_source=source, force=True)
+    manifest = write_folded(out_dir, config, parts(), fields, tokenizer_source=source, force=True)
     log.info("folded %s: KV ratio %.3f, ranks %s", source, manifest.kv_ratio, pairs)
     return manifest

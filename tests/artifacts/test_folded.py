@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eigen_export.artifacts.folded import load_folded
-from eigen_export.artifacts.layout import MANIFEST, WEIGHTS
+from eigen_export.artifacts.layout import MANIFEST, WEIGHTS, WEIGHTS_INDEX, weights_shard
 from eigen_export.errors import EigenExportError
 from tests.helpers.folds import write_tiny_folded as _write
 from tests.helpers.tiny_models import ptb_like_ids
@@ -19,6 +19,27 @@ def test_folded_artifact_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids)[0], folded(ids)[0])
     assert not list(tmp_path.glob(".folded.tmp-*"))
+
+
+def test_weights_over_the_shard_size_are_sharded_with_an_index(tmp_path):
+    """What a big fold writes (transformers' shard names and index), at a shard size a tiny model exceeds: it
+    loads as the same model, and a damaged or missing shard is refused."""
+    out, folded = _write(tmp_path, shard_bytes=40_000)
+    index = json.loads((out / WEIGHTS_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3 and shards[0] == weights_shard(0, len(shards)) and not (out / WEIGHTS).exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", MANIFEST, WEIGHTS_INDEX, *shards])
+    ids = ptb_like_ids(2, 9)
+    with torch.no_grad():
+        assert torch.equal(load_folded(out)(ids)[0], folded(ids)[0])
+    raw = bytearray((out / shards[1]).read_bytes())
+    raw[-1] ^= 0xFF
+    (out / shards[1]).write_bytes(bytes(raw))
+    with pytest.raises(EigenExportError, match="does not match the sha256"):
+        load_folded(out)
+    (out / shards[1]).unlink()
+    with pytest.raises(EigenExportError, match="does not match the sha256"):
+        load_folded(out)
 
 
 def test_manifest_rejects_unknown_keys_and_other_versions(tmp_path):

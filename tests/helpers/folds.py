@@ -23,8 +23,9 @@ def tiny_fold(name, mode, k_fraction, v_fraction=None):
     return hf, model, build_decoder(hf.config, state, ranks, mode), state, ranks, layers
 
 
-def write_tiny_folded(tmp_path, name="llama-gqa", mode="post"):
-    """A tiny fold written as a folded/ artifact under tmp_path: (its directory, the folded Decoder)."""
+def write_tiny_folded(tmp_path, name="llama-gqa", mode="post", **write):
+    """A tiny fold written as a folded/ artifact under tmp_path: (its directory, the folded Decoder). write:
+    write_folded's options (shard_bytes)."""
     hf, model, folded, state, ranks, _ = tiny_fold(name, mode, 0.5, 0.75)
     fields = dict(model_type=hf.config.model_type, family=model.spec.family, source="tiny", rope_mode=mode,
                   num_layers=model.spec.num_layers, num_heads=model.spec.num_heads,
@@ -32,5 +33,5 @@ def write_tiny_folded(tmp_path, name="llama-gqa", mode="post"):
                   softmax_scale=model.spec.softmax_scale, ranks=[[r.k, r.v] for r in ranks], kv_ratio=0.5,
                   layer_errors=[0.0] * len(ranks), calibration={"dataset": "random"})
     out = tmp_path / "folded"
-    write_folded(out, hf.config, state, fields)
+    write_folded(out, hf.config, [state], fields, **write)
     return out, folded

@@ -52,10 +52,10 @@ def plugin_engine(tiny):
 @pytest.fixture(scope="module")
 def reference(tiny):
     """The model the export captured (fp16, RoPE tables in fp32), on the GPU."""
-    from eigen_export.backends.onnx_export import load_for_export
+    from eigen_export.artifacts.folded import load_model
 
     model_dir, _ = tiny
-    return TorchBackend(load_for_export(model_dir, torch.float16).cuda())
+    return TorchBackend(load_model(model_dir, dtype="float16").cuda())
 
 
 def _left_padded(batch, seq, seed=3):
