@@ -2,17 +2,22 @@
 
 Each stage decides for itself whether its output is current (stages/common.must_make: its record holds the
 requested settings and its inputs' hashes) and skips when it is; the pipeline owns build/<name>/ and lets
-every stage replace what a change upstream made stale.
+every stage replace what a change upstream made stale. Each stage runs in its own process (`isolated`).
 """
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Callable
 
 from .artifacts.layout import REPORT_MD, BuildLayout
 from .errors import EigenExportError
 from .families import spec_from_config
 from .loading import load_hf_config
+from .machine import return_freed_memory
 from .settings import Recipe, find_recipe
 from .stages.build import run_build
 from .stages.calibrate import run_calibrate
@@ -43,6 +48,27 @@ def check_family(recipe: Recipe, source: str) -> None:
                                    f"{family!r} model: fix [model] family or source in the recipe")
 
 
+def isolated(stage: Callable, *args, **kwargs):
+    """stage(*args, **kwargs) in a fresh Python process; its result, or its error raised here.
+
+    What a stage imports and leaves allocated goes with its process (torch.onnx's exporter alone kept 0.5 GB
+    of modules and caches under every later stage), so make engine's peak is that of its largest stage plus
+    this process, not their sum."""
+    level = logging.getLogger().getEffectiveLevel()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child, initargs=(level,)) as pool:
+        try:
+            return pool.submit(stage, *args, **kwargs).result()
+        except BrokenProcessPool:
+            raise EigenExportError(f"the process running {stage.__name__} died (out of memory?): its output was "
+                                   "not completed; run the stage alone to see why") from None
+
+
+def _child(level: int) -> None:
+    logging.basicConfig(level=level, format="%(message)s")
+    return_freed_memory()
+
+
 def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False, device: str | None = None,
                baseline: bool = True) -> int:
     """Every stage for one recipe; returns 0 when the parity report passes, 1 when a check fails.
@@ -57,18 +83,18 @@ def run_engine(model: str, build_dir: Path = Path("build"), force: bool = False,
     stale = dict(force=force, replace_stale=True)
     calib = recipe.calibration
     log.info("[calibrate] %s on %s (%d x %d tokens)", recipe.name, calib.dataset, calib.nsamples, calib.seqlen)
-    run_calibrate(source, layout.calib, calib, device=device, **stale)
-    manifest = run_fold(source, layout.calib, layout.folded, recipe.fold, **stale)
+    isolated(run_calibrate, source, layout.calib, calib, device=device, **stale)
+    manifest = isolated(run_fold, source, layout.calib, layout.folded, recipe.fold, **stale)
     log.info("[fold] KV ratio %.3f -> %s", manifest.kv_ratio, layout.folded)
-    run_export(layout.folded, recipe.export, layout.onnx, **stale)
+    isolated(run_export, layout.folded, recipe.export, layout.onnx, **stale)
     log.info("[export] %s", layout.onnx)
-    run_build(layout.onnx, recipe.build, layout.engine, **stale)
+    isolated(run_build, layout.onnx, recipe.build, layout.engine, **stale)
     log.info("[build] %s", layout.engine)
     if baseline:
-        run_export(source, recipe.export, layout.baseline_onnx, **stale)
-        run_build(layout.baseline_onnx, recipe.build, layout.baseline_engine, **stale)
+        isolated(run_export, source, recipe.export, layout.baseline_onnx, **stale)
+        isolated(run_build, layout.baseline_onnx, recipe.build, layout.baseline_engine, **stale)
         log.info("[build] baseline (uncompressed) %s", layout.baseline_engine)
-    report = run_validate(layout.root, recipe.validation, layout.report, device=device, **stale)
+    report = isolated(run_validate, layout.root, recipe.validation, layout.report, device=device, **stale)
     print(f"{recipe.name}: KV ratio {report['compression']['kv_ratio']:.3f}, "
           f"{recipe.validation.dataset} perplexity {report['accuracy']['perplexity_original']:.2f} -> "
           f"{report['accuracy']['perplexity_folded']:.2f}; engine: {report['engine']['backend']}; "

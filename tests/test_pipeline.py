@@ -113,3 +113,15 @@ def test_make_engine_on_the_opt_mini_end_to_end(tmp_path):
     assert report["verdict"] == "pass" and report["accuracy"]["kv_ratio"] <= 0.7
     assert len(report["sweep"]) == 4                            # the mini recipe's perplexity-vs-ratio points
     assert report["accuracy"]["perplexity_folded"] < 1.05 * report["accuracy"]["perplexity_original"]
+
+
+def test_a_stage_in_its_own_process_raises_its_error_here(tmp_path):
+    """make engine runs each stage in a fresh process: a one-line error there is the same one-line error here."""
+    from eigen_export.errors import EigenExportError
+    from eigen_export.pipeline import isolated
+    from eigen_export.stages.export import find_onnx_dir, run_export
+
+    with pytest.raises(EigenExportError, match="is not a directory: export needs"):
+        isolated(run_export, tmp_path / "nothing-here")
+    with pytest.raises(EigenExportError, match="no ONNX export found for"):
+        isolated(find_onnx_dir, tmp_path)
