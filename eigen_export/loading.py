@@ -162,16 +162,19 @@ class Checkpoint:
         from safetensors import safe_open
 
         out = {}
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.files[name], []).append(name)
-        for path, wanted in by_file.items():
+        for path, wanted in self._by_file(names).items():
             if path.suffix == ".safetensors":
                 with safe_open(str(path), "pt") as f:
                     out |= {name: f.get_tensor(name) for name in wanted}
             else:       # memory-mapped: only the pages of the tensors read here are loaded, and copied out
                 out |= {name: self._bin(path)[name].clone() for name in wanted}
         return out
+
+    def _by_file(self, names) -> dict[Path, list[str]]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        return by_file
 
     def _bin(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._bins:
@@ -183,15 +186,15 @@ class Checkpoint:
         from safetensors import safe_open
 
         out = {}
-        for name in names:
-            path = self.files[name]
+        for path, wanted in self._by_file(names).items():
             if path.suffix == ".safetensors":
                 with safe_open(str(path), "pt") as f:
-                    piece = f.get_slice(name)
-                    out[name] = torch.empty(piece.get_shape(), dtype=_SAFETENSORS_DTYPES[piece.get_dtype()],
-                                            device="meta")
+                    for name in wanted:
+                        piece = f.get_slice(name)
+                        out[name] = torch.empty(piece.get_shape(), dtype=_SAFETENSORS_DTYPES[piece.get_dtype()],
+                                                device="meta")
             else:
-                out[name] = torch.empty_like(self._bin(path)[name], device="meta")
+                out |= {name: torch.empty_like(self._bin(path)[name], device="meta") for name in wanted}
         return out
 
 
@@ -232,13 +235,11 @@ class StreamedModel:
             self._layers.setdefault(layer_of(self._hf_names[name]), []).append(name)
         # only what embed_tokens reads is loaded: the layers, final norm and head are placeholders (the head of a
         # 7B model alone is 0.5 GB in fp32); global_state() reads them for the fold
-        placeholders = self._canonical(self.checkpoint.placeholders(self._hf_names))
+        placeholders = self.placeholders()
         input_side = [n for n in self._layers.get(None, [])
                       if _INPUT_SIDE & set(self._canonical(self.checkpoint.placeholders([n])))]
         real = {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
                 for k, v in self._canonical(self.checkpoint.read(input_side)).items()}
-        if self.spec.tie_embeddings:
-            placeholders.pop("lm_head.weight", None)
         inv_freq, scaling = self.adapter.rope_inv_freq(self.config) if self.adapter.rope_inv_freq else (None, 1.0)
         self.model = Decoder(self.spec, None, None, {**placeholders, **real}, inv_freq=inv_freq,
                              rope_scaling=scaling)

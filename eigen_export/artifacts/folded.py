@@ -138,10 +138,16 @@ def _write_shards(out: Path, parts: Iterable[dict[str, torch.Tensor]], shard_byt
                                                 indent=2) + "\n")
 
 
+def weights_record(folded_dir: Path) -> Path:
+    """model.safetensors, or the shards' index where there is only that."""
+    one = folded_dir / WEIGHTS
+    return one if one.exists() or not (folded_dir / WEIGHTS_INDEX).exists() else folded_dir / WEIGHTS_INDEX
+
+
 def weights_sha256(folded_dir: Path) -> str:
     """What eigen.json's weights_sha256 holds: model.safetensors' sha256, or for shards that of the index and
     every shard's sha256 in order."""
-    if (folded_dir / WEIGHTS).exists() or not (folded_dir / WEIGHTS_INDEX).exists():
+    if weights_record(folded_dir).name == WEIGHTS:
         return sha256_file(folded_dir / WEIGHTS)
     index = (folded_dir / WEIGHTS_INDEX).read_bytes()
     shards = sorted(set(json.loads(index)["weight_map"].values()))
@@ -178,7 +184,7 @@ def open_folded(path: str | Path, verify: bool = True) -> tuple[object, Manifest
     if config.model_type != manifest.model_type:
         raise EigenExportError(f"{path}: config.json is {config.model_type!r} but eigen.json says "
                                f"{manifest.model_type!r}: the artifact was mixed up; re-run the fold")
-    weights = path / (WEIGHTS if (path / WEIGHTS).exists() or not (path / WEIGHTS_INDEX).exists() else WEIGHTS_INDEX)
+    weights = weights_record(path)
     if not weights.exists():
         raise EigenExportError(f"{weights} is missing: re-run `eigen-export fold`")
     if verify:
