@@ -46,9 +46,16 @@ def _calib_flags(p):
     p.add_argument("--rope-mode", default=UNSET,
                    help="RoPE models: pre (basis before rotation, the paper) or post (faster decode, but on SmolLM2 "
                         f"it did not hold past the calibration length) {_default(c, 'rope_mode')}")
+    p.add_argument("--basis", default=UNSET,
+                   help="loss (bases fitted to keep the calibration loss, weighted by its gradients) or energy (the "
+                        f"paper's eigenbases of the K(+Q) and V Grams) {_default(c, 'basis')}")
+    p.add_argument("--grad-samples", type=int, default=UNSET,
+                   help="samples (of --nsamples) the loss gradients are measured on; each costs a backward pass "
+                        f"and keeps every layer's input {_default(c, 'grad_samples')}")
     p.add_argument("--batch-size", type=int, default=UNSET, help=_default(c, "batch_size"))
     p.add_argument("--error-samples", type=int, default=UNSET,
-                   help=f"samples used for the block-error curves {_default(c, 'error_samples')}")
+                   help="samples for the block-error curves that --allocation error / --error-budget read; 0 "
+                        f"measures none {_default(c, 'error_samples')}")
     p.add_argument("--rank-multiple", type=int, default=UNSET,
                    help=f"round ranks up to a multiple (kernel efficiency) {_default(c, 'rank_multiple')}")
 
@@ -59,8 +66,9 @@ def _fold_flags(p):
     p.add_argument("--error-budget", type=float, default=UNSET,
                    help="per-layer relative block-output error budget instead")
     p.add_argument("--allocation", default=UNSET,
-                   help="how --kv-ratio spreads ranks over layers: energy (one energy threshold) or error / "
-                        f"update_error (the smallest worst-layer calibrated block error) "
+                   help="how --kv-ratio spreads ranks over layers and K/V: loss (drop the directions that cost the "
+                        "calibration loss least), energy (one energy threshold) or error / update_error (the "
+                        "smallest worst-layer calibrated block error; calibrate with --error-samples) "
                         f"{_default(FoldSettings, 'allocation')}")
 
 

@@ -259,9 +259,11 @@ class StreamedModel:
     def block(self, i: int):
         return self.model.make_block(self.model.ranks[i], None, self.layer_state(i))
 
-    def blocks(self):
-        """Every layer in order, each read when the previous one is done with."""
-        return (self.block(i) for i in range(self.spec.num_layers))
+    def load_head(self) -> None:
+        """Read the final norm and output head into the model, so that it can make logits (the calibration
+        loss); the layers stay placeholders."""
+        head = {k: v.to(self.device) for k, v in self.global_state().items() if k not in _INPUT_SIDE}
+        self.model.load_state_dict(head, strict=False, assign=True)     # the rest is loaded or a placeholder
 
     def placeholders(self) -> dict[str, torch.Tensor]:
         """Meta tensors of every canonical weight (nothing read but headers)."""

@@ -16,6 +16,7 @@ from .assets import smollm2_dir
 from .dtypes import EXPORT_NAMES, FLOAT_NAMES
 from .errors import EigenExportError
 from .families import REGISTRY
+from .method.calibrate import BASES
 from .method.fold import ALLOCATIONS
 from .method.merge import check_method
 from .modeling import ROPE_MODES
@@ -55,15 +56,19 @@ class CalibrationSettings:
     seqlen: int = 512
     seed: int = 0
     rope_mode: str = "pre"                 # RoPE models: basis before (paper) or after rotation
+    basis: str = "loss"                    # loss: bases that keep the loss; energy: the paper's eigenbases
+    grad_samples: int = 16                 # samples the loss gradients are measured on (the backward pass)
     dtype: str = "float32"
     batch_size: int = 4
-    error_samples: int = 2                 # samples used for the block-error curves
+    error_samples: int = 0                 # samples for the block-error curves (--allocation error needs them)
     rank_multiple: int = 1                 # GPU recipes: 16, so cache rows stay 16-byte aligned for the kernel
 
     def __post_init__(self):
-        _at_least(self, 1, "nsamples", "batch_size", "error_samples", "rank_multiple")
+        _at_least(self, 1, "nsamples", "batch_size", "rank_multiple", "grad_samples")
+        _at_least(self, 0, "error_samples")
         _at_least(self, 2, "seqlen")
         _one_of(self, "rope_mode", ROPE_MODES)
+        _one_of(self, "basis", BASES)
         _one_of(self, "dtype", FLOAT_NAMES)
 
     def record(self) -> dict:
@@ -76,7 +81,8 @@ class FoldSettings:
     """`fold`: the KV budget (exactly one of kv_ratio and error_budget) and how ranks are spread over layers."""
     kv_ratio: float | None = 0.7           # fraction of the original KV cache to keep
     error_budget: float | None = None      # per-layer relative block-output error budget instead
-    allocation: str = "energy"             # energy: one energy threshold; error / update_error: calibrated error
+    allocation: str = "loss"               # loss: cheapest calibrated loss; energy: one energy threshold;
+                                           # error / update_error: calibrated block error (needs error_samples)
     dtype: str = "float32"
 
     def __post_init__(self):

@@ -77,9 +77,11 @@ def test_streamed_layers_equal_the_model_loaded_whole(tmp_path, name):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), i
     ids = ptb_like_ids(4, 24)
     mode = "pre" if whole.spec.positions == "rope" else None
-    for a, b in zip(calibrate(whole, ids, mode, progress=False),
-                    calibrate(streamed.model, ids, mode, progress=False, blocks=streamed.blocks())):
-        assert torch.equal(a.basis_k, b.basis_k) and torch.equal(a.eig_v, b.eig_v) and a.curve == b.curve
+    streamed.load_head()
+    for a, b in zip(calibrate(whole, ids, mode, progress=False, error_samples=2),
+                    calibrate(streamed.model, ids, mode, progress=False, error_samples=2, layer=streamed.block)):
+        assert torch.equal(a.basis_k, b.basis_k) and torch.equal(a.down_v, b.down_v) and \
+            torch.equal(a.cost_k, b.cost_k) and a.curve == b.curve
 
 
 def test_a_bin_checkpoint_saved_from_the_base_model_streams(tmp_path):

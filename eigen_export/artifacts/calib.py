@@ -1,5 +1,6 @@
-"""calib/: bases.safetensors (per layer the eigenvalues and eigenbases of K and V) + calib.json (the settings
-it was measured with, the error curves, an energy summary), written by `calibrate`, read by `fold`."""
+"""calib/: bases.safetensors (per layer the spectra, bases, down projections and direction costs of K and V) +
+calib.json (the settings it was measured with, the error curves if measured, a spectrum summary), written by
+`calibrate`, read by `fold`."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from .layout import BASES, CALIB_JSON
 from .records import atomic_dir, check_format, read_json_record, sha256_file
 
 CALIB_FORMAT = "eigen_export.calib"
-CALIB_VERSION = 1
+CALIB_VERSION = 2
 REMAKE = "re-run `eigen-export calibrate --force`"
-_TENSORS = ("eig_k", "basis_k", "eig_v", "basis_v")
+CALIB_TENSORS = ("eig_k", "basis_k", "eig_v", "basis_v", "cost_k", "cost_v", "down_k", "down_v")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class CalibRecord:
     source: str
     model_type: str
     rope_mode: str | None                 # None for models without RoPE
+    basis: str
+    grad_samples: int
     dataset: str
     nsamples: int
     seqlen: int
@@ -43,8 +46,10 @@ class CalibRecord:
 def write_calibration(out_dir: Path, layers: list[LayerCalibration], record: CalibRecord, force: bool = False) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"layers.{i}.{name}": getattr(layer, name).contiguous()
-               for i, layer in enumerate(layers) for name in _TENSORS}
+    # cloned: an orthonormal basis is its own down projection, and the loss basis's spectrum its cost (safetensors
+    # refuses tensors sharing memory)
+    tensors = {f"layers.{i}.{name}": getattr(layer, name).clone().contiguous()
+               for i, layer in enumerate(layers) for name in CALIB_TENSORS}
     data = {**record.as_dict(),
             "layers": [{"curve": [vars(p) for p in layer.curve],
                         "energy_k": energy_summary(layer.eig_k), "energy_v": energy_summary(layer.eig_v)}
@@ -77,7 +82,7 @@ def read_calibration(calib_dir: str | Path) -> tuple[list[LayerCalibration], Cal
     record, entries = _read(calib_dir)
     try:
         tensors = load_file(str(calib_dir / BASES))
-        return [LayerCalibration(*(tensors[f"layers.{i}.{name}"] for name in _TENSORS),
+        return [LayerCalibration(**{name: tensors[f"layers.{i}.{name}"] for name in CALIB_TENSORS},
                                  curve=[CurvePoint(**p) for p in entry["curve"]])
                 for i, entry in enumerate(entries)], record
     except (OSError, SafetensorError, KeyError, TypeError) as e:

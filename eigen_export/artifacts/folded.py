@@ -244,8 +244,11 @@ class HeldModel:
     def __init__(self, config, model: Decoder):
         self.config, self.model, self.spec = config, model, model.spec
 
-    def blocks(self):
-        return iter(self.model.layers)
+    def block(self, i: int):
+        return self.model.layers[i]
+
+    def load_head(self) -> None:
+        """Held whole: the head is loaded already."""
 
     def layer_state(self, i: int) -> dict[str, torch.Tensor]:
         return self.model.layers[i].state_dict()

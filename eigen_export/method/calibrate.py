@@ -1,32 +1,46 @@
-"""Calibration: one sequential pass, layer by layer, with streaming Gram accumulators (DESIGN 4). Tensors only.
+"""Calibration: a forward pass layer by layer with streaming Gram accumulators, then a backward pass layer by
+layer for the loss gradients at the keys and values (DESIGN 4). Tensors only.
 
-Measure, then decide: this stage only measures. Per layer it accumulates float64 d x d Gram matrices per
-KV head, takes their eigenbases, and records an error curve: the relative error of the decoder block's
-output for each candidate rank pair. `fold` decides the ranks from those curves and applies them.
+Measure, then decide: this stage only measures. Per layer it records the bases of the keys and values and
+what dropping each basis direction costs the loss (decompose.loss_basis), optionally with an error curve
+(the relative error of the block's output for candidate rank pairs); `fold` decides the ranks from them.
 Layer i always sees the outputs of the ORIGINAL layers 0..i-1 (the paper's rule).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import EigenExportError
 from ..modeling import ROPE_MODES, Decoder, LayerRanks, rotate
-from .capture import LayerPass, chunks
-from .decompose import EPS_GRID, CurvePoint, eigenbasis, layer_rank
+from .capture import Capture, LayerPass, chunks
+from .decompose import EPS_GRID, CurvePoint, direction_costs, eigenbasis, layer_rank, loss_basis
 from .fold import fold_layer
+from .metrics import LOGIT_CHUNK
+
+# loss: bases that keep the loss (decompose.loss_basis); energy: the paper's eigenbases of the K(+Q) and V Grams
+BASES = ("loss", "energy")
 
 
 @dataclass
 class LayerCalibration:
-    eig_k: torch.Tensor        # [H_kv, d] descending eigenvalues of the key(+query) Gram
-    basis_k: torch.Tensor      # [H_kv, d, d] eigenvectors as columns
+    eig_k: torch.Tensor        # [H_kv, d] descending spectrum the key basis was fitted to
+    basis_k: torch.Tensor      # [H_kv, d, d] columns rebuild a key from its latent (orthonormal for `energy`)
     eig_v: torch.Tensor
     basis_v: torch.Tensor
+    cost_k: torch.Tensor       # [H_kv, d] what dropping each basis direction costs the calibration loss
+    cost_v: torch.Tensor
+    down_k: torch.Tensor       # [H_kv, d, d] columns make the latent (latent = down^T x); == basis when orthonormal
+    down_v: torch.Tensor
     curve: list[CurvePoint] = field(default_factory=list)
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(basis_k, basis_v, down_k, down_v): what fold.fold_layers takes per layer."""
+        return self.basis_k, self.basis_v, self.down_k, self.down_v
 
 
 def _gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
@@ -46,15 +60,20 @@ def layer_projections(model: Decoder, block, x, ctx, rope_mode):
 
 
 def fit_targets(model: Decoder, q, k, v, ctx, rope_mode):
-    """Raw projection outputs [B, S, heads * d] -> per-head q [B, H, S, d], k, v [B, H_kv, S, d]."""
+    """Raw projection outputs [B, S, heads * d] -> per-head q [B, H, S, d], k, v [B, H_kv, S, d].
+
+    Rotation is orthogonal, so the same call maps gradients at the raw outputs to gradients at the rotated
+    vectors. q may be None (not needed)."""
     spec = model.spec
-    b, s, _ = q.shape
-    q = q.view(b, s, spec.num_heads, -1).transpose(1, 2)
+    b, s, _ = k.shape
     k = k.view(b, s, spec.num_kv_heads, -1).transpose(1, 2)
     v = v.view(b, s, spec.num_kv_heads, -1).transpose(1, 2)
+    if q is not None:
+        q = q.view(b, s, spec.num_heads, -1).transpose(1, 2)
     if spec.positions == "rope" and rope_mode == "post":
-        q = rotate(q, ctx.q_cos, ctx.q_sin, spec.rope_dim, spec.rope_layout)
         k = rotate(k, ctx.q_cos, ctx.q_sin, spec.rope_dim, spec.rope_layout)
+        if q is not None:
+            q = rotate(q, ctx.q_cos, ctx.q_sin, spec.rope_dim, spec.rope_layout)
     return q, k, v
 
 
@@ -65,64 +84,166 @@ def _errors(y, ref, x) -> tuple[float, float]:
             (diff / torch.linalg.vector_norm((ref - x).double())).item())
 
 
-@torch.no_grad()
-def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "pre",
-              eps_grid=EPS_GRID, error_samples: int = 2, batch_size: int = 4, rank_multiple: int = 1,
-              progress: bool = True, blocks: Iterable | None = None) -> list[LayerCalibration]:
-    """Bases and error curves for every layer of an uncompressed model on calib_ids [N, L].
+def _bases(grams: dict[str, torch.Tensor], basis: str, rope_mode: str | None) -> dict[str, torch.Tensor]:
+    """Spectra, bases and costs of one layer from its Grams ("k", "q", "v") and gradient Grams ("gk", "gv").
 
-    blocks: the layers in order, where the model does not hold them (loading.StreamedModel.blocks(): each
-    is read from disk when the previous one is done with); default model.layers."""
+    The loss basis needs a separate down projection, which post mode cannot take for keys (one matrix serves
+    keys and queries): there the key basis is the K+Q eigenbasis, ordered by cost."""
+    out = {}
+    joint_kq = rope_mode != "pre"
+    for kind in "kv":
+        gram, grad = grams[kind], grams["g" + kind]
+        if basis == "loss" and not (kind == "k" and rope_mode == "post"):
+            spectrum, down, up = loss_basis(gram, grad)
+            out |= {f"eig_{kind}": spectrum, f"basis_{kind}": up, f"down_{kind}": down, f"cost_{kind}": spectrum}
+            continue
+        fitted = gram + grams["q"] if kind == "k" and joint_kq else gram
+        spectrum, vectors = eigenbasis(fitted)
+        cost = direction_costs(gram, grad, vectors)
+        if basis == "loss":                    # post-mode keys: the cheapest directions last
+            cost, order = cost.sort(-1, descending=True)
+            vectors = torch.gather(vectors, -1, order[..., None, :].expand_as(vectors))
+            spectrum = torch.gather(spectrum, -1, order)
+        out |= {f"eig_{kind}": spectrum, f"basis_{kind}": vectors, f"down_{kind}": vectors, f"cost_{kind}": cost}
+    return out
+
+
+def _loss_gradient(model: Decoder, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """d(mean next-token loss over all rows)/d(last hidden states x [N, L, D]), LOGIT_CHUNK positions of one row
+    at a time: the head works per position, and a whole batch's logits would be the largest tensor of the pass."""
+    n_predicted = ids[:, 1:].numel()
+    grad = torch.zeros_like(x)
+    for r in range(x.shape[0]):
+        for start in range(0, x.shape[1] - 1, LOGIT_CHUNK):
+            stop = min(start + LOGIT_CHUNK, x.shape[1] - 1)          # the last position predicts nothing
+            with torch.enable_grad():
+                part = x[r, start:stop].detach().requires_grad_(True)
+                logits = model.head(part).float()
+                loss = F.cross_entropy(logits, ids[r, start + 1:stop + 1], reduction="sum") / n_predicted
+                grad[r, start:stop] = torch.autograd.grad(loss, part)[0]
+    return grad
+
+
+@torch.no_grad()
+def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "pre", basis: str = "loss",
+              grad_samples: int | None = None, eps_grid=EPS_GRID, error_samples: int = 0, batch_size: int = 4,
+              rank_multiple: int = 1, progress: bool = True, layer: Callable[[int], torch.nn.Module] | None = None,
+              stored_dtype: torch.dtype | None = torch.bfloat16) -> list[LayerCalibration]:
+    """Bases, costs and (error_samples > 0) error curves for every layer of an uncompressed model on calib_ids
+    [N, L].
+
+    Two passes: forward, layer by layer, accumulating the Grams and keeping each layer's input; then backward
+    from the loss, layer by layer (each layer recomputed from its input), accumulating the gradient Grams.
+    grad_samples: the rows the backward pass runs on (default all; the curves use the first error_samples of
+    them). Peak memory: every layer's input on those rows + one layer's weights and activations.
+    stored_dtype: the layer inputs are kept in it where it is narrower than the activations (None: as they
+    are): the gradients only weight the bases, and bf16 halves the largest memory of an fp32 calibration.
+    layer(i): layer i, where the model does not hold it (loading.StreamedModel.block: read from disk, twice);
+    default model.layers[i]. The model's head must be loaded (the loss needs it).
+    """
     spec = model.spec
     rope = spec.positions == "rope"
     if rope and rope_mode not in ROPE_MODES:
         raise EigenExportError(f"rope_mode must be one of {ROPE_MODES} for a RoPE model, got {rope_mode!r}")
+    if basis not in BASES:
+        raise EigenExportError(f"basis must be one of {BASES}, got {basis!r}")
     rope_mode = rope_mode if rope else None
+    layer = layer or (lambda i: model.layers[i])
     device = next(model.parameters()).device
+    calib_ids = calib_ids.to(device)
     data = LayerPass(model, calib_ids, batch_size, key_tables=rope)
-    n_err = max(1, min(error_samples, calib_ids.shape[0]))
-    err_slices = chunks(n_err, batch_size)
-    d, h_kv = spec.head_dim, spec.num_kv_heads
-    results = []
-    bar = tqdm(model.layers if blocks is None else blocks, desc="calibrate", unit="layer", total=spec.num_layers,
-               disable=not progress)
-    for i, block in enumerate(bar):
-        g_k = torch.zeros(h_kv, d, d, dtype=torch.float64, device=device)
-        g_v = torch.zeros_like(g_k)
+    n_grad = calib_ids.shape[0] if grad_samples is None else max(1, min(grad_samples, calib_ids.shape[0]))
+    n_err = min(error_samples, n_grad)
+    d, h_kv, n_layers = spec.head_dim, spec.num_kv_heads, spec.num_layers
+    joint_kq = rope_mode != "pre"          # the paper's K+Q basis preserves q.k where keys and queries share it
+    grams, inputs = [], []
+    bar = tqdm(range(n_layers), desc="calibrate: forward", unit="layer", disable=not progress)
+    for i in bar:
+        acc = {name: torch.zeros(h_kv, d, d, dtype=torch.float64, device=device) for name in "kqv"}
 
         def accumulate(s, raw):
             q, k, v = fit_targets(model, raw["q"], raw["k"], raw["v"], data.ctx(s), rope_mode)
-            _gram_update(g_k, k)
-            if rope_mode != "pre":   # the joint K+Q basis preserves q.k; pre mode keeps q full
+            _gram_update(acc["k"], k)
+            _gram_update(acc["v"], v)
+            if joint_kq:
                 b, _, length_, _ = q.shape
-                _gram_update(g_k, q.reshape(b, h_kv, spec.group_size, length_, d))
-            _gram_update(g_v, v)
+                _gram_update(acc["q"], q.reshape(b, h_kv, spec.group_size, length_, d))
 
-        x_next = data.forward(block, accumulate)                            # the original layer's output
-        eig_k, basis_k = eigenbasis(g_k)
-        eig_v, basis_v = eigenbasis(g_v)
-        layer = LayerCalibration(eig_k.cpu(), basis_k.cpu(), eig_v.cpu(), basis_v.cpu())
+        inputs.append(_kept(data.x[:n_grad], stored_dtype))
+        data.advance(data.forward(layer(i), accumulate))
+        grams.append(acc)
 
-        # error curve on the first samples: the block output with each distinct candidate rank pair
-        x = data.x
-        reference = x_next[:n_err]
-        layer_state = block.state_dict()
-        tried = {}
-        for eps in eps_grid:
-            ranks = LayerRanks(layer_rank(eig_k, eps, rank_multiple), layer_rank(eig_v, eps, rank_multiple))
-            if ranks == LayerRanks(d, d):
-                tried[ranks] = (0.0, 0.0)   # a full-rank fold is exact up to float error (tests/method/test_fold.py)
-            if ranks not in tried:
-                folded = fold_layer(layer_state, basis_k[..., : ranks.k].to(x.dtype),
-                                    basis_v[..., : ranks.v].to(x.dtype), spec, rope_mode)
-                candidate = model.make_block(ranks, rope_mode, folded)
-                out = torch.cat([candidate(x[s], data.ctx(s))[0] for s in err_slices])
-                tried[ranks] = _errors(out, reference, x[:n_err])
-            layer.curve.append(CurvePoint(eps, ranks.k, ranks.v, *tried[ranks]))
-        results.append(layer)
-        data.advance(x_next)
-        bar.set_postfix(layer=i, r99=f"{layer_rank(eig_k, 0.99)}/{layer_rank(eig_v, 0.99)}")
+    final, data, compute_dtype = data.x, None, data.x.dtype
+    grad = _loss_gradient(model, final[:n_grad], calib_ids[:n_grad])
+    del final
+    results: list[LayerCalibration | None] = [None] * n_layers
+    bar = tqdm(reversed(range(n_layers)), desc="calibrate: backward", unit="layer", total=n_layers,
+               disable=not progress)
+    for i in bar:
+        block, x = layer(i), inputs[i].to(compute_dtype)
+        acc = grams[i]
+        acc["gk"], acc["gv"] = torch.zeros_like(acc["k"]), torch.zeros_like(acc["v"])
+        for s in chunks(x.shape[0], batch_size):
+            ctx = _batch_ctx(model, s, x.shape[1], x.dtype, device, rope)
+            with torch.enable_grad():
+                capture = Capture(block.attn)
+                try:
+                    x_in = x[s].detach().requires_grad_(True)
+                    out = block(x_in, ctx)[0]
+                finally:
+                    capture.remove()
+                raw = capture.outputs
+                g_x, g_k, g_v = torch.autograd.grad(out, [x_in, raw["k"], raw["v"]], grad[s])
+            _, g_k, g_v = fit_targets(model, None, g_k, g_v, ctx, rope_mode)
+            _gram_update(acc["gk"], g_k)
+            _gram_update(acc["gv"], g_v)
+            grad[s] = g_x
+        layer_cal = LayerCalibration(**{k: v.cpu() for k, v in _bases(acc, basis, rope_mode).items()})
+        if n_err:
+            layer_cal.curve = _curve(model, block, x[:n_err], layer_cal, rope_mode, eps_grid, rank_multiple,
+                                     batch_size, rope)
+        results[i] = layer_cal
+        inputs[i] = grams[i] = None                      # freed as the pass goes down
+        bar.set_postfix(layer=i)
     return results
+
+
+def _kept(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A copy of x (a slice would keep the whole tensor alive), in dtype where that is narrower."""
+    if dtype is not None and x.is_floating_point() and torch.finfo(dtype).bits < torch.finfo(x.dtype).bits:
+        return x.to(dtype)
+    return x.clone()
+
+
+def _batch_ctx(model: Decoder, s: slice, length: int, dtype, device, key_tables: bool):
+    n = s.stop - s.start
+    positions = torch.arange(length, device=device).expand(n, length)
+    return model.context(torch.ones(n, length, dtype=torch.long, device=device), positions, dtype,
+                         key_tables=key_tables)
+
+
+def _curve(model: Decoder, block, x, layer: LayerCalibration, rope_mode, eps_grid, rank_multiple, batch_size,
+           rope) -> list[CurvePoint]:
+    """The error of the block's output on x with each distinct candidate rank pair of the eps grid."""
+    d = model.spec.head_dim
+    slices = chunks(x.shape[0], batch_size)
+    ctxs = [_batch_ctx(model, s, x.shape[1], x.dtype, x.device, rope) for s in slices]
+    reference = torch.cat([block(x[s], c)[0] for s, c in zip(slices, ctxs)])
+    layer_state = block.state_dict()
+    tried, curve = {}, []
+    for eps in eps_grid:
+        ranks = LayerRanks(layer_rank(layer.eig_k, eps, rank_multiple), layer_rank(layer.eig_v, eps, rank_multiple))
+        if ranks == LayerRanks(d, d):
+            tried[ranks] = (0.0, 0.0)   # a full-rank fold is exact up to float error (tests/method/test_fold.py)
+        if ranks not in tried:
+            folded = fold_layer(layer_state, layer.basis_k[..., : ranks.k].to(x.dtype),
+                                layer.basis_v[..., : ranks.v].to(x.dtype), model.spec, rope_mode,
+                                layer.down_k[..., : ranks.k].to(x.dtype), layer.down_v[..., : ranks.v].to(x.dtype))
+            candidate = model.make_block(ranks, rope_mode, folded)
+            out = torch.cat([candidate(x[s], c)[0] for s, c in zip(slices, ctxs)])
+            tried[ranks] = _errors(out, reference, x)
+        curve.append(CurvePoint(eps, ranks.k, ranks.v, *tried[ranks]))
+    return curve
 
 
 def energy_summary(eig: torch.Tensor) -> dict:

@@ -13,7 +13,7 @@ import torch
 from ..modeling import Decoder
 
 
-class _Capture:
+class Capture:
     """Forward hooks on a layer's q/k/v linears: the raw projection outputs of the batch just run."""
 
     def __init__(self, attn):
@@ -60,7 +60,7 @@ class LayerPass:
     def forward(self, block, on_batch: Callable[[slice, dict], None] | None = None) -> torch.Tensor:
         """The block's output on every batch; on_batch(batch, {"q", "k", "v": raw projection outputs}) runs
         after each batch."""
-        capture = _Capture(block.attn) if on_batch is not None else None
+        capture = Capture(block.attn) if on_batch is not None else None
         outputs = []
         try:
             for s in self.batches:

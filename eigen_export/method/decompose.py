@@ -21,6 +21,40 @@ def eigenbasis(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(-1).clamp(min=0), vectors.flip(-1)
 
 
+def loss_basis(gram: torch.Tensor, grad_gram: torch.Tensor, ridge: float = 1e-3):
+    """(spectrum, down, up) of the rank-r projections x -> up_r down_r^T x that cost the loss least.
+
+    gram C = E[x x^T] of the vectors a cache would hold, grad_gram G = E[g g^T] of the loss gradient at them
+    ([..., d, d] each). To first order the loss moves by g^T dx, so a projection error dx = (I - B A) x costs
+    about E[(g^T dx)^2] ~ tr(G (I - BA) C (I - BA)^T) (g and x taken as independent). The best rank-r B A is
+    G^-1/2 W_r W_r^T G^1/2 with W the eigenvectors of G^1/2 C G^1/2: latents A x = W_r^T G^1/2 x, rebuilt by
+    B = G^-1/2 W_r, and dropping direction j costs its eigenvalue, the returned spectrum (descending). So the
+    spectrum is in one currency across heads, layers, keys and values. G = I gives the eigenbasis of C.
+    down [..., d, d] holds A^T (columns G^1/2 w_j), up holds B. ridge: G gets ridge x its mean eigenvalue on the
+    diagonal, so directions the loss never pushed on are not rebuilt with huge gains.
+    """
+    d = gram.shape[-1]
+    grad_gram = 0.5 * (grad_gram + grad_gram.transpose(-1, -2)).double()
+    grad_gram = grad_gram + ridge * grad_gram.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * \
+        torch.eye(d, dtype=torch.float64, device=grad_gram.device)
+    g_vals, g_vecs = torch.linalg.eigh(grad_gram)
+    g_vals = g_vals.clamp(min=torch.finfo(torch.float64).tiny)
+    root = g_vecs @ torch.diag_embed(g_vals.sqrt()) @ g_vecs.transpose(-1, -2)
+    inv_root = g_vecs @ torch.diag_embed(g_vals.rsqrt()) @ g_vecs.transpose(-1, -2)
+    spectrum, w = eigenbasis(root @ gram.double() @ root)
+    return spectrum, root @ w, inv_root @ w
+
+
+def direction_costs(gram: torch.Tensor, grad_gram: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """[..., d]: what dropping each column of an orthonormal basis costs the loss, (u^T C u)(u^T G u) (the
+    measure of loss_basis). Exact and additive for an eigenbasis of C; for another basis (the K+Q basis) the
+    cross terms are left out."""
+    basis = basis.double()
+    def along(m):
+        return torch.einsum("...dj,...de,...ej->...j", basis, m.double(), basis)
+    return along(gram) * along(grad_gram)
+
+
 def energy_rank(eigvals: torch.Tensor, eps: float) -> int:
     """Smallest r with sum_{i<r} s_i^2 / sum s^2 >= eps, for one head's descending eigenvalues."""
     if not 0 < eps <= 1:
@@ -105,6 +139,51 @@ def choose_by_kv_ratio(curves: list[list[CurvePoint]], target: float, head_dim: 
     cheapest = sum(min(p.cost for p in curve) for curve in curves) / full
     raise ValueError(f"kv_ratio {target} is below the smallest ratio the calibrated candidates reach "
                      f"({cheapest:.3f}): raise --kv-ratio or calibrate with a lower minimum energy")
+
+
+def choose_by_cost(costs: list[tuple[torch.Tensor, torch.Tensor]], target: float, head_dim: int,
+                   multiple: int = 1) -> tuple[list[tuple[int, int]], float]:
+    """Ranks for a KV budget that drop the directions costing the loss least, across layers and K/V at once.
+
+    costs: per layer (key costs [H_kv, d], value costs [H_kv, d]) in basis order; all heads of a layer share
+    its rank, so a layer's rank r costs the tail sum over heads and directions >= r. One price t per cached
+    number serves all: each layer takes the r minimising tail(r) + t r (with costs descending in the basis
+    order that is: keep what costs more than t), and t is the smallest price whose ranks fit. Returns the
+    ranks and t.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"kv_ratio must lie in (0, 1], got {target}")
+    candidates = torch.tensor(sorted({min(head_dim, m) for m in range(multiple, head_dim + multiple, multiple)}))
+    tails = []
+    for pair in costs:
+        for cost in pair:
+            per_dim = cost.double().sum(0)                                                # [d]
+            tail = per_dim.flip(0).cumsum(0).flip(0)                                      # tail[r] = sum_{j>=r}
+            tails.append(torch.cat([tail, tail.new_zeros(1)])[candidates])
+
+    larger_first = candidates.flip(0)
+
+    def ranks_at(price):
+        # argmin takes the first minimum: ties go to the larger rank (a free direction is kept)
+        chosen = [larger_first[int(torch.argmin((tail + price * candidates.double()).flip(0)))].item()
+                  for tail in tails]
+        return list(zip(chosen[0::2], chosen[1::2]))
+
+    budget = target * len(costs) * 2 * head_dim + 1e-9
+    if sum(k + v for k, v in ranks_at(0.0)) <= budget:
+        return ranks_at(0.0), 0.0
+    hi = float(sum(tail[0] for tail in tails)) + 1.0           # above any tail: every layer at its smallest rank
+    if sum(k + v for k, v in ranks_at(hi)) > budget:
+        raise ValueError(f"kv_ratio {target} is below what rank {candidates[0].item()} per layer reaches "
+                         f"({kv_ratio(ranks_at(hi), head_dim):.3f}): raise --kv-ratio")
+    lo = 0.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if sum(k + v for k, v in ranks_at(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return ranks_at(hi), hi
 
 
 def choose_by_energy(spectra: list[tuple[torch.Tensor, torch.Tensor]], target: float, head_dim: int,

@@ -15,7 +15,7 @@ import torch
 from ..errors import EigenExportError
 from ..families import ModelSpec
 from ..modeling import Decoder, LayerRanks
-from .decompose import choose_by_budget, choose_by_energy, choose_by_kv_ratio
+from .decompose import choose_by_budget, choose_by_cost, choose_by_energy, choose_by_kv_ratio
 
 
 def _per_query_head(basis: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -29,16 +29,26 @@ def _rows(weight, basis, heads):
 
 
 def fold_layer(weights: dict[str, torch.Tensor], basis_k: torch.Tensor, basis_v: torch.Tensor,
-               spec: ModelSpec, rope_mode: str | None) -> dict[str, torch.Tensor]:
-    """Fold one layer. `weights` uses in-layer canonical names ("attn.q.weight", ...); returns a new dict."""
+               spec: ModelSpec, rope_mode: str | None, down_k: torch.Tensor | None = None,
+               down_v: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Fold one layer. `weights` uses in-layer canonical names ("attn.q.weight", ...); returns a new dict.
+
+    basis_* [H_kv, d, r] rebuild a head's vector from its cached latent (B); down_* [H_kv, d, r] make the latent
+    (A = down^T), default the basis itself (an orthonormal basis projects with its transpose). Only pre mode
+    and non-RoPE models can take a separate down projection: post mode applies one matrix to keys and queries.
+    """
+    down_k = basis_k if down_k is None else down_k
+    down_v = basis_v if down_v is None else down_v
+    if spec.positions == "rope" and rope_mode == "post" and not torch.equal(down_k, basis_k):
+        raise EigenExportError("post RoPE mode needs an orthonormal key basis (no separate down projection)")
     out = dict(weights)
     h, h_kv = spec.num_heads, spec.num_kv_heads
     rope = spec.positions == "rope"
     for part in ("weight", "bias"):
         if f"attn.v.{part}" in weights:
-            out[f"attn.v.{part}"] = _rows(weights[f"attn.v.{part}"], basis_v, h_kv)
+            out[f"attn.v.{part}"] = _rows(weights[f"attn.v.{part}"], down_v, h_kv)
         if f"attn.k.{part}" in weights and (not rope or rope_mode == "pre"):
-            out[f"attn.k.{part}"] = _rows(weights[f"attn.k.{part}"], basis_k, h_kv)
+            out[f"attn.k.{part}"] = _rows(weights[f"attn.k.{part}"], down_k, h_kv)
         if f"attn.q.{part}" in weights and not rope:
             out[f"attn.q.{part}"] = _rows(weights[f"attn.q.{part}"], _per_query_head(basis_k, spec), h)
     o = weights["attn.o.weight"].double()
@@ -50,9 +60,10 @@ def fold_layer(weights: dict[str, torch.Tensor], basis_k: torch.Tensor, basis_v:
     return {k: v.to(dtype) for k, v in out.items()}
 
 
-def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, torch.Tensor]],
+def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, ...]],
                ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None) -> dict[str, torch.Tensor]:
-    """Fold every layer of a canonical state dict; bases[i] = (full U_k, full U_v), each [H_kv, d, d]."""
+    """Fold every layer of a canonical state dict; bases[i] = (basis_k, basis_v[, down_k, down_v]), each full
+    [H_kv, d, d] (LayerCalibration.projections(); without downs the bases are orthonormal)."""
     folded = {k: v for k, v in state.items() if not k.startswith("layers.")}
 
     def layer(i: int) -> dict[str, torch.Tensor]:
@@ -64,36 +75,50 @@ def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, t
     return folded
 
 
-def fold_layers(layer_state: Callable[[int], dict[str, torch.Tensor]], bases: list[tuple[torch.Tensor, torch.Tensor]],
+def fold_layers(layer_state: Callable[[int], dict[str, torch.Tensor]], bases: list[tuple[torch.Tensor, ...]],
                 ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None) -> Iterator[dict[str, torch.Tensor]]:
     """Each layer's folded weights ("layers.i.*"), layer_state(i) (in-layer names) asked for only when the
-    previous layer's are consumed: a fold streamed from disk holds one layer."""
-    for i, (r, (u_k, u_v)) in enumerate(zip(ranks, bases)):
-        layer = fold_layer(layer_state(i), u_k[..., : r.k], u_v[..., : r.v], spec, rope_mode)
+    previous layer's are consumed: a fold streamed from disk holds one layer. bases as for fold_state."""
+    for i, (r, layer_bases) in enumerate(zip(ranks, bases)):
+        u_k, u_v, a_k, a_v = layer_bases if len(layer_bases) == 4 else (*layer_bases, *layer_bases)
+        layer = fold_layer(layer_state(i), u_k[..., : r.k], u_v[..., : r.v], spec, rope_mode, a_k[..., : r.k],
+                           a_v[..., : r.v])
         yield {f"layers.{i}.{k}": v for k, v in layer.items()}
 
 
-ALLOCATIONS = ("energy", "error", "update_error")
+ALLOCATIONS = ("loss", "energy", "error", "update_error")
+NEEDS_CURVES = ("error", "update_error")
 
 
 def decide_ranks(layers, head_dim: int, kv_ratio_target: float | None, error_budget: float | None,
-                 allocation: str = "energy", rank_multiple: int = 1):
+                 allocation: str = "loss", rank_multiple: int = 1):
     """(ranks, per-layer calibrated error or None), and what the rule found, for exactly one user rule
     (DESIGN 3.3; the values are checked by settings.FoldSettings).
 
-    --kv-ratio: `energy` (default) takes one energy threshold for all layers; `error` / `update_error`
-    take the smallest worst-layer calibrated block error that fits (decompose.CurvePoint). --error-budget
-    is the paper's per-layer rule on the block error.
+    --kv-ratio: `loss` (default) drops the directions whose calibrated loss cost is smallest, across layers and
+    K/V at once; `energy` takes one energy threshold for all layers (the paper's rule, on the calibrated
+    spectra); `error` / `update_error` take the smallest worst-layer calibrated block error that fits
+    (decompose.CurvePoint). --error-budget is the paper's per-layer rule on the block error.
     """
+    if (error_budget is not None or allocation in NEEDS_CURVES) and not all(layer.curve for layer in layers):
+        rule = "--error-budget" if error_budget is not None else f"--allocation {allocation}"
+        raise EigenExportError(f"{rule} needs the block-error curves, which this calibration has not measured: "
+                               "calibrate with --error-samples 2 (or more)")
     if error_budget is not None:
         return _ranks_errors(choose_by_budget([layer.curve for layer in layers], error_budget)), {}
+    measured = [{(p.rank_k, p.rank_v): p.error for p in layer.curve} for layer in layers]
     try:
-        if allocation == "energy":
-            pairs, eps = choose_by_energy([(layer.eig_k, layer.eig_v) for layer in layers], kv_ratio_target,
-                                          head_dim, rank_multiple)
-            measured = [{(p.rank_k, p.rank_v): p.error for p in layer.curve} for layer in layers]
+        if allocation in ("loss", "energy"):
+            if allocation == "loss":
+                pairs, price = choose_by_cost([(layer.cost_k, layer.cost_v) for layer in layers], kv_ratio_target,
+                                              head_dim, rank_multiple)
+                found = {"price": price}
+            else:
+                pairs, eps = choose_by_energy([(layer.eig_k, layer.eig_v) for layer in layers], kv_ratio_target,
+                                              head_dim, rank_multiple)
+                found = {"energy_threshold": eps}
             ranks = [LayerRanks(k, v) for k, v in pairs]
-            return (ranks, [m.get(pair) for m, pair in zip(measured, pairs)]), {"energy_threshold": eps}
+            return (ranks, [m.get(pair) for m, pair in zip(measured, pairs)]), found
         chosen, budget = choose_by_kv_ratio([layer.curve for layer in layers], kv_ratio_target, head_dim,
                                             allocation)
     except ValueError as e:
@@ -106,12 +131,11 @@ def _ranks_errors(points):
 
 
 def fold_to_target(model: Decoder, layers, rope_mode: str | None, kv_ratio_target: float | None,
-                   error_budget: float | None = None, allocation: str = "energy", rank_multiple: int = 1):
+                   error_budget: float | None = None, allocation: str = "loss", rank_multiple: int = 1):
     """(ranks, layer errors, what the rule found, folded canonical state) for one target, in memory."""
     (ranks, layer_errors), found = decide_ranks(layers, model.spec.head_dim, kv_ratio_target,
                                                             error_budget, allocation, rank_multiple)
-    state = fold_state(model.state_dict(), [(layer.basis_k, layer.basis_v) for layer in layers], ranks, model.spec,
-                       rope_mode)
+    state = fold_state(model.state_dict(), [layer.projections() for layer in layers], ranks, model.spec, rope_mode)
     return ranks, layer_errors, found, state
 
 

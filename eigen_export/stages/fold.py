@@ -52,7 +52,7 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
         """The weights outside the layers, then one folded layer at a time, each made when the writer asks for
         it and dropped once written: never the whole model in memory."""
         yield {k: v.to(dtype) for k, v in source_model.global_state().items()}
-        bases = [(layer.basis_k, layer.basis_v) for layer in layers]
+        bases = [layer.projections() for layer in layers]
         for part in fold_layers(source_model.layer_state, bases, ranks, spec, calib.rope_mode):
             yield {k: v.to(dtype) for k, v in part.items()}
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from eigen_export.artifacts.calib import CALIB_FORMAT, CalibRecord, calib_sha256, read_calibration, write_calibration
+from eigen_export.artifacts.calib import (CALIB_TENSORS, CALIB_FORMAT, CalibRecord, calib_sha256, read_calibration,
+                                         write_calibration)
 from eigen_export.artifacts.layout import BASES, CALIB_JSON, IO_JSON, MERGE_JSON, REPORT_JSON, BuildLayout, \
     default_engine_dir, default_onnx_dir, timing_cache_path
 from eigen_export.artifacts.merged import read_merge_record
@@ -27,23 +28,24 @@ def _one_line(excinfo, *fragments):
 
 
 def _calib_record(**changes):
-    fields = dict(source="tiny", model_type="qwen2", rope_mode="post", dataset="random", nsamples=4, seqlen=24, seed=0,
+    fields = dict(source="tiny", model_type="qwen2", rope_mode="post", basis="loss", grad_samples=4, dataset="random", nsamples=4, seqlen=24, seed=0,
                   dtype="float32", eps_grid=[0.9], error_samples=2, rank_multiple=1, wall_time_s=0.1)
     return CalibRecord(**{**fields, **changes})
 
 
 def test_calibration_round_trips_and_refuses_others(tmp_path):
     model = decoder_from_hf_model(tiny_hf_model("qwen2"))
-    layers = calibrate(model, ptb_like_ids(4, 24), "post", progress=False)
+    layers = calibrate(model, ptb_like_ids(4, 24), "post", progress=False, error_samples=2)
     write_calibration(tmp_path / "calib", layers, _calib_record())
     read, record = read_calibration(tmp_path / "calib")
     assert record == _calib_record()
     for a, b in zip(layers, read):
-        assert torch.equal(a.basis_k, b.basis_k) and torch.equal(a.eig_v, b.eig_v) and a.curve == b.curve
+        assert all(torch.equal(getattr(a, name), getattr(b, name)) for name in CALIB_TENSORS) and a.curve == b.curve
+        assert a.curve
     digest = calib_sha256(tmp_path / "calib")
     path = tmp_path / "calib" / CALIB_JSON
     data = json.loads(path.read_text())
-    for change, fragment in (({"version": 0}, "is version 0, this eigen_export reads version 1"),
+    for change, fragment in (({"version": 0}, "is version 0, this eigen_export reads version 2"),
                              ({"format": "eigen_export.onnx"}, f"is not an {CALIB_FORMAT} record")):
         path.write_text(json.dumps({**data, **change}))
         with pytest.raises(EigenExportError) as info:

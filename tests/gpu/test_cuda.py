@@ -23,7 +23,7 @@ def test_folded_model_on_cuda(name, mode, dtype):
     layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False)
     d = model.spec.head_dim
     ranks = [LayerRanks(d // 2, 3 * d // 4)] * model.spec.num_layers
-    state = fold_state(model.state_dict(), [(c.basis_k, c.basis_v) for c in layers], ranks, model.spec, mode)
+    state = fold_state(model.state_dict(), [c.projections() for c in layers], ranks, model.spec, mode)
     reference = build_decoder(hf.config, state, ranks, mode)                        # fp32 on CPU
     gpu = build_decoder(hf.config, state, ranks, mode, dtype=dtype, device="cuda")
     ids = ptb_like_ids(2, 12, seed=9)

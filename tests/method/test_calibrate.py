@@ -1,8 +1,11 @@
-"""The calibration pass on tiny models: deterministic, and the shared layer-by-layer pass."""
+"""The calibration pass on tiny models: deterministic, the shared layer-by-layer pass, and the backward pass."""
 import torch
 
 from eigen_export.loading import decoder_from_hf_model
 from eigen_export.method.calibrate import calibrate
+from eigen_export.method.decompose import direction_costs, loss_basis
+from eigen_export.method.fold import fold_to_target
+from eigen_export.modeling import Decoder
 from eigen_export.method.capture import LayerPass
 from eigen_export.stages.validate import layer_outputs
 from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
@@ -11,9 +14,10 @@ from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
 def test_calibration_is_deterministic():
     model = decoder_from_hf_model(tiny_hf_model("qwen2"))
     ids = ptb_like_ids(4, 24)
-    first, second = (calibrate(model, ids, "post", progress=False) for _ in range(2))
+    first, second = (calibrate(model, ids, "post", progress=False, error_samples=2) for _ in range(2))
     for a, b in zip(first, second):
         assert torch.equal(a.basis_k, b.basis_k) and torch.equal(a.eig_v, b.eig_v) and a.curve == b.curve
+        assert torch.equal(a.down_v, b.down_v) and torch.equal(a.cost_k, b.cost_k) and a.curve
 
 
 def test_the_layer_pass_feeds_each_layer_the_original_outputs_of_the_layers_before():
@@ -32,3 +36,69 @@ def test_the_layer_pass_feeds_each_layer_the_original_outputs_of_the_layers_befo
     assert [s for s, _ in seen[:3]] == [slice(0, 2), slice(2, 4), slice(4, 5)]
     assert seen[0][1] == (2, 12, model.spec.num_kv_heads * model.spec.head_dim)
     assert not model.layers[0].attn.k._forward_hooks                     # the hooks are removed afterwards
+
+
+def _autograd_grams(model, ids):
+    """Per layer the Grams of the k and v projections and of the mean next-token loss's gradient at them, from
+    one autograd pass through the whole model (what the layer-by-layer backward pass must reproduce)."""
+    spec = model.spec
+    outputs = {}
+    handles = [getattr(block.attn, name).register_forward_hook(
+        lambda module, inputs, out, key=(i, name): outputs.__setitem__(key, out))
+        for i, block in enumerate(model.layers) for name in "kv"]
+    try:
+        logits, _ = model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    keys = sorted(outputs)
+    grads = dict(zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])))
+
+    def gram(x):
+        x = x.detach().double().view(*x.shape[:2], spec.num_kv_heads, spec.head_dim)
+        return torch.einsum("bshd,bshe->hde", x, x)
+    return [{kind: (gram(outputs[(i, kind)]), gram(grads[(i, kind)])) for kind in "kv"}
+            for i in range(spec.num_layers)]
+
+
+def test_the_backward_pass_measures_the_gradients_of_the_whole_models_loss():
+    """The layer-by-layer backward pass (each layer recomputed from its stored input) yields the loss gradients
+    that autograd through the whole model gives: the costs of the energy basis and the spectra of the loss
+    basis computed from autograd's Grams match calibrate's."""
+    model = decoder_from_hf_model(tiny_hf_model("llama-gqa"))
+    ids = ptb_like_ids(5, 12)
+    reference = _autograd_grams(model, ids)
+    energy = calibrate(model, ids, "pre", "energy", batch_size=2, progress=False, stored_dtype=None)
+    loss = calibrate(model, ids, "pre", "loss", batch_size=2, progress=False, stored_dtype=None)
+    narrow = calibrate(model, ids, "pre", "loss", batch_size=2, progress=False)      # inputs kept in bf16
+    for want, e, l, n in zip(reference, energy, loss, narrow):
+        for kind in "kv":
+            gram, grad_gram = want[kind]
+            basis = getattr(e, f"basis_{kind}")
+            assert torch.allclose(getattr(e, f"cost_{kind}"), direction_costs(gram, grad_gram, basis),
+                                  rtol=1e-4, atol=1e-12)
+            spectrum = loss_basis(gram, grad_gram)[0]
+            assert torch.allclose(getattr(l, f"eig_{kind}"), spectrum, rtol=1e-4, atol=1e-12)
+            # bf16-kept inputs move the gradients by their rounding (2^-8), far less than any use of them
+            top = spectrum[..., :4]
+            assert torch.allclose(getattr(n, f"eig_{kind}")[..., :4], top, rtol=0.05, atol=1e-6 * top.max().item())
+    assert not any(block.attn.k._forward_hooks for block in model.layers)
+
+
+def test_the_loss_basis_folds_exactly_at_full_rank():
+    """down != up: the fold writes the latent projection into W_K / W_V and its inverse into W_O / W_Q (or the
+    pre-mode key rebuild); at full rank they cancel."""
+    for name, mode in (("llama-gqa", "pre"), ("opt", None)):
+        model = decoder_from_hf_model(tiny_hf_model(name))
+        ids = ptb_like_ids(8, 24)
+        layers = calibrate(model, ids, mode, "loss", progress=False)
+        assert not torch.allclose(layers[0].down_v, layers[0].basis_v)
+        folded = _decoder(model, fold_to_target(model, layers, mode, 1.0), mode)
+        with torch.no_grad():
+            assert (model(ids)[0] - folded(ids)[0]).abs().max().item() < 1e-4
+
+
+def _decoder(model, folded, mode):
+    ranks, _, _, state = folded
+    return Decoder(model.spec, ranks, mode, state, inv_freq=getattr(model, "inv_freq", None))

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from eigen_export.method.decompose import (CurvePoint, choose_by_budget, choose_by_energy, choose_by_kv_ratio,
-                                           eigenbasis, energy_rank, kv_ratio, layer_rank)
+from eigen_export.method.decompose import (CurvePoint, choose_by_budget, choose_by_cost, choose_by_energy,
+                                           choose_by_kv_ratio, direction_costs, eigenbasis, energy_rank, kv_ratio,
+                                           layer_rank, loss_basis)
 
 
 def test_bases_are_orthonormal_and_sorted():
@@ -74,3 +75,69 @@ def test_energy_allocation_takes_one_threshold_for_all_layers():
     assert choose_by_energy([(flat, flat)], 1.0, 8)[0] == [(8, 8)]
     with pytest.raises(ValueError, match="below what rank 1"):
         choose_by_energy([(flat, flat)], 0.05, 8)
+
+
+def _random_gram(d, rank, generator):
+    x = torch.randn(rank, d, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, d, dtype=torch.float64)
+    return x.T @ x
+
+
+def _projection_cost(gram, grad_gram, up, down):
+    """tr(G (I - B A) C (I - B A)^T): the loss measure loss_basis minimises, computed directly."""
+    residual = torch.eye(gram.shape[-1], dtype=torch.float64) - up @ down.T
+    return torch.trace(grad_gram @ residual @ gram @ residual.T).item()
+
+
+def test_loss_basis_drops_exactly_its_spectrum_and_beats_the_eigenbasis():
+    """Truncating the loss basis to r costs the spectrum's tail, the minimum over rank-r projections: no worse
+    than the energy eigenbasis (whose cost direction_costs gives exactly) or a random rank-r projection."""
+    generator = torch.Generator().manual_seed(0)
+    d = 8
+    gram, grad_gram = _random_gram(d, 40, generator), _random_gram(d, 40, generator)
+    spectrum, down, up = loss_basis(gram, grad_gram, ridge=0.0)
+    assert torch.all(spectrum[:-1] >= spectrum[1:])
+    assert torch.allclose(down.T @ up, torch.eye(d, dtype=torch.float64), atol=1e-9)     # A B = I: exact at full rank
+    _, eigvecs = eigenbasis(gram)
+    energy_costs = direction_costs(gram, grad_gram, eigvecs)
+    for r in range(d):
+        cost = _projection_cost(gram, grad_gram, up[:, :r], down[:, :r])
+        assert cost == pytest.approx(spectrum[r:].sum().item(), rel=1e-8, abs=1e-12)
+        energy = _projection_cost(gram, grad_gram, eigvecs[:, :r], eigvecs[:, :r])
+        assert energy == pytest.approx(energy_costs[r:].sum().item(), rel=1e-8, abs=1e-12)
+        assert cost <= energy * (1 + 1e-9)
+        q, _ = torch.linalg.qr(torch.randn(d, max(r, 1), generator=generator, dtype=torch.float64))
+        assert cost <= _projection_cost(gram, grad_gram, q[:, :r], q[:, :r]) * (1 + 1e-9)
+    # an isotropic gradient makes it the eigenbasis (up to signs) with the energy spectrum
+    spectrum, down, up = loss_basis(gram, torch.eye(d, dtype=torch.float64), ridge=0.0)
+    assert torch.allclose(spectrum, eigenbasis(gram)[0], rtol=1e-9)
+    assert torch.allclose((up.T @ eigvecs).abs(), torch.eye(d, dtype=torch.float64), atol=1e-6)
+
+
+def test_cost_allocation_drops_the_cheapest_directions_first():
+    """With descending costs, the price rule keeps exactly the directions costing more than one threshold: the
+    kept count of every (layer, K/V) equals a brute-force sort of all directions by cost (every cache keeps its
+    first direction: rank 0 is no cache)."""
+    generator = torch.Generator().manual_seed(1)
+    d, h = 6, 2
+    costs = [tuple(torch.rand(h, d, generator=generator, dtype=torch.float64).sort(-1, descending=True)[0] * scale
+                   for scale in (1.0, 10.0)) for _ in range(3)]
+    target = 0.5
+    ranks, price = choose_by_cost(costs, target, d)
+    assert kv_ratio(ranks, d) <= target + 1e-12
+    summed = sorted(((c.sum(0)[j].item() if j else float("inf"), l, kind, j) for l, pair in enumerate(costs)
+                     for kind, c in enumerate(pair) for j in range(d)), reverse=True)
+    kept = summed[: int(target * 3 * 2 * d)]
+    for l, (rk, rv) in enumerate(ranks):
+        assert rk == sum(1 for _, ll, kind, _ in kept if ll == l and kind == 0)
+        assert rv == sum(1 for _, ll, kind, _ in kept if ll == l and kind == 1)
+    # values cost 10x more here: the rule keeps more of them
+    assert sum(v for _, v in ranks) > sum(k for k, _ in ranks)
+
+
+def test_cost_allocation_rounds_to_the_rank_multiple_and_rejects_unreachable_targets():
+    costs = [(torch.ones(1, 8, dtype=torch.float64), torch.ones(1, 8, dtype=torch.float64))] * 2
+    ranks, _ = choose_by_cost(costs, 0.5, 8, multiple=4)
+    assert all(k % 4 == 0 and v % 4 == 0 for k, v in ranks) and kv_ratio(ranks, 8) <= 0.5
+    assert choose_by_cost(costs, 1.0, 8)[0] == [(8, 8), (8, 8)]
+    with pytest.raises(ValueError, match="below what rank 4 per layer reaches"):
+        choose_by_cost(costs, 0.3, 8, multiple=4)

