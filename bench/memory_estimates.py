@@ -8,8 +8,10 @@ estimate assumes, per stage (B: the process before any weight, 0.3 GB measured; 
 the stage's dtype):
 - calibrate (GPU, recipe dtype): input embeddings + a working set of `w_cal` layers (the measured one, fp32 on
   the CPU: the layer, its fp16 read and the candidate folds) + the calibration activations (input and output
-  of a layer for every sample) + one batch's attention scores and probabilities in fp32; host: B + one layer
-  read in the checkpoint's dtype + the embeddings on their way to the GPU.
+  of a layer for every sample) + every layer's input on the grad_samples rows that the backward pass
+  recomputes from (16-bit) + one batch's attention scores and probabilities in fp32, twice for autograd; host:
+  B + one layer read in the checkpoint's dtype + the embeddings on their way to the GPU. The measured w_cal
+  predates the backward pass (it reads each layer a second time, one at a time: same working set).
 - fold (CPU, fp32): B + embeddings and head + `w_fold` layers (measured, shard buffer included).
 - export (CPU): B + `w_exp` layers of the export dtype (measured).
 - validate (GPU): original and folded model together (fp16) for the per-token comparison; then one engine:
@@ -78,9 +80,10 @@ def estimate(name: str, w: dict) -> dict:
     embed16 = vocab * hidden * 2 / GB
     weights16 = layers * layer16 + embed16 * (1 if tied else 2)
     activations = 2 * cal.nsamples * cal.seqlen * hidden * 2 / GB
+    kept_inputs = layers * min(cal.grad_samples, cal.nsamples) * cal.seqlen * hidden * 2 / GB
     scores = 2 * cal.batch_size * heads * cal.seqlen ** 2 * 4 / GB
     kv = layers * 2 * kv_heads * d * 2 * build.max_batch * build.max_context * recipe.fold.kv_ratio / GB
-    gpu = {"calibrate": embed16 + w["w_cal"] * layer16 + activations + scores,
+    gpu = {"calibrate": embed16 + w["w_cal"] * layer16 + activations + kept_inputs + 2 * scores,
            "validate (two models)": 2 * weights16 + scores / cal.batch_size,
            "engine": weights16 + kv + 2.0}
     host = {"calibrate": BASE_GB + layer16 + embed16,

@@ -1,10 +1,12 @@
 """Fold: decide the ranks and write the chosen bases into the weights (DESIGN 3.1-3.3). Tensors only.
 
-Per head h of KV group g(h), with U = basis_k[g] (d x r_k) and P = basis_v[g] (d x r_v):
-  non-RoPE:  W_Q'[h] = U^T W_Q[h],  W_K'[g] = U^T W_K[g]   (biases likewise)
-  RoPE post: W_Q, W_K unchanged; U is kept and applied after rotation (cache = U^T rope(k))
-  RoPE pre:  W_K'[g] = U^T W_K[g] (pre-RoPE keys); W_Q unchanged; U kept to rebuild keys
-  all:       W_V'[g] = P^T W_V[g],  W_O'[:, h] = W_O[:, h] P
+Per head h of KV group g(h), with U = basis_k[g] (d x r_k) rebuilding a key from its latent, A = down_k[g]^T
+(r_k x d) making the latent, and P, B = basis_v[g], down_v[g]^T likewise for values. The paper's orthonormal
+eigenbases have A = U^T; the loss bases (decompose.loss_basis) do not, and nothing below needs them to:
+  non-RoPE:  W_Q'[h] = U^T W_Q[h],  W_K'[g] = A W_K[g]   (biases likewise; q'.k' = q^T U A k)
+  RoPE post: W_Q, W_K unchanged; U (orthonormal) is kept and applied after rotation (cache = U^T rope(k))
+  RoPE pre:  W_K'[g] = A W_K[g] (pre-RoPE keys); W_Q unchanged; U kept to rebuild keys
+  all:       W_V'[g] = B W_V[g],  W_O'[:, h] = W_O[:, h] P
 """
 from __future__ import annotations
 
