@@ -173,7 +173,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
         data.advance(data.forward(layer(i), accumulate))
         grams.append(acc)
 
-    final, data, compute_dtype = data.x, None, data.x.dtype
+    final, compute_dtype = data.x, data.dtype
+    data.x = None                           # the pass keeps only its contexts (masks, rotary tables) now
     grad = _loss_gradient(model, final[:n_grad], calib_ids[:n_grad])
     del final
     results: list[LayerCalibration | None] = [None] * n_layers
@@ -184,7 +185,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
         acc = grams[i]
         acc["gk"], acc["gv"] = torch.zeros_like(acc["k"]), torch.zeros_like(acc["v"])
         for s in chunks(x.shape[0], batch_size):
-            ctx = _batch_ctx(model, s, x.shape[1], x.dtype, device, rope)
+            ctx = data.ctx(s)
             with torch.enable_grad():
                 capture = Capture(block.attn)
                 try:
@@ -201,7 +202,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
         layer_cal = LayerCalibration(**{k: v.cpu() for k, v in _bases(acc, basis, rope_mode).items()})
         if n_err:
             layer_cal.curve = _curve(model, block, x[:n_err], layer_cal, rope_mode, eps_grid, rank_multiple,
-                                     batch_size, rope)
+                                     batch_size, data.ctx)
         results[i] = layer_cal
         inputs[i] = grams[i] = None                      # freed as the pass goes down
         bar.set_postfix(layer=i)
@@ -215,19 +216,13 @@ def _kept(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return x.clone()
 
 
-def _batch_ctx(model: Decoder, s: slice, length: int, dtype, device, key_tables: bool):
-    n = s.stop - s.start
-    positions = torch.arange(length, device=device).expand(n, length)
-    return model.context(torch.ones(n, length, dtype=torch.long, device=device), positions, dtype,
-                         key_tables=key_tables)
-
-
 def _curve(model: Decoder, block, x, layer: LayerCalibration, rope_mode, eps_grid, rank_multiple, batch_size,
-           rope) -> list[CurvePoint]:
-    """The error of the block's output on x with each distinct candidate rank pair of the eps grid."""
+           ctx_of) -> list[CurvePoint]:
+    """The error of the block's output on x with each distinct candidate rank pair of the eps grid; ctx_of(batch):
+    the attention context of a batch of x's rows (LayerPass.ctx)."""
     d = model.spec.head_dim
     slices = chunks(x.shape[0], batch_size)
-    ctxs = [_batch_ctx(model, s, x.shape[1], x.dtype, x.device, rope) for s in slices]
+    ctxs = [ctx_of(s) for s in slices]
     reference = torch.cat([block(x[s], c)[0] for s, c in zip(slices, ctxs)])
     layer_state = block.state_dict()
     tried, curve = {}, []

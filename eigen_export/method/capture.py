@@ -47,13 +47,14 @@ class LayerPass:
         self.batches = chunks(n, batch_size)
         self.key_tables = key_tables
         self.x = torch.cat([model.embed_tokens(calib_ids[s], self.positions[s]) for s in self.batches])
+        self.dtype = self.x.dtype          # the contexts' (the activations may be dropped before the last one)
         self._contexts = {}
 
     def ctx(self, s: slice):
         """The attention context of a batch (cached by batch size: every row is a full unpadded window)."""
         size = s.stop - s.start
         if size not in self._contexts:
-            self._contexts[size] = self.model.context(self.mask[s], self.positions[s], self.x.dtype,
+            self._contexts[size] = self.model.context(self.mask[s], self.positions[s], self.dtype,
                                                       key_tables=self.key_tables)
         return self._contexts[size]
 
