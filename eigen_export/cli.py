@@ -52,6 +52,9 @@ def _calib_flags(p):
     p.add_argument("--grad-samples", type=int, default=UNSET,
                    help="samples (of --nsamples) the loss gradients are measured on; each costs a backward pass "
                         f"and keeps every layer's input {_default(c, 'grad_samples')}")
+    p.add_argument("--rope-positions", type=int, default=UNSET,
+                   help="post mode: the key basis is fitted to keys and queries turned to every position below this "
+                        "(default: the model's max context); 0 fits the calibration windows' positions only")
     p.add_argument("--batch-size", type=int, default=UNSET, help=_default(c, "batch_size"))
     p.add_argument("--error-samples", type=int, default=UNSET,
                    help="samples for the block-error curves that --allocation error / --error-budget read; 0 "

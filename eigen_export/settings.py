@@ -58,6 +58,8 @@ class CalibrationSettings:
     rope_mode: str = "pre"                 # RoPE models: basis before (paper) or after rotation
     basis: str = "loss"                    # loss: bases that keep the loss; energy: the paper's eigenbases
     grad_samples: int = 16                 # samples the loss gradients are measured on (the backward pass)
+    rope_positions: int | None = None      # post mode: positions the key basis serves (None: the max context;
+                                           # 0: only the calibration windows' positions)
     dtype: str = "float32"
     batch_size: int = 4
     error_samples: int = 0                 # samples for the block-error curves (--allocation error needs them)
@@ -66,6 +68,8 @@ class CalibrationSettings:
     def __post_init__(self):
         _at_least(self, 1, "nsamples", "batch_size", "rank_multiple", "grad_samples")
         _at_least(self, 0, "error_samples")
+        if self.rope_positions is not None:
+            _at_least(self, 0, "rope_positions", why=" (0: the calibration positions; unset: the max context)")
         _at_least(self, 2, "seqlen")
         _one_of(self, "rope_mode", ROPE_MODES)
         _one_of(self, "basis", BASES)

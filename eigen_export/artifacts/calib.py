@@ -14,7 +14,7 @@ from .layout import BASES, CALIB_JSON
 from .records import atomic_dir, check_format, read_json_record, sha256_file
 
 CALIB_FORMAT = "eigen_export.calib"
-CALIB_VERSION = 2
+CALIB_VERSION = 3
 REMAKE = "re-run `eigen-export calibrate --force`"
 CALIB_TENSORS = ("eig_k", "basis_k", "eig_v", "basis_v", "cost_k", "cost_v", "down_k", "down_v")
 
@@ -27,6 +27,7 @@ class CalibRecord:
     rope_mode: str | None                 # None for models without RoPE
     basis: str
     grad_samples: int
+    rope_positions: int | None            # post mode: None = the model's max context (calibrate's rope_positions)
     dataset: str
     nsamples: int
     seqlen: int

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import EigenExportError
 from ..modeling import ROPE_MODES, Decoder, LayerRanks, rotate
 from .capture import Capture, LayerPass, chunks
-from .decompose import EPS_GRID, CurvePoint, direction_costs, eigenbasis, layer_rank, loss_basis
+from .decompose import EPS_GRID, CurvePoint, direction_costs, eigenbasis, layer_rank, loss_basis, rotation_average
 from .fold import fold_layer
 from .metrics import LOGIT_CHUNK
 
@@ -128,7 +128,8 @@ def _loss_gradient(model: Decoder, x: torch.Tensor, ids: torch.Tensor) -> torch.
 def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "pre", basis: str = "loss",
               grad_samples: int | None = None, eps_grid=EPS_GRID, error_samples: int = 0, batch_size: int = 4,
               rank_multiple: int = 1, progress: bool = True, layer: Callable[[int], torch.nn.Module] | None = None,
-              stored_dtype: torch.dtype | None = torch.bfloat16) -> list[LayerCalibration]:
+              stored_dtype: torch.dtype | None = torch.bfloat16, rope_positions: int | None = None
+              ) -> list[LayerCalibration]:
     """Bases, costs and (error_samples > 0) error curves for every layer of an uncompressed model on calib_ids
     [N, L].
 
@@ -140,6 +141,9 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     are): the gradients only weight the bases, and bf16 halves the largest memory of an fp32 calibration.
     layer(i): layer i, where the model does not hold it (loading.StreamedModel.block: read from disk, twice);
     default model.layers[i]. The model's head must be loaded (the loss needs it).
+    rope_positions (post mode): the key and query statistics are averaged over the rotations of positions
+    0 .. rope_positions-1 (decompose.rotation_average; default the model's max context), so the basis does not
+    depend on the calibration length; 0: fitted to the rotated vectors of the calibration windows as they are.
     """
     spec = model.spec
     rope = spec.positions == "rope"
@@ -148,6 +152,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     if basis not in BASES:
         raise EigenExportError(f"basis must be one of {BASES}, got {basis!r}")
     rope_mode = rope_mode if rope else None
+    span = _rotation_span(model, rope_mode, rope_positions)
+    fit_mode = "pre" if span else rope_mode      # averaged post: gather pre-RoPE statistics, rotate them after
     layer = layer or (lambda i: model.layers[i])
     device = next(model.parameters()).device
     calib_ids = calib_ids.to(device)
@@ -162,7 +168,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
         acc = {name: torch.zeros(h_kv, d, d, dtype=torch.float64, device=device) for name in "kqv"}
 
         def accumulate(s, raw):
-            q, k, v = fit_targets(model, raw["q"], raw["k"], raw["v"], data.ctx(s), rope_mode)
+            q, k, v = fit_targets(model, raw["q"], raw["k"], raw["v"], data.ctx(s), fit_mode)
             _gram_update(acc["k"], k)
             _gram_update(acc["v"], v)
             if joint_kq:
@@ -195,10 +201,12 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
                     capture.remove()
                 raw = capture.outputs
                 g_x, g_k, g_v = torch.autograd.grad(out, [x_in, raw["k"], raw["v"]], grad[s])
-            _, g_k, g_v = fit_targets(model, None, g_k, g_v, ctx, rope_mode)
+            _, g_k, g_v = fit_targets(model, None, g_k, g_v, ctx, fit_mode)
             _gram_update(acc["gk"], g_k)
             _gram_update(acc["gv"], g_v)
             grad[s] = g_x
+        if span:
+            acc |= _rotated_grams(model, acc, span)
         layer_cal = LayerCalibration(**{k: v.cpu() for k, v in _bases(acc, basis, rope_mode).items()})
         if n_err:
             layer_cal.curve = _curve(model, block, x[:n_err], layer_cal, rope_mode, eps_grid, rank_multiple,
@@ -207,6 +215,27 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
         inputs[i] = grams[i] = None                      # freed as the pass goes down
         bar.set_postfix(layer=i)
     return results
+
+
+def _rotation_span(model: Decoder, rope_mode: str | None, rope_positions: int | None) -> int:
+    """The positions post-mode statistics are averaged over (0: none, fit the calibration positions)."""
+    if rope_mode != "post" or rope_positions == 0:
+        return 0
+    if rope_positions is not None and rope_positions < 0:
+        raise EigenExportError(f"rope_positions must be >= 0 (0: the calibration positions), got {rope_positions}")
+    span = rope_positions or model.spec.max_positions
+    if span <= 0:
+        raise EigenExportError("the model's config gives no max context: pass rope_positions (--rope-positions)")
+    return span
+
+
+def _rotated_grams(model: Decoder, acc: dict[str, torch.Tensor], span: int) -> dict[str, torch.Tensor]:
+    """The pre-RoPE Grams of keys, queries and key gradients as post-RoPE Grams averaged over span positions.
+    The attention factor scales rotated vectors, so gradients at them scale by its inverse."""
+    spec, scale = model.spec, model.rope_scaling
+    def rotated(gram, gain):
+        return rotation_average(gram, model.inv_freq, spec.rope_dim, spec.rope_layout, span, gain)
+    return {"k": rotated(acc["k"], scale), "q": rotated(acc["q"], scale), "gk": rotated(acc["gk"], 1 / scale)}
 
 
 def _kept(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

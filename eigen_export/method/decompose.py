@@ -55,6 +55,51 @@ def direction_costs(gram: torch.Tensor, grad_gram: torch.Tensor, basis: torch.Te
     return along(gram) * along(grad_gram)
 
 
+def rotation_average(gram: torch.Tensor, inv_freq: torch.Tensor, rope_dim: int, layout: str, positions: int,
+                     scaling: float = 1.0) -> torch.Tensor:
+    """E_p[R_p C R_p^T] over positions p = 0 .. positions-1: the Gram [..., d, d] of rotated vectors whose
+    pre-RoPE Gram is C, taken as independent of where the vectors sit.
+
+    A RoPE basis fitted to this statistic serves every position up to `positions` alike, not only those of
+    the calibration windows. R_p turns plane i (coordinates a_i, b_i: (i, i + n/2) for `half`, (2i, 2i + 1)
+    for `interleaved`) by p inv_freq[i]: (R_p x)_a = cos x_a - sin x_b, (R_p x)_b = cos x_b + sin x_a (times
+    `scaling`, the attention factor some rope types apply), so each entry of R_p C R_p^T is four entries of C
+    times products of cos/sin whose means over p are closed-form (Dirichlet sums). Features past rope_dim
+    do not turn.
+    """
+    d = gram.shape[-1]
+    half = rope_dim // 2
+    if layout == "half":
+        first, second = torch.arange(half), torch.arange(half, rope_dim)
+    else:
+        first, second = torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)
+    partner, sign = torch.arange(d), torch.zeros(d, dtype=torch.float64)
+    theta, gain = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+    partner[first], partner[second] = second, first
+    sign[first], sign[second] = -1.0, 1.0
+    theta[first] = theta[second] = inv_freq.double().cpu()[:half]
+    gain[:rope_dim] = scaling
+
+    def mean_exp(omega):                       # (mean_p cos(omega p), mean_p sin(omega p))
+        half_angle = omega / 2
+        small = half_angle.sin().abs() < 1e-12
+        ratio = torch.where(small, torch.full_like(omega, float(positions)),
+                            (positions * half_angle).sin() / torch.where(small, torch.ones_like(omega),
+                                                                         half_angle.sin()))
+        phase = half_angle * (positions - 1)
+        return ratio * phase.cos() / positions, ratio * phase.sin() / positions
+
+    diff_c, diff_s = mean_exp(theta[:, None] - theta[None, :])
+    sum_c, sum_s = mean_exp(theta[:, None] + theta[None, :])
+    cos_cos, sin_sin = (diff_c + sum_c) / 2, (diff_c - sum_c) / 2
+    cos_sin = (sum_s - diff_s) / 2             # mean_p cos(theta_r p) sin(theta_c p)
+    sin_cos = cos_sin.transpose(0, 1)
+    c = gram.double()
+    out = (cos_cos * c + cos_sin * sign[None, :] * c[..., :, partner] + sin_cos * sign[:, None] * c[..., partner, :]
+           + sin_sin * (sign[:, None] * sign[None, :]) * c[..., partner, :][..., :, partner])
+    return (out * gain[:, None] * gain[None, :]).to(gram.dtype)
+
+
 def energy_rank(eigvals: torch.Tensor, eps: float) -> int:
     """Smallest r with sum_{i<r} s_i^2 / sum s^2 >= eps, for one head's descending eigenvalues."""
     if not 0 < eps <= 1:

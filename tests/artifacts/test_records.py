@@ -28,8 +28,9 @@ def _one_line(excinfo, *fragments):
 
 
 def _calib_record(**changes):
-    fields = dict(source="tiny", model_type="qwen2", rope_mode="post", basis="loss", grad_samples=4, dataset="random", nsamples=4, seqlen=24, seed=0,
-                  dtype="float32", eps_grid=[0.9], error_samples=2, rank_multiple=1, wall_time_s=0.1)
+    fields = dict(source="tiny", model_type="qwen2", rope_mode="post", basis="loss", grad_samples=4,
+                  rope_positions=None, dataset="random", nsamples=4, seqlen=24, seed=0, dtype="float32",
+                  eps_grid=[0.9], error_samples=2, rank_multiple=1, wall_time_s=0.1)
     return CalibRecord(**{**fields, **changes})
 
 
@@ -45,7 +46,7 @@ def test_calibration_round_trips_and_refuses_others(tmp_path):
     digest = calib_sha256(tmp_path / "calib")
     path = tmp_path / "calib" / CALIB_JSON
     data = json.loads(path.read_text())
-    for change, fragment in (({"version": 0}, "is version 0, this eigen_export reads version 2"),
+    for change, fragment in (({"version": 0}, "is version 0, this eigen_export reads version 3"),
                              ({"format": "eigen_export.onnx"}, f"is not an {CALIB_FORMAT} record")):
         path.write_text(json.dumps({**data, **change}))
         with pytest.raises(EigenExportError) as info:

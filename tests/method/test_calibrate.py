@@ -3,7 +3,7 @@ import torch
 
 from eigen_export.loading import decoder_from_hf_model
 from eigen_export.method.calibrate import calibrate
-from eigen_export.method.decompose import direction_costs, loss_basis
+from eigen_export.method.decompose import direction_costs, eigenbasis, loss_basis, rotation_average
 from eigen_export.method.fold import fold_to_target
 from eigen_export.modeling import Decoder
 from eigen_export.method.capture import LayerPass
@@ -102,3 +102,31 @@ def test_the_loss_basis_folds_exactly_at_full_rank():
 def _decoder(model, folded, mode):
     ranks, _, _, state = folded
     return Decoder(model.spec, ranks, mode, state, inv_freq=getattr(model, "inv_freq", None))
+
+
+def test_post_mode_fits_the_rotation_averaged_key_and_query_statistics():
+    """Post mode gathers pre-RoPE Grams and turns them to every position below rope_positions: the K+Q spectrum
+    it records equals that of decompose.rotation_average applied to Grams taken from the model by hooks, and
+    rope_positions=0 (the windows' own positions) gives a different one."""
+    model = decoder_from_hf_model(tiny_hf_model("llama-gqa"))
+    spec = model.spec
+    ids = ptb_like_ids(3, 16)
+    outputs = {}
+    handles = [getattr(block.attn, name).register_forward_hook(
+        lambda module, inputs, out, key=(i, name): outputs.__setitem__(key, out))
+        for i, block in enumerate(model.layers) for name in "kq"]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    averaged = calibrate(model, ids, "post", "energy", progress=False, stored_dtype=None, rope_positions=300)
+    windows = calibrate(model, ids, "post", "energy", progress=False, stored_dtype=None, rope_positions=0)
+    for i, (layer, window_layer) in enumerate(zip(averaged, windows)):
+        k = outputs[(i, "k")].double().view(3, 16, spec.num_kv_heads, spec.head_dim)
+        q = outputs[(i, "q")].double().view(3, 16, spec.num_kv_heads, spec.group_size, spec.head_dim)
+        gram = torch.einsum("bshd,bshe->hde", k, k) + torch.einsum("bshgd,bshge->hde", q, q)
+        want = eigenbasis(rotation_average(gram, model.inv_freq, spec.rope_dim, spec.rope_layout, 300))[0]
+        assert torch.allclose(layer.eig_k, want, rtol=1e-6, atol=1e-8 * want.max().item())
+        assert not torch.allclose(window_layer.eig_k, want, rtol=1e-2)

@@ -3,7 +3,8 @@ import torch
 
 from eigen_export.method.decompose import (CurvePoint, choose_by_budget, choose_by_cost, choose_by_energy,
                                            choose_by_kv_ratio, direction_costs, eigenbasis, energy_rank, kv_ratio,
-                                           layer_rank, loss_basis)
+                                           layer_rank, loss_basis, rotation_average)
+from eigen_export.modeling import rotate
 
 
 def test_bases_are_orthonormal_and_sorted():
@@ -141,3 +142,22 @@ def test_cost_allocation_rounds_to_the_rank_multiple_and_rejects_unreachable_tar
     assert choose_by_cost(costs, 1.0, 8)[0] == [(8, 8), (8, 8)]
     with pytest.raises(ValueError, match="below what rank 4 per layer reaches"):
         choose_by_cost(costs, 0.3, 8, multiple=4)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rotation_average_equals_the_mean_over_positions_of_rotated_grams(layout):
+    """The closed form against rotating every vector to every position (partial rotary: 6 of 8 features turn;
+    an attention factor of 0.9 scales the turned ones)."""
+    torch.manual_seed(0)
+    d, rope_dim, positions, factor = 8, 6, 37, 0.9
+    inv_freq = 1.0 / 50 ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    x = torch.randn(200, d, dtype=torch.float64) @ torch.randn(d, d, dtype=torch.float64)
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), -1) if layout == "half" else angles.repeat_interleave(2, -1)
+    want = torch.zeros(d, d, dtype=torch.float64)
+    for cos, sin in zip(angles.cos() * factor, angles.sin() * factor):
+        turned = rotate(x[None, None], cos, sin, rope_dim, layout)[0, 0]
+        want += turned.T @ turned / positions
+    got = rotation_average(x.T @ x, inv_freq, rope_dim, layout, positions, factor)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-9)
+    assert not torch.allclose(got, x.T @ x, rtol=0.05)                  # the rotation does change the Gram

@@ -70,3 +70,37 @@ def test_cached_generation_equals_full_recompute(name, mode):
     for (k, v), r in zip(past, ranks):
         assert k.shape[-1] == r.k and v.shape[-1] == r.v
         assert k.shape[2] == prompt.shape[1] + 15
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_cached_decoding_equals_recompute_past_2048_positions(mode):
+    """A tiny Llama with a 4096-token context, decoding at positions 2090..2097: the cached steps equal a full
+    recompute there too (the post basis is fitted to every position up to the max context, not to where the
+    calibration windows sat)."""
+    import transformers as tf
+
+    from eigen_export.loading import decoder_from_hf_model
+    from eigen_export.method.calibrate import calibrate
+
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = tf.AutoModelForCausalLM.from_config(config).eval()
+    model = decoder_from_hf_model(hf)
+    layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False)
+    ranks = [LayerRanks(8, 12)] * model.spec.num_layers
+    folded = build_decoder(config, fold_state(model.state_dict(), [c.projections() for c in layers], ranks,
+                                              model.spec, mode), ranks, mode)
+    ids = ptb_like_ids(1, 2098, seed=5)
+    with torch.no_grad():
+        full = folded(ids)[0]
+        logits, past = folded(ids[:, :2090])
+        steps = [logits[:, -1]]
+        for t in range(2090, 2097):
+            mask = torch.ones(1, t + 1, dtype=torch.long)
+            logits, past = folded(ids[:, t:t + 1], mask, torch.tensor([[t]]), past)
+            steps.append(logits[:, -1])
+    assert past[0][0].shape == (1, 2, 2097, 8)
+    for t, step in zip(range(2089, 2097), steps):
+        assert (full[:, t] - step).abs().max().item() <= 1e-4, f"position {t}"
