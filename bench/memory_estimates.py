@@ -6,12 +6,12 @@ bench/stream_memory.py measured (issue 17).
 Model shapes are those of each model's config.json on the hub (not reachable here: written below). What the
 estimate assumes, per stage (B: the process before any weight, 0.3 GB measured; layer / embeddings: bytes in
 the stage's dtype):
-- calibrate (GPU, recipe dtype): input embeddings + a working set of `w_cal` layers (the measured one, fp32 on
-  the CPU: the layer, its fp16 read and the candidate folds) + the calibration activations (input and output
+- calibrate (GPU, recipe dtype): input embeddings and LM head (the loss of the backward pass needs it) + a
+  working set of `w_cal` layers (the measured one, fp32 on the CPU: the layer, its fp16 read, its recompute
+  under autograd) + the calibration activations (input and output
   of a layer for every sample) + every layer's input on the grad_samples rows that the backward pass
   recomputes from (16-bit) + one batch's attention scores and probabilities in fp32, twice for autograd; host:
-  B + one layer read in the checkpoint's dtype + the embeddings on their way to the GPU. The measured w_cal
-  predates the backward pass (it reads each layer a second time, one at a time: same working set).
+  B + one layer read in the checkpoint's dtype + the embeddings on their way to the GPU.
 - fold (CPU, fp32): B + embeddings and head + `w_fold` layers (measured, shard buffer included).
 - export (CPU): B + `w_exp` layers of the export dtype (measured).
 - validate (GPU): original and folded model together (fp16) for the per-token comparison; then one engine:
@@ -63,7 +63,7 @@ def working_sets(measured: dict) -> dict:
     layer32 = layer_params(h, shapes["intermediate_size"], shapes["num_attention_heads"],
                            shapes["num_key_value_heads"], True) * 4 / GB
     embed32 = v * h * 4 / GB
-    sets = {"w_cal": (row["calibrate"]["peak_rss_mb"] / 1e3 - BASE_GB - embed32) / layer32,
+    sets = {"w_cal": (row["calibrate"]["peak_rss_mb"] / 1e3 - BASE_GB - 2 * embed32) / layer32,   # untied head
             "w_fold": (row["fold"]["peak_rss_mb"] / 1e3 - BASE_GB - 2 * embed32) / layer32}
     if "export_folded" in row:           # fp16 export: its working set in fp16 layers
         sets["w_exp"] = (max(row["export_folded"]["peak_rss_mb"], row["export_original"]["peak_rss_mb"]) / 1e3
@@ -83,7 +83,8 @@ def estimate(name: str, w: dict) -> dict:
     kept_inputs = layers * min(cal.grad_samples, cal.nsamples) * cal.seqlen * hidden * 2 / GB
     scores = 2 * cal.batch_size * heads * cal.seqlen ** 2 * 4 / GB
     kv = layers * 2 * kv_heads * d * 2 * build.max_batch * build.max_context * recipe.fold.kv_ratio / GB
-    gpu = {"calibrate": embed16 + w["w_cal"] * layer16 + activations + kept_inputs + 2 * scores,
+    embed_and_head16 = embed16 * (1 if tied else 2)
+    gpu = {"calibrate": embed_and_head16 + w["w_cal"] * layer16 + activations + kept_inputs + 2 * scores,
            "validate (two models)": 2 * weights16 + scores / cal.batch_size,
            "engine": weights16 + kv + 2.0}
     host = {"calibrate": BASE_GB + layer16 + embed16,
