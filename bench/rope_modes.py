@@ -1,6 +1,6 @@
 """RoPE treatments side by side on SmolLM2-135M: perplexity at 512 and 2048 tokens, every window, two texts.
 
-    .venv/bin/python bench/rope_modes.py           # baseline, pre and post at 0.7 and 0.5 (35-50 min a job, 1 core)
+    .venv/bin/python bench/rope_modes.py           # baseline, pre and post at 0.7 and 0.5 (~1 h a job, 1 core)
     .venv/bin/python bench/rope_modes.py --jobs post:0.7 pre:0.7 --window-step 4 --texts ptb_test   # a look
 
 Calibration: `eigen-export calibrate` defaults (32 x 512 PTB train), one per mode, in its own process.
