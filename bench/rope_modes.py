@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.kv_accuracy import calibrate_in_child, texts  # noqa: E402
+from bench.kv_accuracy import calibrate_in_child, folded_model, token_ids, windows_of  # noqa: E402
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
 MODES = {"pre": ("--rope-mode", "pre"), "post": ("--rope-mode", "post"),
@@ -49,30 +49,22 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
     import eigen_export
     from eigen_export.artifacts.calib import read_calibration
     from eigen_export.backends import TorchBackend, perplexity
-    from eigen_export.method.fold import fold_to_target
-    from eigen_export.modeling import Decoder
 
     torch.set_num_threads(1)
     model = eigen_export.load(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids_of = {name: ids for name, ids in token_ids(AutoTokenizer.from_pretrained(source)).items() if name in names}
     row = {"job": job}
     if job != "baseline":
         mode, ratio = job.split(":")
         layers, record = read_calibration(Path(work) / f"calib-{mode}")
-        rope_mode = record.rope_mode
-        ranks, _, found, state = fold_to_target(model, layers, rope_mode, float(ratio))
-        spec = model.spec
-        model = Decoder(spec, ranks, rope_mode, state, inv_freq=model.inv_freq, rope_scaling=model.rope_scaling).eval()
-        row |= {"mode": mode, "rope_mode": rope_mode, "rope_positions": record.rope_positions, "target": float(ratio),
-                "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.head_dim), 4),
-                "key_dims": sum(r.k for r in ranks), "value_dims": sum(r.v for r in ranks),
-                "ranks": [[r.k, r.v] for r in ranks], "found": found}
+        model, fields = folded_model(model, layers, record.rope_mode, float(ratio))
+        row |= {"mode": mode, "rope_mode": record.rope_mode, "rope_positions": record.rope_positions, **fields}
     started = time.perf_counter()
     for length in LENGTHS:
-        for name, ids in texts(tokenizer, step, length).items():
-            if name in names:
-                row[f"ppl_{name}_{length}"] = perplexity(TorchBackend(model), ids, batch_size=max(1, 2048 // length))
-                row[f"windows_{name}_{length}"] = int(ids.shape[0])
+        for name, ids in ids_of.items():
+            windows = windows_of(ids, step, length)
+            row[f"ppl_{name}_{length}"] = perplexity(TorchBackend(model), windows, batch_size=max(1, 2048 // length))
+            row[f"windows_{name}_{length}"] = int(windows.shape[0])
     row["eval_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
     return row
