@@ -32,8 +32,11 @@ def _configs():
 TINY = tuple(_configs())
 
 
-def tiny_hf_model(name: str, seed: int = 0):
+def tiny_hf_model(name: str, seed: int = 0, **config_changes):
+    """config_changes: attributes of the family's tiny config to change (e.g. max_position_embeddings)."""
     config = _configs()[name]
+    for key, value in config_changes.items():
+        setattr(config, key, value)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config).eval()

@@ -38,19 +38,25 @@ def test_the_layer_pass_feeds_each_layer_the_original_outputs_of_the_layers_befo
     assert not model.layers[0].attn.k._forward_hooks                     # the hooks are removed afterwards
 
 
-def _autograd_grams(model, ids):
-    """Per layer the Grams of the k and v projections and of the mean next-token loss's gradient at them, from
-    one autograd pass through the whole model (what the layer-by-layer backward pass must reproduce)."""
-    spec = model.spec
+def _projections(model, ids, names):
+    """(logits, {(layer, name): output of that attention projection}) of one forward pass over ids."""
     outputs = {}
     handles = [getattr(block.attn, name).register_forward_hook(
         lambda module, inputs, out, key=(i, name): outputs.__setitem__(key, out))
-        for i, block in enumerate(model.layers) for name in "kv"]
+        for i, block in enumerate(model.layers) for name in names]
     try:
         logits, _ = model(ids)
     finally:
         for handle in handles:
             handle.remove()
+    return logits, outputs
+
+
+def _autograd_grams(model, ids):
+    """Per layer the Grams of the k and v projections and of the mean next-token loss's gradient at them, from
+    one autograd pass through the whole model (what the layer-by-layer backward pass must reproduce)."""
+    spec = model.spec
+    logits, outputs = _projections(model, ids, "kv")
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     keys = sorted(outputs)
     grads = dict(zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])))
@@ -111,16 +117,8 @@ def test_post_mode_fits_the_rotation_averaged_key_and_query_statistics():
     model = decoder_from_hf_model(tiny_hf_model("llama-gqa"))
     spec = model.spec
     ids = ptb_like_ids(3, 16)
-    outputs = {}
-    handles = [getattr(block.attn, name).register_forward_hook(
-        lambda module, inputs, out, key=(i, name): outputs.__setitem__(key, out))
-        for i, block in enumerate(model.layers) for name in "kq"]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad():
+        _, outputs = _projections(model, ids, "kq")
     averaged = calibrate(model, ids, "post", "energy", progress=False, stored_dtype=None, rope_positions=300)
     windows = calibrate(model, ids, "post", "energy", progress=False, stored_dtype=None, rope_positions=0)
     for i, (layer, window_layer) in enumerate(zip(averaged, windows)):

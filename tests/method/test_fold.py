@@ -7,7 +7,7 @@ from eigen_export.loading import build_decoder
 from eigen_export.method.fold import fold_state
 from eigen_export.modeling import LayerRanks, default_position_ids
 from tests.helpers.folds import CASES, tiny_fold
-from tests.helpers.tiny_models import ptb_like_ids
+from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
 
 
 @pytest.mark.parametrize("name,mode", CASES)
@@ -77,20 +77,14 @@ def test_cached_decoding_equals_recompute_past_2048_positions(mode):
     """A tiny Llama with a 4096-token context, decoding at positions 2090..2097: the cached steps equal a full
     recompute there too (the post basis is fitted to every position up to the max context, not to where the
     calibration windows sat)."""
-    import transformers as tf
-
     from eigen_export.loading import decoder_from_hf_model
     from eigen_export.method.calibrate import calibrate
 
-    config = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    hf = tf.AutoModelForCausalLM.from_config(config).eval()
+    hf = tiny_hf_model("llama-gqa", max_position_embeddings=4096)
     model = decoder_from_hf_model(hf)
     layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False)
     ranks = [LayerRanks(8, 12)] * model.spec.num_layers
-    folded = build_decoder(config, fold_state(model.state_dict(), [c.projections() for c in layers], ranks,
+    folded = build_decoder(hf.config, fold_state(model.state_dict(), [c.projections() for c in layers], ranks,
                                               model.spec, mode), ranks, mode)
     ids = ptb_like_ids(1, 2098, seed=5)
     with torch.no_grad():
