@@ -74,6 +74,10 @@ def _fold_flags(p):
                         "calibration loss least), energy (one energy threshold) or error / update_error (the "
                         "smallest worst-layer calibrated block error; calibrate with --error-samples) "
                         f"{_default(FoldSettings, 'allocation')}")
+    p.add_argument("--kv-dtype", choices=("int8", "int4"), default=UNSET,
+                   help="quantize the latent cache per token (scales in fp16) (default: the model's dtype)")
+    p.add_argument("--no-kv-rotation", dest="kv_rotation", action="store_false", default=UNSET,
+                   help="with --kv-dtype: do not fold the outlier-spreading rotation into the bases")
 
 
 def _run_flags(p):

@@ -21,7 +21,9 @@ FLOATS = (DType("float32", "fp32", torch.float32, 1, "tensor(float)"),
           DType("float16", "fp16", torch.float16, 10, "tensor(float16)"),
           DType("bfloat16", "bf16", torch.bfloat16, 16, "tensor(bfloat16)"))
 INT64 = DType("int64", "int64", torch.int64, 7, "tensor(int64)")
-_ALL = (*FLOATS, INT64)
+# the codes of a quantized cache (kv_codec): int8, and int4 packed two to a uint8
+CODES = (DType("int8", "int8", torch.int8, 3, "tensor(int8)"), DType("uint8", "uint8", torch.uint8, 2, "tensor(uint8)"))
+_ALL = (*FLOATS, INT64, *CODES)
 FLOAT_NAMES = tuple(d.name for d in FLOATS)
 EXPORT_NAMES = tuple(d.short for d in FLOATS)
 

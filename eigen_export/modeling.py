@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EigenExportError
+from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES, decode, encode
+
 from .families import ModelSpec
 
 ROPE_MODES = ("pre", "post")
@@ -104,12 +106,13 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, ranks: LayerRanks, rope_mode: str | None, biases: set[str]):
+    def __init__(self, spec: ModelSpec, ranks: LayerRanks, rope_mode: str | None, biases: set[str],
+                 kv_dtype: str | None = None):
         super().__init__()
         d, h, h_kv, dim = spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.hidden_size
         if not (1 <= ranks.k <= d and 1 <= ranks.v <= d):
             raise EigenExportError(f"ranks {ranks} must lie in [1, head_dim={d}]")
-        self.spec, self.ranks = spec, ranks
+        self.spec, self.ranks, self.kv_dtype = spec, ranks, kv_dtype
         rope = spec.positions == "rope"
         self.rope_mode = rope_mode if rope else None
         # Width of q/k rows per head: non-RoPE folds put the basis into W_Q/W_K; post keeps q, k full and
@@ -151,11 +154,25 @@ class Attention(nn.Module):
         """The attention core; the plugin-graph export swaps it for one custom op per layer (backends/onnx_export.py)."""
         return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale)
 
-    def forward(self, x, ctx: AttentionContext, past_k=None, past_v=None):
+    def forward(self, x, ctx: AttentionContext, past: tuple[torch.Tensor, ...] | None = None):
+        """(output, present): the layer's cache with this chunk appended, (key, value) or, quantized,
+        (key codes, value codes, key scales, value scales): what the ONNX graph takes and returns."""
         q, k, v = self.project(x, ctx)
-        if past_k is not None:
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
+        if self.kv_dtype is not None:
+            # every key and value is read through the quantized cache, this chunk's too: a token's codes do not
+            # depend on its neighbours, so a prefill, a decode step and a full recomputation read the same keys
+            (kc, ks), (vc, vs) = encode(k, self.kv_dtype), encode(v, self.kv_dtype)
+            present = (kc, vc, ks, vs)
+        else:
+            present = (k, v)
+        if past is not None:
+            present = tuple(torch.cat([p, n], dim=2) for p, n in zip(past, present))
+        if self.kv_dtype is not None:
+            kc, vc, ks, vs = present
+            k = decode(kc, ks, self.ranks.k, self.kv_dtype, x.dtype)
+            v = decode(vc, vs, self.ranks.v, self.kv_dtype, x.dtype)
+        else:
+            k, v = present
         k_att = k
         if self.rope_mode == "pre":
             # Reconstruct full keys and rotate each cached key by ITS OWN position (DESIGN 3.2).
@@ -163,7 +180,7 @@ class Attention(nn.Module):
             k_att = rotate(k_att, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
         out = self.core(q, k_att, v, ctx)                                 # [B, H, S, r_v]
         b, h, s, r_v = out.shape
-        return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), k, v
+        return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), present
 
 
 class MLP(nn.Module):
@@ -182,29 +199,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, spec, ranks, rope_mode, ffn_dim, biases: set[str]):
+    def __init__(self, spec, ranks, rope_mode, ffn_dim, biases: set[str], kv_dtype: str | None = None):
         super().__init__()
         self.spec = spec
         self.attn_norm = make_norm(spec, "attn_norm" in biases)
         self.mlp_norm = make_norm(spec, "mlp_norm" in biases)
-        self.attn = Attention(spec, ranks, rope_mode, biases)
+        self.attn = Attention(spec, ranks, rope_mode, biases, kv_dtype)
         self.mlp = MLP(spec, ffn_dim, biases)
 
     def attn_input(self, x):
         """What the attention projections read: the normed stream, except for post-norm OPT."""
         return self.attn_norm(x) if self.spec.prenorm or self.spec.parallel_residual else x
 
-    def forward(self, x, ctx, past_k=None, past_v=None):
+    def forward(self, x, ctx, past=None):
+        """(output, present): see Attention.forward."""
         if self.spec.parallel_residual:
-            a, k, v = self.attn(self.attn_norm(x), ctx, past_k, past_v)
-            return x + a + self.mlp(self.mlp_norm(x)), k, v
+            a, present = self.attn(self.attn_norm(x), ctx, past)
+            return x + a + self.mlp(self.mlp_norm(x)), present
         if self.spec.prenorm:
-            a, k, v = self.attn(self.attn_norm(x), ctx, past_k, past_v)
+            a, present = self.attn(self.attn_norm(x), ctx, past)
             x = x + a
-            return x + self.mlp(self.mlp_norm(x)), k, v
-        a, k, v = self.attn(x, ctx, past_k, past_v)     # OPT-350m: normalise after the residual add
+            return x + self.mlp(self.mlp_norm(x)), present
+        a, present = self.attn(x, ctx, past)     # OPT-350m: normalise after the residual add
         x = self.attn_norm(x + a)
-        return self.mlp_norm(x + self.mlp(x)), k, v
+        return self.mlp_norm(x + self.mlp(x)), present
 
 
 class Decoder(nn.Module):
@@ -212,10 +230,15 @@ class Decoder(nn.Module):
 
     def __init__(self, spec: ModelSpec, ranks: list[LayerRanks] | None, rope_mode: str | None,
                  state_dict: dict[str, torch.Tensor], inv_freq: torch.Tensor | None = None,
-                 rope_scaling: float = 1.0):
+                 rope_scaling: float = 1.0, kv_dtype: str | None = None):
+        """kv_dtype: int8 | int4 to quantize the cache (plugins/lowrank_attention/kv_codec.py), None to keep it
+        in the model's dtype."""
         super().__init__()
         if rope_mode is not None and rope_mode not in ROPE_MODES:
             raise EigenExportError(f"rope_mode must be one of {ROPE_MODES}, got {rope_mode!r}")
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise EigenExportError(f"kv cache dtype must be one of {KV_DTYPES} (or none), got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
         full = LayerRanks(spec.head_dim, spec.head_dim)
         self.spec = spec
         self.ranks = list(ranks) if ranks is not None else [full] * spec.num_layers
@@ -236,7 +259,7 @@ class Decoder(nn.Module):
             self.proj_out = nn.Linear(*reversed(state_dict["proj_out.weight"].shape), bias=False) \
                 if "proj_out.weight" in state_dict else None
             self.layers = nn.ModuleList(
-                Block(spec, r, self.rope_mode, ffn_dim, biases) for r in self.ranks
+                Block(spec, r, self.rope_mode, ffn_dim, biases, kv_dtype) for r in self.ranks
             )
             self.final_norm = make_norm(spec, "final_norm" in biases) if spec.final_norm else None
             self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
@@ -317,9 +340,10 @@ class Decoder(nn.Module):
 
     # -- the model --------------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, position_ids=None, past=None):
-        """logits [B, S, V] and presents: per layer (key [B, H_kv, P+S, r_k], value [B, H_kv, P+S, r_v]).
+        """logits [B, S, V] and presents: per layer (key [B, H_kv, P+S, r_k], value [B, H_kv, P+S, r_v]), or
+        with a quantized cache (key codes, value codes, key scales, value scales) (kv_codec.cache_slots).
 
-        `past` is a list of (key, value) per layer, or None for a prefill.
+        `past` is a list of what presents holds, or None for a prefill.
         """
         b, s = input_ids.shape
         p = past[0][0].shape[2] if past else 0
@@ -334,9 +358,8 @@ class Decoder(nn.Module):
         ctx = self.context(attention_mask, position_ids, x.dtype)
         presents = []
         for i, layer in enumerate(self.layers):
-            pk, pv = past[i] if past else (None, None)
-            x, k, v = layer(x, ctx, pk, pv)
-            presents.append((k, v))
+            x, present = layer(x, ctx, past[i] if past else None)
+            presents.append(present)
         return self.head(x), presents
 
     def cache_widths(self) -> list[LayerRanks]:

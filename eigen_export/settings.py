@@ -12,6 +12,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES
+
 from .assets import smollm2_dir
 from .dtypes import EXPORT_NAMES, FLOAT_NAMES
 from .errors import EigenExportError
@@ -88,6 +90,8 @@ class FoldSettings:
     allocation: str = "loss"               # loss: cheapest calibrated loss; energy: one energy threshold;
                                            # error / update_error: calibrated block error (needs error_samples)
     dtype: str = "float32"
+    kv_dtype: str | None = None            # int8 | int4: quantize the latent cache (kv_codec); None: the model's dtype
+    kv_rotation: bool = True               # with kv_dtype: fold an incoherent rotation into the bases first
 
     def __post_init__(self):
         if (self.kv_ratio is None) == (self.error_budget is None):
@@ -100,6 +104,12 @@ class FoldSettings:
             raise EigenExportError(f"error_budget {self.error_budget} must be positive (e.g. 0.02)")
         _one_of(self, "allocation", ALLOCATIONS)
         _one_of(self, "dtype", FLOAT_NAMES)
+        _one_of(self, "kv_dtype", (None, *KV_DTYPES))
+
+    @property
+    def rotated(self) -> bool:
+        """Whether the fold turns the latents by decompose.incoherent_rotation (only a quantized cache gains)."""
+        return self.kv_dtype is not None and self.kv_rotation
 
     @classmethod
     def target(cls, kv_ratio: float | None = None, error_budget: float | None = None, **rest) -> "FoldSettings":
@@ -111,8 +121,10 @@ class FoldSettings:
     def allocation_record(self) -> dict:
         """The rule eigen.json records; a fold is current when its record repeats it."""
         if self.error_budget is not None:
-            return {"rule": "error_budget", "error_budget": self.error_budget}
-        return {"rule": "kv_ratio", "target": self.kv_ratio, "allocation": self.allocation}
+            rule = {"rule": "error_budget", "error_budget": self.error_budget}
+        else:
+            rule = {"rule": "kv_ratio", "target": self.kv_ratio, "allocation": self.allocation}
+        return rule | {"kv_dtype": self.kv_dtype, "kv_rotation": self.rotated}
 
 
 @dataclass(frozen=True)
@@ -265,7 +277,7 @@ _TABLES = {
     "calibration": ("calibration", {"dataset": "dataset", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed",
                                     "rank_multiple": "rank_multiple"}),
     "compress": (None, {"kv_ratio": "kv_ratio", "error_budget": "error_budget", "rope_mode": "rope_mode",
-                        "allocation": "allocation"}),
+                        "allocation": "allocation", "kv_dtype": "kv_dtype", "kv_rotation": "kv_rotation"}),
     "engine": (None, {"max_batch": "max_batch", "max_context": "max_context", "onnx_dtype": "onnx_dtype",
                       "backend": "backend"}),
     "validate": ("validation", {f.name: f.name for f in fields(ValidationSettings)}),
@@ -296,7 +308,8 @@ def recipe_from_tables(name: str, data: dict) -> Recipe:
             name=name, source=model["source"], family=model["family"], device=model.get("device", "auto"),
             calibration=CalibrationSettings(**calibration),
             fold=FoldSettings.target(compress.get("kv_ratio"), compress.get("error_budget"), dtype=dtype,
-                                     **{k: compress[k] for k in ("allocation",) if k in compress}),
+                                     **{k: compress[k] for k in ("allocation", "kv_dtype", "kv_rotation")
+                                        if k in compress}),
             export=ExportSettings(**({"dtype": engine["onnx_dtype"]} if "onnx_dtype" in engine else {})),
             build=BuildSettings(**{k: engine[k] for k in ("backend", "max_batch", "max_context") if k in engine}),
             validation=ValidationSettings(**validation))

@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES
+
 from ..dtypes import resolve_dtype
 from ..errors import EigenExportError
 from ..families import spec_from_config
@@ -43,6 +45,8 @@ class Manifest:
     calibration: dict                    # dataset, nsamples, seqlen, seed, allocation rule, ...
     weights_sha256: str
     dtype: str = "float32"
+    kv_dtype: str | None = None          # int8 | int4: the cache is quantized (kv_codec); None: in `dtype`
+    kv_rotation: bool = False            # an incoherent rotation was folded into the bases (method/fold.py)
     format: str = FORMAT
     version: int = VERSION
     extra: dict = field(default_factory=dict)
@@ -55,6 +59,8 @@ class Manifest:
                                    f"{VERSION}: re-run `eigen-export fold` with this version")
         if len(self.ranks) != self.num_layers:
             raise EigenExportError(f"eigen.json lists {len(self.ranks)} layer ranks for {self.num_layers} layers")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise EigenExportError(f"eigen.json has kv_dtype {self.kv_dtype!r}, not one of {KV_DTYPES}: re-run the fold")
         for i, (rk, rv) in enumerate(self.ranks):
             if not (1 <= rk <= self.head_dim and 1 <= rv <= self.head_dim):
                 raise EigenExportError(f"eigen.json layer {i} ranks ({rk}, {rv}) outside [1, head_dim={self.head_dim}]")
@@ -173,7 +179,7 @@ def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = 
     config, manifest, checkpoint = open_folded(path, verify)
     state = checkpoint.read(checkpoint.names())
     return build_decoder(config, state, [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode,
-                         dtype=dtype, device=device, num_kv_heads=manifest.num_kv_heads)
+                         dtype=dtype, device=device, num_kv_heads=manifest.num_kv_heads, kv_dtype=manifest.kv_dtype)
 
 
 def open_folded(path: str | Path, verify: bool = True) -> tuple[object, Manifest, Checkpoint]:
@@ -212,7 +218,8 @@ def model_of_shapes(path: str | Path, dtype) -> tuple[Decoder, Callable[[str], t
     if is_folded(path):
         config, manifest, checkpoint = open_folded(path)
         model = fake_decoder(config, checkpoint.placeholders(checkpoint.names()), dtype,
-                             [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode, manifest.num_kv_heads)
+                             [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode, manifest.num_kv_heads,
+                             manifest.kv_dtype)
         return model, lambda name: checkpoint.read([name])[name].to(dtype)
     streamed = StreamedModel(path, dtype=dtype)
     return fake_decoder(streamed.config, streamed.placeholders(), dtype, None, None), streamed.read

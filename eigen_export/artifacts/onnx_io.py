@@ -8,6 +8,11 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
+
+from eigen_export_plugins.lowrank_attention.kv_codec import cache_slots
+
+from ..dtypes import dtype as dtype_of
 from ..errors import EigenExportError
 from .layout import IO_JSON
 from .records import check_format, read_json_record
@@ -42,10 +47,11 @@ class OnnxIO:
     ranks: list[list[int]]              # per layer [r_k, r_v]: the cache widths
     kv_ratio: float
     kv_bytes_per_token: int
-    dtype: str                          # fp32 | fp16 | bf16: the export dtype (logits and cache)
+    dtype: str                          # fp32 | fp16 | bf16: the export dtype (logits, and a float cache)
     opset: int
     inputs: list[dict]                  # {"name", "dtype", "shape": [int | dim name]}
     outputs: list[dict]
+    kv_dtype: str | None = None         # int8 | int4: the cache is codes + fp16 scales (kv_codec); None: `dtype`
     export_seconds: float | None = None
     export_cpu_seconds: float | None = None
     format: str = IO_FORMAT
@@ -53,7 +59,13 @@ class OnnxIO:
 
     @property
     def cache_dtype(self) -> str:
+        """The graph's float type: logits, and the cache unless it is quantized."""
         return self.outputs[0]["dtype"]
+
+    def cache_layout(self) -> list[list[tuple[str, int, torch.dtype]]]:
+        """Per layer, (name suffix, last dim, element type) of each cache tensor (kv_codec.cache_slots)."""
+        float_type = dtype_of(self.cache_dtype).torch
+        return [cache_slots(int(k), int(v), self.kv_dtype, float_type) for k, v in self.ranks]
 
     def replace(self, **changes) -> "OnnxIO":
         return dataclasses.replace(self, **changes)

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import EigenExportError
 
-Cache = list[tuple[torch.Tensor, torch.Tensor]]
+Cache = list[tuple[torch.Tensor, ...]]     # per layer: key, value[, key scales, value scales]
 
 
 class Backend(Protocol):
@@ -24,9 +24,10 @@ class Backend(Protocol):
 
 
 def check_step_inputs(input_ids, attention_mask, position_ids, past, num_kv_heads: int,
-                      widths: list[tuple[int, int]], dtype: torch.dtype, what: str) -> tuple[int, int, int]:
+                      layout: list[list[tuple[str, int, torch.dtype]]], what: str) -> tuple[int, int, int]:
     """The shapes and types of one forward() a compiled backend would reject with an opaque message, named
-    precisely here; returns (batch, seq, past). `what` is "graph" or "engine", as the messages call it."""
+    precisely here; returns (batch, seq, past). layout: per layer (name, last dim, type) of each cache tensor
+    (OnnxIO.cache_layout). `what` is "graph" or "engine", as the messages call it."""
     if input_ids.dim() != 2:
         raise EigenExportError(f"input_ids has shape {tuple(input_ids.shape)}, expected (batch, seq)")
     b, s = input_ids.shape
@@ -38,14 +39,19 @@ def check_step_inputs(input_ids, attention_mask, position_ids, past, num_kv_head
         raise EigenExportError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(b, s)} (batch, seq)")
     if past is None:
         return b, s, p
-    if len(past) != len(widths):
-        raise EigenExportError(f"past holds {len(past)} layers, the {what} has {len(widths)}")
-    for i, (r_k, r_v) in enumerate(widths):
-        for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
-            tensor, expected = past[i][j], (b, num_kv_heads, p, width)
+    if len(past) != len(layout):
+        raise EigenExportError(f"past holds {len(past)} layers, the {what} has {len(layout)}")
+    for i, slots in enumerate(layout):
+        if len(past[i]) != len(slots):
+            names = ", ".join(name for name, _, _ in slots)
+            raise EigenExportError(f"past layer {i} holds {len(past[i])} tensors, the {what} takes {len(slots)} "
+                                   f"({names})")
+        for tensor, (name, width, element) in zip(past[i], slots):
+            expected = (b, num_kv_heads, p, width)
             if tuple(tensor.shape) != expected:
-                raise EigenExportError(f"past_key_values.{i}.{kv} has shape {tuple(tensor.shape)}, expected "
-                                       f"{expected} [batch, H_kv, past, r_{kv[0]}]")
-            if tensor.dtype != dtype:
-                raise EigenExportError(f"past_key_values.{i}.{kv} is {tensor.dtype}, the {what} takes {dtype}")
+                raise EigenExportError(f"past_key_values.{i}.{name} has shape {tuple(tensor.shape)}, expected "
+                                       f"{expected} [batch, H_kv, past, width]")
+            if tensor.dtype != element:
+                raise EigenExportError(f"past_key_values.{i}.{name} is {tensor.dtype}, the {what} takes {element}")
     return b, s, p
+

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from eigen_export_plugins.lowrank_attention.onnx_op import lowrank_attention_op, onnx_translation
+from eigen_export_plugins.lowrank_attention.kv_codec import cache_slots
 from eigen_export_plugins.lowrank_attention.reference import MAX_RANK
 
 from ..artifacts.layout import MODEL_ONNX
@@ -41,21 +42,27 @@ log = logging.getLogger("eigen_export")
 EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 
 
-def input_names(num_layers: int) -> list[str]:
+def cache_layout(model: Decoder, dtype: torch.dtype) -> list[list[tuple[str, int, torch.dtype]]]:
+    """Per layer, (name suffix, last dim, element type) of each cached tensor (kv_codec.cache_slots)."""
+    return [cache_slots(r.k, r.v, model.kv_dtype, dtype) for r in model.cache_widths()]
+
+
+def input_names(layout) -> list[str]:
     return ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        f"past_key_values.{i}.{slot[0]}" for i, slots in enumerate(layout) for slot in slots]
 
 
-def output_names(num_layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+def output_names(layout) -> list[str]:
+    return ["logits"] + [f"present.{i}.{slot[0]}" for i, slots in enumerate(layout) for slot in slots]
 
 
 class FlatDecoder(nn.Module):
-    """The Decoder behind flat tensors: (ids, mask, positions, (k0, v0, k1, ...)) -> (logits, k0', v0', ...)."""
+    """The Decoder behind flat tensors: (ids, mask, positions, (k0, v0, k1, ...)) -> (logits, k0', v0', ...); a
+    quantized cache has four tensors per layer (codes and scales), in cache_layout's order."""
 
-    def __init__(self, model: Decoder):
+    def __init__(self, model: Decoder, per_layer: int):
         super().__init__()
-        self.model = model
+        self.model, self.per_layer = model, per_layer
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         # The exporter gives every input dim its own symbol. No-op reshapes state once what the contract
@@ -64,24 +71,24 @@ class FlatDecoder(nn.Module):
         b, s, p = input_ids.shape[0], input_ids.shape[1], past[0].shape[2]
         attention_mask = attention_mask.reshape(b, p + s)
         past = [t.reshape(b, t.shape[1], p, t.shape[3]) for t in past]
-        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, presents = self.model(input_ids, attention_mask, position_ids, pairs)
-        return (logits, *[t for kv in presents for t in kv])
+        n = self.per_layer
+        layers = [tuple(past[n * i: n * (i + 1)]) for i in range(len(past) // n)]
+        logits, presents = self.model(input_ids, attention_mask, position_ids, layers)
+        return (logits, *[t for layer in presents for t in layer])
 
 
 def io_contract(model: Decoder, dtype: torch.dtype) -> tuple[list[dict], list[dict]]:
     """The inputs and outputs DESIGN 5 promises for this model: names, element types, named dims."""
-    spec, ranks = model.spec, model.cache_widths()
-    cache = dtype_of(dtype).name
+    spec = model.spec
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]},
               {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"]},
               {"name": "position_ids", "dtype": "int64", "shape": ["batch", "seq"]}]
-    outputs = [{"name": "logits", "dtype": cache, "shape": ["batch", "seq", spec.vocab_size]}]
-    for i, r in enumerate(ranks):
-        for kv, width in (("key", r.k), ("value", r.v)):
-            inputs.append({"name": f"past_key_values.{i}.{kv}", "dtype": cache,
+    outputs = [{"name": "logits", "dtype": dtype_of(dtype).name, "shape": ["batch", "seq", spec.vocab_size]}]
+    for i, slots in enumerate(cache_layout(model, dtype)):
+        for name, width, element in slots:
+            inputs.append({"name": f"past_key_values.{i}.{name}", "dtype": dtype_of(element).name,
                            "shape": ["batch", spec.num_kv_heads, "past", width]})
-            outputs.append({"name": f"present.{i}.{kv}", "dtype": cache,
+            outputs.append({"name": f"present.{i}.{name}", "dtype": dtype_of(element).name,
                             "shape": ["batch", spec.num_kv_heads, "past + seq", width]})
     return inputs, outputs
 
@@ -91,8 +98,8 @@ def _example_inputs(model: Decoder, dtype: torch.dtype):
     ids = torch.zeros(b, s, dtype=torch.long)
     mask = torch.ones(b, p + s, dtype=torch.long)
     positions = torch.arange(p, p + s).expand(b, s).contiguous()
-    past = [torch.zeros(b, model.spec.num_kv_heads, p, w, dtype=dtype)
-            for r in model.cache_widths() for w in (r.k, r.v)]
+    past = [torch.zeros(b, model.spec.num_kv_heads, p, width, dtype=element)
+            for slots in cache_layout(model, dtype) for _, width, element in slots]
     # Names become Dim.DYNAMIC: the exporter may then record relations between dims (mask width =
     # past + seq) instead of failing on them. Only the names are ours; FlatDecoder ties the symbols.
     dynamic = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"},
@@ -164,8 +171,9 @@ def model_metadata(model: Decoder, dtype_name: str) -> dict:
         "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "softmax_scale": spec.softmax_scale,
         "vocab_size": spec.vocab_size, "ranks": [list(r) for r in ranks],
         "kv_ratio": round(kv_ratio(ranks, spec.head_dim), 6),
-        "kv_bytes_per_token": kv_bytes_per_token(ranks, spec.num_kv_heads, dtype_of(dtype_name).torch.itemsize),
-        "dtype": dtype_name,
+        "kv_bytes_per_token": kv_bytes_per_token(ranks, spec.num_kv_heads, dtype_of(dtype_name).torch.itemsize,
+                                                 model.kv_dtype),
+        "dtype": dtype_name, "kv_dtype": model.kv_dtype,
     }
 
 
@@ -296,15 +304,15 @@ def plugin_cores(model: Decoder):
 
 def capture(model: Decoder, dtype: torch.dtype, opset: int, plugin: bool = False):
     args, dynamic = _example_inputs(model, dtype)
-    n = model.spec.num_layers
+    layout = cache_layout(model, dtype)
     translation = onnx_translation() if plugin else None
     with warnings.catch_warnings(), _quiet_exporter():
         # The exporter warns once per input that shares a dim with an earlier one ("batch will not be
         # used, since it shares ..."): that sharing is the contract, not a problem.
         warnings.simplefilter("ignore")
         try:
-            return torch.onnx.export(FlatDecoder(model), args, dynamo=True, dynamic_shapes=dynamic,
-                                     input_names=input_names(n), output_names=output_names(n),
+            return torch.onnx.export(FlatDecoder(model, len(layout[0])), args, dynamo=True, dynamic_shapes=dynamic,
+                                     input_names=input_names(layout), output_names=output_names(layout),
                                      opset_version=opset, verbose=False, optimize=False,
                                      custom_translation_table=translation)
         except Exception as e:   # the exporter raises many types; the user needs one line and the cause

@@ -32,7 +32,7 @@ from eigen_export_plugins.lowrank_attention.onnx_op import for_onnxruntime, regi
 
 from ..artifacts.layout import BUILD_JSON, IO_JSON, MODEL_ONNX, ONNX_DATA
 from ..artifacts.onnx_io import OnnxIO, check_io, read_io, write_io
-from ..dtypes import FLOATS, INT64, dtype
+from ..dtypes import CODES, FLOATS, INT64, dtype
 from ..errors import EigenExportError
 from .base import check_step_inputs
 
@@ -138,7 +138,7 @@ class OnnxRuntimeBackend:
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
         self.dtype = dtype(self.io.cache_dtype).torch
         self.num_kv_heads = int(self.io.num_kv_heads)
-        self.widths = [(int(k), int(v)) for k, v in self.io.ranks]
+        self.layout = self.io.cache_layout()
         self.vocab_size = int(self.io.outputs[0]["shape"][-1])
         self.reuse_buffers = reuse_buffers
         self._pools: dict[str, _BufferPool] = {}
@@ -146,23 +146,23 @@ class OnnxRuntimeBackend:
     # -- the Backend interface --------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, position_ids, past):
-        b, s, p = check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths,
-                                    self.dtype, "graph")
+        b, s, p = check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.layout,
+                                    "graph")
         binding = self.session.io_binding()
         keep = []                                         # bound inputs must outlive the run
         for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
                              ("position_ids", position_ids)):
             keep.append(self._bind_input(binding, name, tensor.to(self.device, torch.int64)))
-        for i, (r_k, r_v) in enumerate(self.widths):
-            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
-                tensor = past[i][j] if past else torch.empty(b, self.num_kv_heads, 0, width, dtype=self.dtype,
+        for i, slots in enumerate(self.layout):
+            for j, (kv, width, element) in enumerate(slots):
+                tensor = past[i][j] if past else torch.empty(b, self.num_kv_heads, 0, width, dtype=element,
                                                              device=self.device)
                 keep.append(self._bind_input(binding, f"past_key_values.{i}.{kv}", tensor))
-        logits = self._bind_output(binding, "logits", (b, s, self.vocab_size))
+        logits = self._bind_output(binding, "logits", (b, s, self.vocab_size), self.dtype)
         presents = []
-        for i, (r_k, r_v) in enumerate(self.widths):
-            presents.append(tuple(self._bind_output(binding, f"present.{i}.{kv}", (b, self.num_kv_heads, p + s, w))
-                                  for kv, w in (("key", r_k), ("value", r_v))))
+        for i, slots in enumerate(self.layout):
+            presents.append(tuple(self._bind_output(binding, f"present.{i}.{kv}", (b, self.num_kv_heads, p + s, w),
+                                                    element) for kv, w, element in slots))
         try:
             self.session.run_with_iobinding(binding)
         finally:
@@ -178,12 +178,12 @@ class OnnxRuntimeBackend:
                            list(tensor.shape), tensor.data_ptr() or _EMPTY.data_ptr())
         return tensor
 
-    def _bind_output(self, binding, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _bind_output(self, binding, name: str, shape: tuple[int, ...], element: torch.dtype) -> torch.Tensor:
         if self.reuse_buffers and name != "logits":
-            out = self._pools.setdefault(name, _BufferPool(self.device)).take(shape, self.dtype)
+            out = self._pools.setdefault(name, _BufferPool(self.device)).take(shape, element)
         else:
-            out = torch.empty(shape, dtype=self.dtype, device=self.device)
-        binding.bind_output(name, self.device.type, self.device.index or 0, dtype(self.dtype).onnx, list(shape),
+            out = torch.empty(shape, dtype=element, device=self.device)
+        binding.bind_output(name, self.device.type, self.device.index or 0, dtype(element).onnx, list(shape),
                             out.data_ptr() or _EMPTY.data_ptr())
         return out
 
@@ -230,7 +230,7 @@ _EMPTY = torch.empty(1)
 
 
 def _session_io(session) -> tuple[list[tuple], list[tuple]]:
-    names = {d.ort: d.name for d in (*FLOATS, INT64)}
+    names = {d.ort: d.name for d in (*FLOATS, INT64, *CODES)}
 
     def describe(arg):
         return arg.name, names.get(arg.type, arg.type), list(arg.shape)

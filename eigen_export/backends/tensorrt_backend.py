@@ -95,7 +95,7 @@ class TensorRTBackend:
         self.context = self.engine.create_execution_context()
         self.max_batch, self.max_context = int(self.build["max_batch"]), int(self.build["max_context"])
         self.num_kv_heads = int(self.io.num_kv_heads)
-        self.widths = [(int(k), int(v)) for k, v in self.io.ranks]
+        self.layout = self.io.cache_layout()
         self.dtype = dtype(self.io.cache_dtype).torch
         self.vocab_size = int(self.io.outputs[0]["shape"][-1])
         self._profile = None
@@ -116,8 +116,8 @@ class TensorRTBackend:
     # -- the Backend interface --------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, input_ids, attention_mask, position_ids, past):
-        b, s, p = check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.widths,
-                                    self.dtype, "engine")
+        b, s, p = check_step_inputs(input_ids, attention_mask, position_ids, past, self.num_kv_heads, self.layout,
+                                    "engine")
         self._check(b, s, p)
         stream = torch.cuda.current_stream(self.device)
         profile = PREFILL if p == 0 else DECODE
@@ -129,22 +129,22 @@ class TensorRTBackend:
         for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
                              ("position_ids", position_ids)):
             keep.append(self._bind_input(name, tensor.to(self.device, torch.int64)))
-        for i, (r_k, r_v) in enumerate(self.widths):
-            for j, (kv, width) in enumerate((("key", r_k), ("value", r_v))):
-                tensor = past[i][j] if past else torch.empty(b, self.num_kv_heads, 0, width, dtype=self.dtype,
+        for i, slots in enumerate(self.layout):
+            for j, (kv, width, element) in enumerate(slots):
+                tensor = past[i][j] if past else torch.empty(b, self.num_kv_heads, 0, width, dtype=element,
                                                              device=self.device)
                 keep.append(self._bind_input(f"past_key_values.{i}.{kv}", tensor))
         logits = torch.empty(b, s, self.vocab_size, dtype=self.dtype, device=self.device)
         self._bind_output("logits", logits)
         presents = []
-        for i, (r_k, r_v) in enumerate(self.widths):
-            pair = []
-            for kv, width in (("key", r_k), ("value", r_v)):
+        for i, slots in enumerate(self.layout):
+            layer = []
+            for kv, width, element in slots:
                 name = f"present.{i}.{kv}"
                 pool = self._buffers.setdefault(name, _CapacityBuffers(
-                    self.max_batch * self.num_kv_heads * self.max_context * width, self.dtype, self.device))
-                pair.append(self._bind_output(name, pool.take((b, self.num_kv_heads, p + s, width))))
-            presents.append(tuple(pair))
+                    self.max_batch * self.num_kv_heads * self.max_context * width, element, self.device))
+                layer.append(self._bind_output(name, pool.take((b, self.num_kv_heads, p + s, width))))
+            presents.append(tuple(layer))
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise EigenExportError(f"TensorRT failed to run the engine at batch {b}, seq {s}, past {p} "
                                    "(run with -v for its log)")

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eigen_export_plugins.lowrank_attention.kv_codec import vector_bytes
+
 # Energy thresholds tried per layer, from exact down to aggressive. The paper walks 0.98 down in
 # steps of 0.02 (1.0 for RoPE); we start at 1.0 for every family and go further so that low KV
 # ratios stay reachable, with a finer step near 1 where ranks change fastest.
@@ -120,6 +122,36 @@ def layer_rank(eigvals: torch.Tensor, eps: float, multiple: int = 1) -> int:
     return min(d, -(-r // multiple) * multiple)
 
 
+def incoherent_rotation(r: int, seed: int = 0) -> torch.Tensor:
+    """An orthogonal r x r matrix whose entries are all small (<= sqrt(2/r)): folded into a basis (U -> U R) it
+    spreads each latent coordinate over all r, so the eigen coordinates' decreasing energy no longer puts a
+    token's whole quantization range on its first few (Palu, QuaRot). Sylvester's Hadamard / sqrt(r) where r is
+    a power of two (entries exactly 1/sqrt(r)), the orthonormal DCT-II otherwise (any r); rows times a seeded
+    random sign, so that no input direction lines up with the structure. float64."""
+    if r & (r - 1) == 0:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < r:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        m = h / r ** 0.5
+    else:
+        n = torch.arange(r, dtype=torch.float64)
+        m = torch.cos(torch.pi / r * (n[None, :] + 0.5) * n[:, None]) * (2 / r) ** 0.5
+        m[0] /= 2 ** 0.5
+    signs = torch.randint(0, 2, (r,), generator=torch.Generator().manual_seed(seed)).double() * 2 - 1
+    return signs[:, None] * m
+
+
+def balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up / c, down * c) per head ([..., d, r] each) with c = sqrt(|up|_F / |down|_F): the same rank-r map
+    up down^T, with latents as large as the vectors they encode. The loss bases make latents W^T G^1/2 x, scaled
+    by the loss gradient's size (1e-3 of a key's): an fp16 cache then stores them among fp16's subnormals and a
+    per-token int8 scale falls below fp16's range. An orthonormal basis (up is down) is returned as it is."""
+    if torch.equal(up, down):
+        return up, down
+    c = (up.double().flatten(-2).norm(dim=-1) / down.double().flatten(-2).norm(dim=-1)).sqrt()[..., None, None]
+    return up.double() / c, down.double() * c
+
+
 def kv_ratio(ranks: list[tuple[int, int]], head_dim: int) -> float:
     """sum_l H_kv (r_k + r_v) / sum_l H_kv 2d: the fraction of the original cache that remains.
 
@@ -128,8 +160,13 @@ def kv_ratio(ranks: list[tuple[int, int]], head_dim: int) -> float:
     return sum(k + v for k, v in ranks) / (len(ranks) * 2 * head_dim) if ranks else 1.0
 
 
-def kv_bytes_per_token(ranks: list[tuple[int, int]], num_kv_heads: int, bytes_per_element: int) -> int:
-    return sum(k + v for k, v in ranks) * num_kv_heads * bytes_per_element
+def kv_bytes_per_token(ranks: list[tuple[int, int]], num_kv_heads: int, bytes_per_element: int,
+                       kv_dtype: str | None = None) -> int:
+    """Cache bytes one token adds over all layers: r * bytes_per_element per vector, or a quantized cache's
+    codes and scales (kv_codec.vector_bytes)."""
+    if kv_dtype is None:
+        return sum(k + v for k, v in ranks) * num_kv_heads * bytes_per_element
+    return sum(vector_bytes(k, kv_dtype) + vector_bytes(v, kv_dtype) for k, v in ranks) * num_kv_heads
 
 
 @dataclass(frozen=True)

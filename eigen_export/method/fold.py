@@ -17,7 +17,8 @@ import torch
 from ..errors import EigenExportError
 from ..families import ModelSpec
 from ..modeling import Decoder, LayerRanks
-from .decompose import choose_by_budget, choose_by_cost, choose_by_energy, choose_by_kv_ratio
+from .decompose import balance, choose_by_budget, choose_by_cost, choose_by_energy, choose_by_kv_ratio, \
+    incoherent_rotation
 
 
 def _per_query_head(basis: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -63,28 +64,42 @@ def fold_layer(weights: dict[str, torch.Tensor], basis_k: torch.Tensor, basis_v:
 
 
 def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, ...]],
-               ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None) -> dict[str, torch.Tensor]:
+               ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None,
+               rotate: bool = False) -> dict[str, torch.Tensor]:
     """Fold every layer of a canonical state dict; bases[i] = (basis_k, basis_v[, down_k, down_v]), each full
-    [H_kv, d, d] (LayerCalibration.projections(); without downs the bases are orthonormal)."""
+    [H_kv, d, d] (LayerCalibration.projections(); without downs the bases are orthonormal). rotate: see
+    fold_layers."""
     folded = {k: v for k, v in state.items() if not k.startswith("layers.")}
 
     def layer(i: int) -> dict[str, torch.Tensor]:
         prefix = f"layers.{i}."
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-    for part in fold_layers(layer, bases, ranks, spec, rope_mode):
+    for part in fold_layers(layer, bases, ranks, spec, rope_mode, rotate):
         folded |= part
     return folded
 
 
 def fold_layers(layer_state: Callable[[int], dict[str, torch.Tensor]], bases: list[tuple[torch.Tensor, ...]],
-                ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None) -> Iterator[dict[str, torch.Tensor]]:
+                ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None,
+                rotate: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Each layer's folded weights ("layers.i.*"), layer_state(i) (in-layer names) asked for only when the
-    previous layer's are consumed: a fold streamed from disk holds one layer. bases as for fold_state."""
+    previous layer's are consumed: a fold streamed from disk holds one layer. bases as for fold_state.
+
+    Separate down projections are balanced first (decompose.balance), so cached latents have the size of the
+    vectors they encode whatever the basis. rotate: turn each kept latent space by R = incoherent_rotation
+    (latent -> R^T latent, i.e. U -> U R and A -> R^T A): the model computes the same function, the r coordinates
+    of a cached vector just share its energy evenly, which is what a per-token quantized cache needs (kv_codec)."""
     for i, (r, layer_bases) in enumerate(zip(ranks, bases)):
         u_k, u_v, a_k, a_v = layer_bases if len(layer_bases) == 4 else (*layer_bases, *layer_bases)
-        layer = fold_layer(layer_state(i), u_k[..., : r.k], u_v[..., : r.v], spec, rope_mode, a_k[..., : r.k],
-                           a_v[..., : r.v])
+        u_k, a_k, u_v, a_v = u_k[..., : r.k], a_k[..., : r.k], u_v[..., : r.v], a_v[..., : r.v]
+        if len(layer_bases) == 4:
+            (u_k, a_k), (u_v, a_v) = balance(u_k, a_k), balance(u_v, a_v)
+        if rotate:
+            rot_k, rot_v = incoherent_rotation(r.k, seed=2 * i), incoherent_rotation(r.v, seed=2 * i + 1)
+            u_k, a_k = u_k.double() @ rot_k, a_k.double() @ rot_k
+            u_v, a_v = u_v.double() @ rot_v, a_v.double() @ rot_v
+        layer = fold_layer(layer_state(i), u_k, u_v, spec, rope_mode, a_k, a_v)
         yield {f"layers.{i}.{k}": v for k, v in layer.items()}
 
 
@@ -133,11 +148,13 @@ def _ranks_errors(points):
 
 
 def fold_to_target(model: Decoder, layers, rope_mode: str | None, kv_ratio_target: float | None,
-                   error_budget: float | None = None, allocation: str = "loss", rank_multiple: int = 1):
+                   error_budget: float | None = None, allocation: str = "loss", rank_multiple: int = 1,
+                   rotate: bool = False):
     """(ranks, layer errors, what the rule found, folded canonical state) for one target, in memory."""
     (ranks, layer_errors), found = decide_ranks(layers, model.spec.head_dim, kv_ratio_target,
                                                             error_budget, allocation, rank_multiple)
-    state = fold_state(model.state_dict(), [layer.projections() for layer in layers], ranks, model.spec, rope_mode)
+    state = fold_state(model.state_dict(), [layer.projections() for layer in layers], ranks, model.spec, rope_mode,
+                       rotate)
     return ranks, layer_errors, found, state
 
 

@@ -53,7 +53,7 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
         it and dropped once written: never the whole model in memory."""
         yield {k: v.to(dtype) for k, v in source_model.global_state().items()}
         bases = [layer.projections() for layer in layers]
-        for part in fold_layers(source_model.layer_state, bases, ranks, spec, calib.rope_mode):
+        for part in fold_layers(source_model.layer_state, bases, ranks, spec, calib.rope_mode, settings.rotated):
             yield {k: v.to(dtype) for k, v in part.items()}
 
     pairs = [(r.k, r.v) for r in ranks]
@@ -66,9 +66,10 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
         kv_ratio=round(kv_ratio(pairs, spec.head_dim), 6), layer_errors=layer_errors,
         calibration={**calibration, "calib_sha256": calib_sha256(calib_dir),
                      "allocation": settings.allocation_record() | found},
-        dtype=settings.dtype,
+        dtype=settings.dtype, kv_dtype=settings.kv_dtype, kv_rotation=settings.rotated,
         extra={"merge": merge} if merge else {},
     )
     manifest = write_folded(out_dir, config, parts(), fields, tokenizer_source=source, force=True)
-    log.info("folded %s: KV ratio %.3f, ranks %s", source, manifest.kv_ratio, pairs)
+    log.info("folded %s: KV ratio %.3f, ranks %s, cache %s", source, manifest.kv_ratio, pairs,
+             settings.kv_dtype or settings.dtype)
     return manifest

@@ -78,7 +78,7 @@ def hidden_states(model, ids: torch.Tensor) -> Iterator[torch.Tensor]:
     x = model.embed_tokens(ids, positions)
     ctx = model.context(mask, positions, x.dtype)
     for layer in model.layers:
-        x, _, _ = layer(x, ctx)
+        x, _ = layer(x, ctx)
         yield x
 
 

@@ -11,16 +11,17 @@ CASES = [(name, mode) for name in TINY for mode in (("pre", "post") if name not 
                                                      else (None,))]
 
 
-def tiny_fold(name, mode, k_fraction, v_fraction=None):
-    """(hf model, original Decoder, folded Decoder, folded state, ranks, calibration) of a tiny model."""
+def tiny_fold(name, mode, k_fraction, v_fraction=None, kv_dtype=None, rotate=False):
+    """(hf model, original Decoder, folded Decoder, folded state, ranks, calibration) of a tiny model; kv_dtype:
+    the folded Decoder's quantized cache, rotate: fold the incoherent rotation in (fold_layers)."""
     hf = tiny_hf_model(name)
     model = decoder_from_hf_model(hf)
     layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False, error_samples=2)
     d = model.spec.head_dim
     v_fraction = k_fraction if v_fraction is None else v_fraction
     ranks = [LayerRanks(max(1, int(d * k_fraction)), max(1, int(d * v_fraction)))] * model.spec.num_layers
-    state = fold_state(model.state_dict(), [c.projections() for c in layers], ranks, model.spec, mode)
-    return hf, model, build_decoder(hf.config, state, ranks, mode), state, ranks, layers
+    state = fold_state(model.state_dict(), [c.projections() for c in layers], ranks, model.spec, mode, rotate)
+    return hf, model, build_decoder(hf.config, state, ranks, mode, kv_dtype=kv_dtype), state, ranks, layers
 
 
 def write_tiny_folded(tmp_path, name="llama-gqa", mode="post", **write):

@@ -1,0 +1,82 @@
+"""The quantized cache format (plugins/lowrank_attention/kv_codec.py) and the rotation folded in front of it."""
+import pytest
+import torch
+
+from eigen_export.method.decompose import incoherent_rotation, kv_bytes_per_token
+from eigen_export_plugins.lowrank_attention.kv_codec import QMAX, cache_slots, code_width, decode, encode
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("rank", [1, 7, 16, 45])
+def test_round_trip_error_is_at_most_half_a_step(kv_dtype, rank):
+    x = torch.randn(3, 2, 11, rank) * torch.logspace(0, -2, rank)        # falling energy, as eigen latents
+    codes, scale = encode(x, kv_dtype)
+    assert codes.shape == (3, 2, 11, code_width(rank, kv_dtype)) and scale.shape == (3, 2, 11, 1)
+    assert scale.dtype == torch.float16
+    back = decode(codes, scale, rank, kv_dtype, torch.float32)
+    step = scale.float()
+    assert ((back - x).abs() <= step / 2 + 1e-6 * x.abs()).all()
+    # the scale is the fp16 rounding of absmax / qmax: the largest element uses (almost) the whole range
+    assert torch.allclose(step, x.abs().amax(-1, keepdim=True) / QMAX[kv_dtype], rtol=1e-3)
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_re_encoding_a_decoded_cache_is_the_identity(kv_dtype):
+    """Codes are made with the stored (fp16) scale, so a decoded vector encodes to the same codes and scale: a
+    backend that re-quantizes what it read cannot drift from the reference."""
+    x = torch.randn(4, 3, 9, 13) * 5
+    codes, scale = encode(x, kv_dtype)
+    again = encode(decode(codes, scale, 13, kv_dtype, torch.float32), kv_dtype)
+    assert torch.equal(again[0], codes) and torch.equal(again[1], scale)
+
+
+def test_int4_packs_two_codes_per_byte_low_nibble_first():
+    x = torch.tensor([[7.0, -7.0, 0.0, 1.0, -3.0]])                 # absmax 7: scale 1, codes = x
+    codes, scale = encode(x, "int4")
+    assert scale.item() == 1.0 and codes.dtype == torch.uint8
+    # stored offset by 8: [15, 1, 8, 9, 5, (pad) 8] -> bytes 15 + 16*1, 8 + 16*9, 5 + 16*8
+    assert codes.tolist() == [[15 + 16 * 1, 8 + 16 * 9, 5 + 16 * 8]]
+    assert decode(codes, scale, 5, "int4", torch.float32).tolist() == x.tolist()
+
+
+def test_a_zero_vector_stays_zero():
+    for kv_dtype in ("int8", "int4"):
+        codes, scale = encode(torch.zeros(2, 6), kv_dtype)
+        assert torch.isfinite(scale.float()).all()
+        assert torch.equal(decode(codes, scale, 6, kv_dtype, torch.float32), torch.zeros(2, 6))
+
+
+def test_cache_slots_and_bytes_count_codes_and_scales():
+    assert cache_slots(40, 56, None, torch.float16) == [("key", 40, torch.float16), ("value", 56, torch.float16)]
+    assert cache_slots(41, 56, "int4", torch.float32) == [("key", 21, torch.uint8), ("value", 28, torch.uint8),
+                                                          ("key_scale", 1, torch.float16),
+                                                          ("value_scale", 1, torch.float16)]
+    ranks = [(41, 56), (64, 64)]
+    assert kv_bytes_per_token(ranks, 3, 2) == (41 + 56 + 128) * 3 * 2
+    assert kv_bytes_per_token(ranks, 3, 2, "int8") == (41 + 56 + 128 + 4 * 2) * 3
+    assert kv_bytes_per_token(ranks, 3, 2, "int4") == (21 + 28 + 64 + 4 * 2) * 3
+
+
+@pytest.mark.parametrize("r", [1, 2, 16, 45, 64, 77])
+def test_incoherent_rotation_is_orthogonal_with_small_entries(r):
+    m = incoherent_rotation(r, seed=3)
+    assert torch.allclose(m @ m.T, torch.eye(r, dtype=torch.float64), atol=1e-12)
+    assert m.abs().max() <= max(1.0, (2 / r) ** 0.5) + 1e-12
+    assert torch.equal(m, incoherent_rotation(r, seed=3))
+    if r >= 16:                                   # r random signs: two seeds agree with probability 2^-r
+        assert not torch.equal(m, incoherent_rotation(r, seed=4))
+
+
+def test_the_rotation_lowers_int4_error_on_falling_spectra():
+    """What it is for: eigen latents put most energy in the first coordinates, so a per-token scale set by them
+    leaves the rest a few levels; rotated, every coordinate shares the range."""
+    torch.manual_seed(0)
+    r = 45
+    x = torch.randn(4096, r) * torch.logspace(0, -1.5, r)
+    rot = incoherent_rotation(r).float()
+
+    def error(v):
+        return (decode(*encode(v, "int4"), r, "int4", torch.float32) - v).pow(2).sum() / v.pow(2).sum()
+
+    plain, rotated = error(x), error(x @ rot)
+    assert rotated < 0.6 * plain, (plain, rotated)
