@@ -21,6 +21,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode  # noqa: E402
 from eigen_export_plugins.lowrank_attention.reference import (  # noqa: E402
     check_inputs,
     lowrank_attention_reference,
@@ -43,6 +44,8 @@ class Case:
     view: bool = False  # q a transpose of [B, S, H, r]; k, v slices of a larger cache buffer
     chunk_len: int | None = None  # decode: force many small chunks (some fully padded)
     prefetch: bool = False  # decode: register double buffering of the next key block
+    kv: str = "float"  # the cache: float, int8 / int4 (keys and values quantized), v-int8 / v-int4 (values only,
+    #                    as in rope_mode pre, whose keys reach the op rebuilt in full)
 
     @property
     def name(self) -> str:
@@ -50,6 +53,7 @@ class Case:
         pad = f"-pad{'.'.join(map(str, self.left_pad))}" if self.left_pad else ""
         extra = ("-view" if self.view else "") + (f"-chunk{self.chunk_len}" if self.chunk_len else "")
         extra += "-prefetch" if self.prefetch else ""
+        extra += f"-{self.kv}" if self.kv != "float" else ""
         return (f"{kind}-b{self.batch}-h{self.heads}kv{self.heads_kv}-past{self.past}"
                 f"-r{self.rank_k}x{self.rank_v}-{self.dtype}{pad}{extra}")
 
@@ -73,6 +77,14 @@ CASES = [
     Case(3, 4, 4, 70, 0, 56, 24, "float16", left_pad=(0, 66, 5)),
     Case(1, 12, 4, 9, 300, 33, 64, "float32", view=True),
     Case(1, 4, 2, 65, 3, 64, 64, "float16", left_pad=(10,)),
+    # quantized caches (kv_codec): codes dequantized on load, odd ranks (int4 pads half a byte), views
+    Case(3, 6, 2, 1, 37, 40, 56, "float16", left_pad=(0, 1, 0), kv="int8"),
+    Case(3, 8, 2, 1, 37, 77, 41, "float32", left_pad=(4, 0, 9), view=True, chunk_len=16, kv="int4"),
+    Case(1, 3, 1, 1, 300, 64, 33, "float16", kv="v-int4"),
+    Case(1, 8, 2, 1, 70, 24, 56, "float32", view=True, chunk_len=48, prefetch=True, kv="int8"),
+    Case(3, 6, 2, 5, 1, 41, 56, "float32", left_pad=(3, 0, 1), kv="int4"),
+    Case(1, 4, 2, 33, 17, 64, 40, "float16", view=True, kv="v-int8"),
+    Case(1, 12, 4, 9, 300, 33, 77, "float16", kv="int4"),
 ]
 
 # Each should fail validation with a one-line error naming the tensor: (description, message part)
@@ -85,6 +97,8 @@ BAD_SHAPES = [
     ("k_short", "k must hold the past plus the S=3"),
     ("dtype_mix", "must share one dtype"),
     ("rank_big", "r_v=300 is outside"),
+    ("codes_dtype", "k codes must be torch.int8 [2, 2, 6, 16] for int8 rank 16"),
+    ("scale_shape", "v scales must be float16 [2, 2, 6, 1]"),
 ]
 
 
@@ -109,9 +123,24 @@ def make_inputs(case: Case, seed: int = 0):
     mask = torch.ones(case.batch, total, dtype=torch.int64)
     for row, pad in enumerate(case.left_pad):
         mask[row, :pad] = 0
+    kv_dtype = case.kv.removeprefix("v-")
+    if case.kv != "float":
+        # encode the whole buffer, then take the same slices: codes and scales keep the buffer's strides
+        sides = [k, v] if case.kv in ("int8", "int4") else [v]
+        quantized = [Quantized(*_encode_buffer(t, kv_dtype, case.view, total), kv_dtype, t.shape[-1]) for t in sides]
+        k, v = quantized if len(quantized) == 2 else (k, quantized[0])
     # 1/sqrt(d_original) with d_original above the ranks, as after a fold (DESIGN 3.1)
     scale = 1.0 / math.sqrt(max(case.rank_k, 64) * 1.5)
     return q, k, v, mask, scale
+
+
+def _encode_buffer(t, kv_dtype, view, total):
+    """(codes, scales) of t; for a view, of the buffer it slices, sliced the same way."""
+    if view:
+        buffer = t._base if t._base is not None else t
+        codes, scale = encode(buffer, kv_dtype)
+        return codes[:, :, :total], scale[:, :, :total]
+    return encode(t.float(), kv_dtype)
 
 
 # ---------------------------------------------------------------- the reference, in-process
@@ -141,6 +170,7 @@ def test_reference_matches_naive_loop(case):
     got = lowrank_attention_reference(q, k, v, mask, scale)
     assert got.shape == (case.batch, case.heads, case.seq, case.rank_v)
     assert got.dtype == q.dtype
+    k, v = (t.values(torch.float64) if isinstance(t, Quantized) else t for t in (k, v))   # what the codes mean
     torch.testing.assert_close(got.double(), _naive_attention(q, k, v, mask, scale),
                                atol=1e-5, rtol=1e-5)
 
@@ -186,6 +216,10 @@ def _bad_inputs(kind: str):
         k = k.half()
     elif kind == "rank_big":
         v = torch.zeros(2, 2, 6, 300)
+    elif kind == "codes_dtype":
+        k = Quantized(torch.zeros(2, 2, 6, 16, dtype=torch.uint8), torch.zeros(2, 2, 6, 1).half(), "int8", 16)
+    elif kind == "scale_shape":
+        v = Quantized(torch.zeros(2, 2, 6, 8, dtype=torch.int8), torch.zeros(2, 2, 6, 8).half(), "int8", 8)
     return q, k, v, mask, 0.125
 
 

@@ -25,6 +25,8 @@ from typing import Iterator
 
 import torch
 
+from eigen_export_plugins.lowrank_attention.kv_codec import cache_values
+
 from ..artifacts.calib import read_calibration
 from ..artifacts.engine import read_build
 from ..artifacts.folded import Manifest, load_model
@@ -179,16 +181,21 @@ def parity_batch(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def parity_run(backend, ids: torch.Tensor, mask: torch.Tensor, steps: int, token: torch.Tensor | None = None) -> dict:
-    """What layer 2 compares, from one backend: prefill logits and caches, the logits of one decode step (of
-    `token`, default this backend's own next token) and `steps` greedy tokens. Tensors on the CPU."""
+def parity_run(backend, ids: torch.Tensor, mask: torch.Tensor, steps: int, token: torch.Tensor | None = None,
+               manifest: Manifest | None = None) -> dict:
+    """What layer 2 compares, from one backend: prefill logits and caches (as numbers: a quantized cache is
+    decoded with the manifest's ranks), the logits of one decode step (of `token`, default this backend's own
+    next token) and `steps` greedy tokens. Tensors on the CPU."""
     dev = backend.device
     positions = default_position_ids(mask, 0)
     logits, past = backend.forward(ids.to(dev), mask.to(dev), positions.to(dev), None)
     token = logits[:, -1:].float().argmax(-1).cpu() if token is None else token
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     step_logits, _ = backend.forward(token.to(dev), step_mask.to(dev), (positions[:, -1:] + 1).to(dev), past)
-    return {"logits": logits.cpu(), "past": [(k.cpu(), v.cpu()) for k, v in past], "token": token,
+    kv_dtype = manifest.kv_dtype if manifest else None
+    ranks = manifest.ranks if manifest else [(layer[0].shape[-1], layer[1].shape[-1]) for layer in past]
+    values = [cache_values(tuple(t.cpu() for t in layer), r_k, r_v, kv_dtype) for layer, (r_k, r_v) in zip(past, ranks)]
+    return {"logits": logits.cpu(), "past": values, "token": token,
             "step_logits": step_logits.cpu(), "tokens": generate(backend, ids, mask, max_new_tokens=steps).cpu()}
 
 
@@ -406,7 +413,8 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     checks = accuracy_checks(accuracy, settings)
     seconds["accuracy"] += time.perf_counter() - phase
     ids, mask = parity_batch(windows)
-    reference_run = parity_run(TorchBackend(folded), ids, mask, settings.generate_steps) if available else None
+    reference_run = parity_run(TorchBackend(folded), ids, mask, settings.generate_steps, manifest=manifest) \
+        if available else None
     time_backend("pytorch compressed", TorchBackend(folded))
     del folded
 
@@ -416,7 +424,8 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
         if name is not None:
             log.info("[validate] parity: %s", name)
             phase = time.perf_counter()
-            run = parity_run(backend, ids, mask, settings.generate_steps, token=reference_run["token"])
+            run = parity_run(backend, ids, mask, settings.generate_steps, token=reference_run["token"],
+                             manifest=manifest)
             backends[name] = parity_numbers(reference_run, run, mask)
             checks += parity_checks(name, backends[name], settings)
             seconds[f"parity: {name}"] += time.perf_counter() - phase
@@ -441,9 +450,10 @@ def _sweep(manifest, original, windows, ratios, calib_dir: Path, device: str) ->
     config = load_hf_config(manifest.source)
     points = []
     for target in ratios:
+        # the folded model's cache dtype too: the plot compares rank cuts of the deployed kind
         ranks, _, _, state = fold_to_target(original, layers, calib.rope_mode, target,
-                                            rank_multiple=calib.rank_multiple)
-        model = build_decoder(config, state, ranks, calib.rope_mode, device=device)
+                                            rank_multiple=calib.rank_multiple, rotate=manifest.kv_rotation)
+        model = build_decoder(config, state, ranks, calib.rope_mode, device=device, kv_dtype=manifest.kv_dtype)
         ppl = perplexity(TorchBackend(model), windows, batch_size=2)
         points.append({"target": target, "kv_ratio": kv_ratio([(r.k, r.v) for r in ranks], manifest.head_dim),
                        "perplexity": ppl})
@@ -460,8 +470,10 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
     itemsize = dtype_of(io.dtype).torch.itemsize
     h_kv, d = manifest.num_kv_heads, manifest.head_dim
     memory = {"kv_bytes_per_token_original": kv_bytes_per_token([(d, d)] * manifest.num_layers, h_kv, itemsize),
-              "kv_bytes_per_token_compressed": kv_bytes_per_token([tuple(r) for r in manifest.ranks], h_kv, itemsize),
-              "kv_dtype": io.dtype, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "kv_bytes_per_token_compressed": kv_bytes_per_token([tuple(r) for r in manifest.ranks], h_kv, itemsize,
+                                                                  manifest.kv_dtype),
+              # the original's cache is in the export dtype; the compressed one's codes + fp16 scales if quantized
+              "kv_dtype": io.dtype if manifest.kv_dtype is None else f"{manifest.kv_dtype} + fp16 scales", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available() and device.startswith("cuda"):
         memory["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     failed = [c for c in checks if not c.passed]
@@ -472,6 +484,7 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
         "git_commit": git_commit(), "versions": versions(), "machine": machine(), "device": device,
         "settings": dataclasses.asdict(settings),
         "compression": {"kv_ratio": manifest.kv_ratio, "rope_mode": manifest.rope_mode, "ranks": manifest.ranks,
+                        "kv_dtype": manifest.kv_dtype, "kv_rotation": manifest.kv_rotation,
                         "num_layers": manifest.num_layers, "num_heads": manifest.num_heads,
                         "num_kv_heads": h_kv, "head_dim": d},
         "engine": {"backend": build["backend"], "dir": str(layout.engine), "note": _engine_note(build),

@@ -19,6 +19,8 @@ standard ONNX ops and the graph matches this code bit for bit on the codes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 KV_DTYPES = ("int8", "int4")
@@ -69,6 +71,15 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, rank: int, kv_dtype: str, d
     return (values * scale.float()).to(dtype)
 
 
+def cache_values(layer: tuple[torch.Tensor, ...], r_k: int, r_v: int, kv_dtype: str | None):
+    """(keys, values) in fp32 of one layer's cache tuple (cache_slots' order), a quantized one decoded."""
+    if kv_dtype is None:
+        return layer[0].float(), layer[1].float()
+    key, value, key_scale, value_scale = layer
+    return (decode(key, key_scale, r_k, kv_dtype, torch.float32), decode(value, value_scale, r_v, kv_dtype,
+                                                                          torch.float32))
+
+
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """int32 codes 0..15 [..., r] -> uint8 [..., ceil(r/2)], element 2i in the low nibble of byte i."""
     r = codes.shape[-1]
@@ -94,3 +105,32 @@ def cache_slots(r_k: int, r_v: int, kv_dtype: str | None, float_dtype: torch.dty
     codes = code_torch_dtype(kv_dtype)
     return [("key", code_width(r_k, kv_dtype), codes), ("value", code_width(r_v, kv_dtype), codes),
             ("key_scale", 1, SCALE_DTYPE), ("value_scale", 1, SCALE_DTYPE)]
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One side (keys or values) of a quantized cache as the attention op reads it: codes [B, H_kv, T, w],
+    scales [B, H_kv, T, 1] fp16, and the latent rank (int4 codes cannot tell an odd rank from the next)."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    kv_dtype: str
+    rank: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The shape of the numbers it stands for: [B, H_kv, T, rank]."""
+        return (*self.codes.shape[:3], self.rank)
+
+    def values(self, dtype: torch.dtype) -> torch.Tensor:
+        return decode(self.codes, self.scale, self.rank, self.kv_dtype, dtype)
+
+    def check(self, name: str) -> None:
+        """ValueError (one line) unless codes and scales have the format's types and matching shapes."""
+        check_kv_dtype(self.kv_dtype)
+        want = (*self.codes.shape[:3], code_width(self.rank, self.kv_dtype))
+        if self.codes.dtype != code_torch_dtype(self.kv_dtype) or tuple(self.codes.shape) != want:
+            raise ValueError(f"lowrank_attention: {name} codes must be {code_torch_dtype(self.kv_dtype)} {list(want)} "
+                             f"for {self.kv_dtype} rank {self.rank}, got {self.codes.dtype} {list(self.codes.shape)}")
+        if self.scale.dtype != SCALE_DTYPE or tuple(self.scale.shape) != (*self.codes.shape[:3], 1):
+            raise ValueError(f"lowrank_attention: {name} scales must be float16 {[*self.codes.shape[:3], 1]}, got "
+                             f"{self.scale.dtype} {list(self.scale.shape)}")

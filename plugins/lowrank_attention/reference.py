@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .kv_codec import Quantized
+
 # The op's identity, one definition for the ONNX node (onnx_op.py) and the TensorRT plugin (trt_plugin.py):
 # TensorRT's parser finds the creator by op_type + plugin_version + plugin_namespace.
 OP_NAME = "LowRankAttention"
@@ -29,11 +31,16 @@ ROPE_MODES = ("none", "pre", "post")
 MAX_RANK = 256
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def check_inputs(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
                  attention_mask: torch.Tensor | None, scale: float) -> None:
-    """Raise ValueError with a one-line message naming the tensor and the expected shape."""
+    """Raise ValueError with a one-line message naming the tensor and the expected shape. A quantized k or v
+    (kv_codec.Quantized) is checked as the [B, H_kv, P+S, rank] numbers it stands for, its codes and scales
+    against its format."""
+    for name, t in (("k", k), ("v", v)):
+        if isinstance(t, Quantized):
+            t.check(name)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
+        if len(t.shape) != 4:
             raise ValueError(f"lowrank_attention: {name} must be 4-D "
                              f"{_expected(name)}, got shape {tuple(t.shape)}")
     batch, heads, seq, rank_k = q.shape
@@ -57,9 +64,10 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for name, rank in (("r_k", rank_k), ("r_v", rank_v)):
         if not 1 <= rank <= MAX_RANK:
             raise ValueError(f"lowrank_attention: {name}={rank} is outside 1..{MAX_RANK}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"lowrank_attention: q, k, v must share one dtype, got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    floats = [t.dtype for t in (k, v) if not isinstance(t, Quantized)]
+    if any(dtype != q.dtype for dtype in floats):
+        raise ValueError(f"lowrank_attention: q and a float k / v must share one dtype, got "
+                         f"{q.dtype} and {floats}")
     if not (isinstance(scale, (float, int)) and scale > 0):
         raise ValueError(f"lowrank_attention: scale must be a positive float "
                          f"(1/sqrt(d_original)), got {scale!r}")
@@ -81,10 +89,12 @@ def visible_keys(attention_mask: torch.Tensor | None, batch: int, seq: int, tota
     return allowed.expand(batch, 1, seq, total)
 
 
-def lowrank_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def lowrank_attention_reference(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
                                 attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Causal GQA attention in the low-rank space; see the module docstring for the semantics."""
+    """Causal GQA attention in the low-rank space; see the module docstring for the semantics. A quantized k or
+    v is decoded to q's dtype first (kv_codec), as the reference decoder reads its cache."""
     check_inputs(q, k, v, attention_mask, scale)
+    k, v = (t.values(q.dtype) if isinstance(t, Quantized) else t for t in (k, v))
     batch, heads, seq, _ = q.shape
     heads_kv, total = k.shape[1], k.shape[2]
     group = heads // heads_kv

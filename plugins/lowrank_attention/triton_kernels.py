@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_codec import BITS, Quantized
 from .reference import check_inputs
 
 LOG2E = 1.4426950408889634
@@ -58,6 +59,7 @@ class DecodeConfig:
 @triton.jit
 def _attend_block(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, IEEE_DOT: tl.constexpr):
     """One key block of the online softmax: q [M, RK], k [N, RK], v [N, RV], visible [M, N]."""
+    k, v = k.to(q.dtype), v.to(q.dtype)          # a dequantized side arrives in fp32
     if IEEE_DOT:
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -75,27 +77,47 @@ def _attend_block(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, IEEE_DOT: tl.c
 
 
 @triton.jit
-def _load_kv(k_base, v_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-             stride_kt, stride_kr, stride_vt, stride_vr):
-    k = tl.load(k_base + keys[:, None] * stride_kt + offs_rk[None, :] * stride_kr,
-                mask=key_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
-    v = tl.load(v_base + keys[:, None] * stride_vt + offs_rv[None, :] * stride_vr,
-                mask=key_ok[:, None] & rv_ok[None, :], other=0.0)  # [BLOCK_N, RV_PAD]
-    return k, v
+def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r, stride_st, BITS: tl.constexpr):
+    """[BLOCK_N, R_PAD] of one cache side: the stored floats (BITS 0), or int8 / packed int4 codes times each
+    token's fp16 scale, in fp32 (kv_codec's decode: int4 element j is nibble j % 2 of byte j // 2, offset 8)."""
+    ok = key_ok[:, None] & r_ok[None, :]
+    if BITS == 0:
+        x = tl.load(base + keys[:, None] * stride_t + offs_r[None, :] * stride_r, mask=ok, other=0.0)
+    else:
+        if BITS == 8:
+            codes = tl.load(base + keys[:, None] * stride_t + offs_r[None, :] * stride_r, mask=ok, other=0)
+            codes = codes.to(tl.float32)
+        else:
+            packed = tl.load(base + keys[:, None] * stride_t + (offs_r[None, :] // 2) * stride_r, mask=ok, other=8)
+            codes = ((packed.to(tl.int32) >> ((offs_r[None, :] % 2) * 4)) & 15) - 8
+            codes = codes.to(tl.float32)
+        s = tl.load(scale_base + keys * stride_st, mask=key_ok, other=0.0).to(tl.float32)
+        x = codes * s[:, None]
+    return x
+
+
+@triton.jit
+def _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+             stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst,
+             K_BITS: tl.constexpr, V_BITS: tl.constexpr):
+    k = _load_side(k_base, ks_base, keys, key_ok, offs_rk, rk_ok, stride_kt, stride_kr, stride_kst, K_BITS)
+    v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst, V_BITS)
+    return k, v  # [BLOCK_N, RK_PAD], [BLOCK_N, RV_PAD]
 
 
 # Sizes and counts are not specialised on (only strides are, for vectorised loads): otherwise every
 # new cache length or split count would compile another kernel variant.
 @triton.jit(do_not_specialize=["num_heads", "seq_len", "total_len", "group_size"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, out_ptr,
     stride_qb, stride_qh, stride_qs, stride_qr,
     stride_kb, stride_kh, stride_kt, stride_kr,
     stride_vb, stride_vh, stride_vt, stride_vr,
+    stride_ksb, stride_ksh, stride_kst, stride_vsb, stride_vsh, stride_vst,
     stride_mb, stride_mt,
     stride_ob, stride_oh, stride_os, stride_or,
     num_heads, seq_len, total_len, group_size, rank_k, rank_v, qk_scale_log2,
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr,
+    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
 ):
     block_m = tl.program_id(0)
@@ -120,6 +142,8 @@ def _prefill_kernel(
                 mask=row_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_M, RK_PAD]
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+    ks_base = ks_ptr + b * stride_ksb + kv_head * stride_ksh
+    vs_base = vs_ptr + b * stride_vsb + kv_head * stride_vsh
 
     m_i = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -129,8 +153,8 @@ def _prefill_kernel(
     for start_n in range(0, key_end, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < total_len
-        k, v = _load_kv(k_base, v_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-                        stride_kt, stride_kr, stride_vt, stride_vr)
+        k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+                        stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
         visible = key_ok[None, :] & (keys[None, :] <= past + offs_m[:, None])
         if HAS_MASK:
             real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -148,13 +172,15 @@ def _prefill_kernel(
 @triton.jit(do_not_specialize=["num_kv_heads", "total_len", "group_size",
                                "chunk_len", "num_splits"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     stride_qb, stride_qh, stride_qr,
     stride_kb, stride_kh, stride_kt, stride_kr,
     stride_vb, stride_vh, stride_vt, stride_vr,
+    stride_ksb, stride_ksh, stride_kst, stride_vsb, stride_vsh, stride_vst,
     stride_mb, stride_mt,
     num_kv_heads, total_len, group_size, rank_k, rank_v, chunk_len, num_splits, qk_scale_log2,
     HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -177,6 +203,8 @@ def _decode_split_kernel(
                 mask=in_group[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_H, RK_PAD]
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
+    ks_base = ks_ptr + b * stride_ksb + kv_head * stride_ksh
+    vs_base = vs_ptr + b * stride_vsb + kv_head * stride_vsh
 
     m_i = tl.full([BLOCK_H], _NO_SCORE, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -189,14 +217,14 @@ def _decode_split_kernel(
         # 2-byte scalars that the compiler does not pipeline. Loading block i+1 into registers
         # before computing block i keeps those loads in flight during the math.
         keys = start + offs_n
-        k, v = _load_kv(k_base, v_base, keys, keys < end, offs_rk, offs_rv, rk_ok, rv_ok,
-                        stride_kt, stride_kr, stride_vt, stride_vr)
+        k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, keys < end, offs_rk, offs_rv, rk_ok, rv_ok,
+                        stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
         for start_n in range(start, end, BLOCK_N):
             keys = start_n + offs_n
             key_ok = keys < end
-            k_next, v_next = _load_kv(k_base, v_base, keys + BLOCK_N, keys + BLOCK_N < end,
-                                      offs_rk, offs_rv, rk_ok, rv_ok,
-                                      stride_kt, stride_kr, stride_vt, stride_vr)
+            k_next, v_next = _load_kv(k_base, v_base, ks_base, vs_base, keys + BLOCK_N, keys + BLOCK_N < end,
+                                      offs_rk, offs_rv, rk_ok, rv_ok, stride_kt, stride_kr, stride_vt, stride_vr,
+                                      stride_kst, stride_vst, K_BITS, V_BITS)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -208,8 +236,8 @@ def _decode_split_kernel(
         for start_n in range(start, end, BLOCK_N):
             keys = start_n + offs_n
             key_ok = keys < end
-            k, v = _load_kv(k_base, v_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-                            stride_kt, stride_kr, stride_vt, stride_vr)
+            k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+                            stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -307,21 +335,39 @@ def _mask_for_kernel(attention_mask: torch.Tensor | None, fallback: torch.Tensor
     return attention_mask, attention_mask.stride(0), attention_mask.stride(1), True
 
 
-def lowrank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+@dataclass(frozen=True)
+class _Side:
+    """What a kernel reads of one cache side: the tensor, its scales (a placeholder pointer for floats; never
+    read) and their strides, and the code width in bits (0: stored as floats)."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    scale_strides: tuple[int, int, int]
+    bits: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor | Quantized) -> "_Side":
+        if isinstance(t, Quantized):
+            return cls(t.codes, t.scale, tuple(t.scale.stride()[:3]), BITS[t.kv_dtype])
+        return cls(t, t, (0, 0, 0), 0)
+
+
+def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
                       attention_mask: torch.Tensor | None, scale: float, *,
                       prefill_config: PrefillConfig | None = None,
                       decode_config: DecodeConfig | None = None) -> torch.Tensor:
     """Causal GQA attention in the low-rank space -> [B, H, S, r_v] in q's dtype.
 
     q [B, H, S, r_k]; k [B, H_kv, P+S, r_k]; v [B, H_kv, P+S, r_v]; attention_mask [B, P+S]
-    (1 = real token, 0 = padding; None = no padding); scale = 1/sqrt(d_original).
+    (1 = real token, 0 = padding; None = no padding); scale = 1/sqrt(d_original). k and v may each be a
+    quantized cache (kv_codec.Quantized: int8 or packed int4 codes + fp16 scales), dequantized on load.
     S == 1 runs the flash-decoding kernels, S > 1 the prefill kernel.
     """
     check_inputs(q, k, v, attention_mask, scale)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"lowrank_attention: dtype must be float32, float16 or bfloat16, "
                          f"got {q.dtype}")
-    tensors = [q, k, v] + ([attention_mask] if attention_mask is not None else [])
+    ks, vs = _Side.of(k), _Side.of(v)
+    tensors = [q, ks.data, vs.data, ks.scale, vs.scale] + ([attention_mask] if attention_mask is not None else [])
     if any(t.device != q.device for t in tensors):
         raise ValueError("lowrank_attention: q, k, v and attention_mask must be on one device, "
                          f"got {[str(t.device) for t in tensors]}")
@@ -330,7 +376,7 @@ def lowrank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          "a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)")
 
     batch, heads, seq, rank_k = q.shape
-    heads_kv, total = k.shape[1], k.shape[2]
+    heads_kv = k.shape[1]
     rank_v = v.shape[3]
     out = torch.empty((batch, heads, seq, rank_v), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -339,12 +385,12 @@ def lowrank_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     common = dict(group_size=heads // heads_kv, rank_k=rank_k, rank_v=rank_v,
                   qk_scale_log2=float(scale) * LOG2E, HAS_MASK=has_mask,
                   IEEE_DOT=q.dtype == torch.float32, RK_PAD=_padded(rank_k),
-                  RV_PAD=_padded(rank_v))
+                  RV_PAD=_padded(rank_v), K_BITS=ks.bits, V_BITS=vs.bits)
     if seq == 1:
-        _launch_decode(q, k, v, mask, stride_mb, stride_mt, out, common,
+        _launch_decode(q, ks, vs, mask, stride_mb, stride_mt, out, common,
                        decode_config or _default_decode_config(common))
     else:
-        _launch_prefill(q, k, v, mask, stride_mb, stride_mt, out, common,
+        _launch_prefill(q, ks, vs, mask, stride_mb, stride_mt, out, common,
                         prefill_config or _default_prefill_config(common))
     return out
 
@@ -365,13 +411,14 @@ def _default_decode_config(common: dict) -> DecodeConfig:
     return DecodeConfig()
 
 
-def _launch_prefill(q, k, v, mask, stride_mb, stride_mt, out, common, config: PrefillConfig):
+def _launch_prefill(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, out, common, config: PrefillConfig):
     batch, heads, seq, _ = q.shape
     grid = (triton.cdiv(seq, config.block_m), batch * heads)
     _prefill_kernel[grid](
-        q, k, v, mask, out,
-        *q.stride(), *k.stride(), *v.stride(), stride_mb, stride_mt, *out.stride(),
-        heads, seq, k.shape[2], **common,
+        q, ks.data, vs.data, ks.scale, vs.scale, mask, out,
+        *q.stride(), *ks.data.stride(), *vs.data.stride(), *ks.scale_strides, *vs.scale_strides,
+        stride_mb, stride_mt, *out.stride(),
+        heads, seq, ks.data.shape[2], **common,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -381,9 +428,9 @@ def _launch_prefill(q, k, v, mask, stride_mb, stride_mt, out, common, config: Pr
 _SPLIT_BLOCK = 32
 
 
-def _launch_decode(q, k, v, mask, stride_mb, stride_mt, out, common, config: DecodeConfig):
+def _launch_decode(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, out, common, config: DecodeConfig):
     batch, heads, _, _ = q.shape
-    heads_kv, total = k.shape[1], k.shape[2]
+    heads_kv, total = ks.data.shape[1], ks.data.shape[2]
     chunk_len, num_splits = decode_split_plan(total, batch, heads_kv, config, _num_sms(q.device))
     rv_pad = common["RV_PAD"]
     # partials: acc [B, H, num_splits, RV_PAD], running max / sum [B, H, num_splits]; fp32
@@ -392,11 +439,13 @@ def _launch_decode(q, k, v, mask, stride_mb, stride_mt, out, common, config: Dec
     part_sum = torch.empty_like(part_max)
     block_h = max(16, triton.next_power_of_2(common["group_size"]))  # tl.dot needs M >= 16
     _decode_split_kernel[(num_splits, batch * heads_kv)](
-        q, k, v, mask, part_acc, part_max, part_sum,
-        q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), stride_mb, stride_mt,
+        q, ks.data, vs.data, ks.scale, vs.scale, mask, part_acc, part_max, part_sum,
+        q.stride(0), q.stride(1), q.stride(3), *ks.data.stride(), *vs.data.stride(), *ks.scale_strides,
+        *vs.scale_strides, stride_mb, stride_mt,
         heads_kv, total, common["group_size"], common["rank_k"], common["rank_v"],
         chunk_len, num_splits, common["qk_scale_log2"],
         HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"], PREFETCH=config.prefetch,
+        K_BITS=common["K_BITS"], V_BITS=common["V_BITS"],
         BLOCK_H=block_h,
         BLOCK_N=config.block_n, RK_PAD=common["RK_PAD"], RV_PAD=rv_pad,
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -24,15 +24,17 @@ def tiny_fold(name, mode, k_fraction, v_fraction=None, kv_dtype=None, rotate=Fal
     return hf, model, build_decoder(hf.config, state, ranks, mode, kv_dtype=kv_dtype), state, ranks, layers
 
 
-def write_tiny_folded(tmp_path, name="llama-gqa", mode="post", **write):
-    """A tiny fold written as a folded/ artifact under tmp_path: (its directory, the folded Decoder). write:
-    write_folded's options (shard_bytes)."""
-    hf, model, folded, state, ranks, _ = tiny_fold(name, mode, 0.5, 0.75)
+def write_tiny_folded(tmp_path, name="llama-gqa", mode="post", kv_dtype=None, **write):
+    """A tiny fold written as a folded/ artifact under tmp_path: (its directory, the folded Decoder). kv_dtype: a
+    quantized cache (the rotation folded in, as `fold --kv-dtype` does). write: write_folded's options
+    (shard_bytes)."""
+    hf, model, folded, state, ranks, _ = tiny_fold(name, mode, 0.5, 0.75, kv_dtype=kv_dtype, rotate=bool(kv_dtype))
     fields = dict(model_type=hf.config.model_type, family=model.spec.family, source="tiny", rope_mode=mode,
                   num_layers=model.spec.num_layers, num_heads=model.spec.num_heads,
                   num_kv_heads=model.spec.num_kv_heads, head_dim=model.spec.head_dim,
                   softmax_scale=model.spec.softmax_scale, ranks=[[r.k, r.v] for r in ranks], kv_ratio=0.5,
-                  layer_errors=[0.0] * len(ranks), calibration={"dataset": "random"})
+                  layer_errors=[0.0] * len(ranks), calibration={"dataset": "random"}, kv_dtype=kv_dtype,
+                  kv_rotation=bool(kv_dtype))
     out = tmp_path / "folded"
     write_folded(out, hf.config, [state], fields, **write)
     return out, folded

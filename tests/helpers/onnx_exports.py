@@ -24,8 +24,9 @@ class Exports:
         if kind == "original":
             model_dir = base / "hf"
             tiny_hf_model(name).save_pretrained(model_dir)
-        else:
-            model_dir, _ = write_tiny_folded(base, name, None if kind == "folded" else kind)
+        else:       # "pre", "post", "folded" (non-RoPE), each optionally "+int8" / "+int4": a quantized cache
+            mode, _, kv_dtype = kind.partition("+")
+            model_dir, _ = write_tiny_folded(base, name, None if mode == "folded" else mode, kv_dtype or None)
         # one case also exercises the external-data layout, which large models need
         onnx_dir = export(model_dir, dtype=dtype, external_data=(name, kind) == ("opt", "original"))
         reference = load(model_dir)
