@@ -150,8 +150,9 @@ class Attention(nn.Module):
                 q = torch.matmul(qg, u.unsqueeze(1)).reshape(b, h, s, -1)  # a query head uses its KV head's U
         return q, k, v
 
-    def core(self, q, k, v, ctx: AttentionContext):
-        """The attention core; the plugin-graph export swaps it for one custom op per layer (backends/onnx_export.py)."""
+    def core(self, q, k, v, ctx: AttentionContext, present: tuple[torch.Tensor, ...]):
+        """The attention core; the plugin-graph export swaps it for one custom op per layer (backends/onnx_export.py),
+        which reads a quantized cache from `present` instead of the k and v decoded from it."""
         return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale)
 
     def forward(self, x, ctx: AttentionContext, past: tuple[torch.Tensor, ...] | None = None):
@@ -178,7 +179,7 @@ class Attention(nn.Module):
             # Reconstruct full keys and rotate each cached key by ITS OWN position (DESIGN 3.2).
             k_att = torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2))
             k_att = rotate(k_att, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
-        out = self.core(q, k_att, v, ctx)                                 # [B, H, S, r_v]
+        out = self.core(q, k_att, v, ctx, present)                        # [B, H, S, r_v]
         b, h, s, r_v = out.shape
         return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), present
 

@@ -30,15 +30,28 @@ P = k.shape[2] - S; fp32 softmax; a query row with no visible key outputs zeros)
 plugin_namespace "eigen_export", plugin_version "1", scale (float, 1/sqrt(original head_dim)), num_heads,
 num_kv_heads, rank_k (width of q/k at the node: head_dim in rope_mode "pre", which rotates full keys
 before the core), rank_v (ints), rope_mode ("none", "pre", "post"; informational, the op is the same).
+
+A quantized cache (kv_codec: int8, or int4 packed two per uint8, with an fp16 scale per token and head) reaches
+the node as its codes, dequantized on load by the kernel, in two more op types (TensorRT plugins have fixed
+inputs, so each combination is its own op):
+- `LowRankAttentionQuantized`: q, k codes [B, H_kv, P+S, w_k], v codes [B, H_kv, P+S, w_v], attention_mask,
+  k_scale [B, H_kv, P+S, 1], v_scale [B, H_kv, P+S, 1] (non-RoPE models and rope_mode "post");
+- `LowRankAttentionQuantizedV`: q, k (T, rebuilt full keys: rope_mode "pre"), v codes, attention_mask, v_scale;
+each with one more string attribute kv_dtype ("int8" | "int4"); w = rank (int8) or ceil(rank / 2) (int4).
 """
 from __future__ import annotations
 
 import torch
 
+from typing import Optional
+
+from .kv_codec import KV_DTYPES, Quantized
 from .reference import NAMESPACE, OP_NAME, ROPE_MODES, VERSION, lowrank_attention_reference
 
 DOMAIN = PLUGIN_NAMESPACE = NAMESPACE
 OP_TYPE = OP_NAME
+# (keys quantized, values quantized) -> the node's op type
+OP_TYPES = {(False, False): OP_NAME, (True, True): f"{OP_NAME}Quantized", (False, True): f"{OP_NAME}QuantizedV"}
 OPSET_VERSION = int(VERSION)
 PLUGIN_VERSION = VERSION
 # onnxruntime-extensions registers every Python op in this one domain; it cannot be chosen per op
@@ -50,16 +63,25 @@ INT_ATTRIBUTES = ("num_heads", "num_kv_heads", "rank_k", "rank_v")
 # -- torch ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("eigen_export::lowrank_attention", mutates_args=())
 def lowrank_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor,
+                         k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
                          scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
-                         rope_mode: str) -> torch.Tensor:
-    """The attention core as one op: [B, H, S, rank_k] x cache -> [B, H, S, rank_v]. The ints and the
-    string only travel to the node's attributes; the computation reads the shapes."""
-    return lowrank_attention_reference(q, k, v, attention_mask, scale)
+                         rope_mode: str, kv_dtype: str) -> torch.Tensor:
+    """The attention core as one op: [B, H, S, rank_k] x cache -> [B, H, S, rank_v]. A side with a scale
+    is a quantized cache (kv_dtype's codes). The ints and strings travel to the node's attributes; the
+    computation reads the shapes (and rank_v, which int4 codes cannot tell)."""
+    return lowrank_attention_reference(q, as_side(k, k_scale, kv_dtype, rank_k), as_side(v, v_scale, kv_dtype, rank_v),
+                                       attention_mask, scale)
 
 
 @lowrank_attention_op.register_fake
-def _lowrank_attention_fake(q, k, v, attention_mask, scale, num_heads, num_kv_heads, rank_k, rank_v, rope_mode):
-    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+def _lowrank_attention_fake(q, k, v, attention_mask, k_scale, v_scale, scale, num_heads, num_kv_heads, rank_k, rank_v,
+                            rope_mode, kv_dtype):
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], rank_v)
+
+
+def as_side(t: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str, rank: int) -> torch.Tensor | Quantized:
+    """A cache side as the reference and the kernels take it: the tensor, or codes + scales."""
+    return t if scale is None else Quantized(t, scale, kv_dtype, rank)
 
 
 def onnx_translation() -> dict:
@@ -69,55 +91,72 @@ def onnx_translation() -> dict:
     register_onnx_schema()
     opset = values.Opset(DOMAIN, OPSET_VERSION)
 
-    def lowrank_attention(q, k, v, attention_mask, scale, num_heads, num_kv_heads, rank_k, rank_v, rope_mode):
+    def lowrank_attention(q, k, v, attention_mask, k_scale, v_scale, scale, num_heads, num_kv_heads, rank_k, rank_v,
+                          rope_mode, kv_dtype):
         if rope_mode not in ROPE_MODES:
             raise ValueError(f"{OP_TYPE}: rope_mode {rope_mode!r} is not one of {ROPE_MODES}")
-        return opset.LowRankAttention(
-            q, k, v, attention_mask, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+        op_type = OP_TYPES.get((k_scale is not None, v_scale is not None))
+        if op_type is None:
+            raise ValueError(f"{OP_TYPE}: a quantized key cache needs quantized values too")
+        if op_type != OP_TYPE and kv_dtype not in KV_DTYPES:
+            raise ValueError(f"{OP_TYPE}: kv_dtype {kv_dtype!r} is not one of {KV_DTYPES}")
+        quantized = {} if op_type == OP_TYPE else {"kv_dtype": str(kv_dtype)}
+        scales = [t for t in (k_scale, v_scale) if t is not None]
+        return getattr(opset, op_type)(
+            q, k, v, attention_mask, *scales, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
             scale=float(scale), num_heads=int(num_heads), num_kv_heads=int(num_kv_heads), rank_k=int(rank_k),
-            rank_v=int(rank_v), rope_mode=str(rope_mode))
+            rank_v=int(rank_v), rope_mode=str(rope_mode), **quantized)
 
     return {torch.ops.eigen_export.lowrank_attention.default: lowrank_attention}
 
 
 # -- ONNX ----------------------------------------------------------------------------------------------
 def register_onnx_schema() -> None:
-    """Register the node's schema with onnx (once per process): the checker and shape inference need it."""
+    """Register the nodes' schemas with onnx (once per process): the checker and shape inference need them."""
     from onnx import defs
 
     if defs.has(OP_TYPE, DOMAIN):
         return
     tensor = defs.OpSchema.FormalParameter
     attr, kind = defs.OpSchema.Attribute, defs.OpSchema.AttrType
-    schema = defs.OpSchema(
-        OP_TYPE, DOMAIN, OPSET_VERSION,
-        doc="Causal GQA attention in the low-rank space of Eigen Attention (plugins/lowrank_attention).",
-        inputs=[tensor("q", "T", "[B, H, S, rank_k]"), tensor("k", "T", "[B, H_kv, P+S, rank_k]"),
-                tensor("v", "T", "[B, H_kv, P+S, rank_v]"),
-                tensor("attention_mask", "tensor(int64)", "[B, P+S], 1 = real token, 0 = padding")],
-        outputs=[tensor("output", "T", "[B, H, S, rank_v]")],
-        type_constraints=[("T", list(FLOAT_TYPES), "q, k, v and the output share one float type")],
-        attributes=[attr("plugin_namespace", kind.STRING, "TensorRT plugin namespace"),
-                    attr("plugin_version", kind.STRING, "TensorRT plugin version"),
-                    attr("scale", kind.FLOAT, "softmax scale, 1/sqrt(original head_dim)"),
-                    attr("num_heads", kind.INT, "H, query heads"), attr("num_kv_heads", kind.INT, "H_kv, KV heads"),
-                    attr("rank_k", kind.INT, "width of q and k at the node"), attr("rank_v", kind.INT, "width of v"),
-                    attr("rope_mode", kind.STRING, "none, pre or post")])
-    schema.set_type_and_shape_inference_function(_infer_output)
-    defs.register_schema(schema)
+    attributes = [attr("plugin_namespace", kind.STRING, "TensorRT plugin namespace"),
+                  attr("plugin_version", kind.STRING, "TensorRT plugin version"),
+                  attr("scale", kind.FLOAT, "softmax scale, 1/sqrt(original head_dim)"),
+                  attr("num_heads", kind.INT, "H, query heads"), attr("num_kv_heads", kind.INT, "H_kv, KV heads"),
+                  attr("rank_k", kind.INT, "width of q and k at the node"), attr("rank_v", kind.INT, "width of v"),
+                  attr("rope_mode", kind.STRING, "none, pre or post")]
+    mask = tensor("attention_mask", "tensor(int64)", "[B, P+S], 1 = real token, 0 = padding")
+    codes = ("C", ["tensor(int8)", "tensor(uint8)"], "int8 codes, or int4 codes two per byte")
+    floats = ("T", list(FLOAT_TYPES), "q, float k / v and the output share one float type")
+    scale = "tensor(float16)"
+    for (k_quantized, v_quantized), op_type in OP_TYPES.items():
+        inputs = [tensor("q", "T", "[B, H, S, rank_k]"),
+                  tensor("k", "C" if k_quantized else "T", "[B, H_kv, P+S, rank_k or its code width]"),
+                  tensor("v", "C" if v_quantized else "T", "[B, H_kv, P+S, rank_v or its code width]"), mask]
+        inputs += [tensor(f"{side}_scale", scale, "[B, H_kv, P+S, 1] fp16, one per cached vector")
+                   for side, quantized in (("k", k_quantized), ("v", v_quantized)) if quantized]
+        extra = [attr("kv_dtype", kind.STRING, "int8 or int4")] if v_quantized else []
+        schema = defs.OpSchema(
+            op_type, DOMAIN, OPSET_VERSION,
+            doc="Causal GQA attention in the low-rank space of Eigen Attention (plugins/lowrank_attention).",
+            inputs=inputs, outputs=[tensor("output", "T", "[B, H, S, rank_v]")],
+            type_constraints=[floats] + ([codes] if v_quantized else []), attributes=attributes + extra)
+        schema.set_type_and_shape_inference_function(_infer_output)
+        defs.register_schema(schema)
 
 
 def _infer_output(ctx) -> None:
-    """output: q's element type, shape [B, H, S] of q and rank_v of v (dims copied where known)."""
+    """output: q's element type, shape [B, H, S] of q and the rank_v attribute (dims copied where known)."""
     import onnx
 
-    q, v = ctx.get_input_type(0), ctx.get_input_type(2)
+    q = ctx.get_input_type(0)
     out = onnx.TypeProto()
     out.tensor_type.elem_type = q.tensor_type.elem_type
-    if q.tensor_type.HasField("shape") and v.tensor_type.HasField("shape"):
-        dims = list(q.tensor_type.shape.dim)[:3] + list(v.tensor_type.shape.dim)[3:]
-        for dim in dims:
+    rank_v = ctx.get_attribute("rank_v")
+    if q.tensor_type.HasField("shape") and rank_v is not None:
+        for dim in list(q.tensor_type.shape.dim)[:3]:
             out.tensor_type.shape.dim.add().CopyFrom(dim)
+        out.tensor_type.shape.dim.add().dim_value = rank_v.i
     ctx.set_output_type(0, out)
 
 
@@ -129,29 +168,48 @@ _ort_errors: list[str] = []
 
 
 def register_ort_op() -> None:
-    """Register the ONNX Runtime Python op (fp32 only: a Python op declares one type per input)."""
+    """Register the ONNX Runtime Python ops (fp32 only: a Python op declares one type per input), one per
+    op type and code type: `ort_op_type` names them."""
     global _ort_registered
     if _ort_registered:
         return
-    import numpy as np
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
     f32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64
     attrs = {"scale": f32, "rope_mode": PyCustomOpDef.dt_string, **{name: i64 for name in INT_ATTRIBUTES}}
-
-    @onnx_op(op_type=OP_TYPE, inputs=[f32, f32, f32, i64], outputs=[f32], attrs=attrs)
-    def lowrank_attention_ort(q, k, v, attention_mask, **attributes):
-        try:
-            return _ort_kernel(q, k, v, attention_mask, attributes)
-        except Exception as e:      # noqa: BLE001 - anything escaping here kills the process
-            _ort_errors.append(f"{type(e).__name__}: {e}")
-            return np.full((*q.shape[:3], v.shape[-1]), np.nan, dtype=np.float32)
-
+    _define_ort_op(onnx_op, OP_TYPE, [f32, f32, f32, i64], attrs, (False, False))
+    for kv_dtype, code in (("int8", PyCustomOpDef.dt_int8), ("int4", PyCustomOpDef.dt_uint8)):
+        quantized_attrs = dict(attrs, kv_dtype=PyCustomOpDef.dt_string)
+        # scales arrive as fp32: the Python op API has no fp16 (for_onnxruntime casts them, exactly)
+        for sides, inputs in (((True, True), [f32, code, code, i64, f32, f32]), ((False, True), [f32, f32, code, i64, f32])):
+            _define_ort_op(onnx_op, ort_op_type(OP_TYPES[sides], kv_dtype), inputs, quantized_attrs, sides)
     _ort_registered = True
 
 
-def _ort_kernel(q, k, v, attention_mask, attributes):
+def _define_ort_op(onnx_op, op_type: str, inputs: list, attrs: dict, sides: tuple[bool, bool]) -> None:
+    import numpy as np
+
+    @onnx_op(op_type=op_type, inputs=inputs, outputs=[inputs[0]], attrs=attrs)
+    def kernel(q, k, v, attention_mask, *scales, **attributes):
+        try:
+            return _ort_kernel(q, k, v, attention_mask, scales, sides, attributes)
+        except Exception as e:      # noqa: BLE001 - anything escaping here kills the process
+            _ort_errors.append(f"{type(e).__name__}: {e}")
+            return np.full((*q.shape[:3], attributes["rank_v"]), np.nan, dtype=np.float32)
+
+
+def ort_op_type(op_type: str, kv_dtype: str | None) -> str:
+    """The name ORT knows a node's Python op by: the op type, with the code type where the cache is quantized
+    (a Python op has one type per input)."""
+    return op_type if op_type == OP_TYPE else f"{op_type}_{kv_dtype}"
+
+
+def _ort_kernel(q, k, v, attention_mask, scales, sides: tuple[bool, bool], attributes):
     q, k, v, mask = (torch.from_numpy(a) for a in (q, k, v, attention_mask))
+    scales = iter(torch.from_numpy(s).half() for s in scales)          # fp16 values, cast to fp32 on the way in
+    kv_dtype = attributes.get("kv_dtype", "none")
+    k = Quantized(k, next(scales), kv_dtype, attributes["rank_k"]) if sides[0] else k
+    v = Quantized(v, next(scales), kv_dtype, attributes["rank_v"]) if sides[1] else v
     shapes = {"num_heads": q.shape[1], "num_kv_heads": k.shape[1], "rank_k": q.shape[3], "rank_v": v.shape[3]}
     wrong = {name: (attributes[name], got) for name, got in shapes.items() if attributes[name] != got}
     if wrong:           # the node's attributes must describe its inputs: TensorRT's plugin trusts them
@@ -168,12 +226,25 @@ def take_ort_error() -> str | None:
 
 
 def for_onnxruntime(model) -> int:
-    """Move the plugin nodes of an onnx ModelProto (in memory) into the domain ORT's Python ops live in."""
+    """Move the plugin nodes of an onnx ModelProto (in memory) into the domain ORT's Python ops live in, each
+    named as register_ort_op registered its kind (ort_op_type)."""
+    from onnx import TensorProto, helper
+
     count = 0
+    nodes = []
     for node in model.graph.node:
-        if node.op_type == OP_TYPE and node.domain == DOMAIN:
+        if node.op_type in OP_TYPES.values() and node.domain == DOMAIN:
+            kv_dtype = next((a.s.decode() for a in node.attribute if a.name == "kv_dtype"), None)
+            node.op_type = ort_op_type(node.op_type, kv_dtype)
             node.domain = ORT_PYOP_DOMAIN
+            for i in range(4, len(node.input)):        # fp16 scales -> fp32, which the Python op API can take
+                cast = f"{node.input[i]}.fp32.{count}"
+                nodes.append(helper.make_node("Cast", [node.input[i]], [cast], to=TensorProto.FLOAT))
+                node.input[i] = cast
             count += 1
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     if ORT_PYOP_DOMAIN not in {o.domain for o in model.opset_import}:
         model.opset_import.add(domain=ORT_PYOP_DOMAIN, version=1)
     return count

@@ -34,6 +34,7 @@ from .reference import NAMESPACE as PLUGIN_NAMESPACE
 from .reference import OP_NAME as PLUGIN_NAME
 from .reference import VERSION as PLUGIN_VERSION
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
+QUANTIZED_OP, QUANTIZED_V_OP = f"{PLUGIN_NAME}Quantized", f"{PLUGIN_NAME}QuantizedV"     # onnx_op.OP_TYPES
 MIN_TENSORRT = (10, 9)
 INSTALL_HINT = ("TensorRT >= 10.9 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "
                 "on a machine with an NVIDIA GPU")
@@ -123,13 +124,60 @@ def _define(trt, trtp) -> None:
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             out.copy_(lowrank_attention(*tensors, scale))
 
+    # Quantized caches (onnx_op.OP_TYPES): codes + fp16 scales per side, JIT path only (no AOT entry takes
+    # them yet; tensorrt_backend marks only the float op aot=1). The output's last dim is the rank_v
+    # attribute: int4 codes are ceil(rank_v / 2) wide. ShapeExpr takes ints as constants
+    # (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/Shape/ShapeExpr.html).
+    def describe_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                           attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
+                           scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
+                           rope_mode: str, kv_dtype: str) -> trtp.TensorDesc:
+        return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], rank_v), dtype=q.dtype)
+
+    def describe_quantized_v(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                             attention_mask: trtp.TensorDesc, v_scale: trtp.TensorDesc, scale: float,
+                             num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int, rope_mode: str,
+                             kv_dtype: str) -> trtp.TensorDesc:
+        return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], rank_v), dtype=q.dtype)
+
+    def run_quantized(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
+                      k_scale: trtp.Tensor, v_scale: trtp.Tensor, scale: float, rank_k: int, rank_v: int,
+                      kv_dtype: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        _run_jit_quantized((q, k, v, attention_mask, k_scale, v_scale), scale, rank_k, rank_v, kv_dtype, outputs,
+                           stream)
+
+    def run_quantized_v(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
+                        v_scale: trtp.Tensor, scale: float, rank_k: int, rank_v: int, kv_dtype: str,
+                        outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        _run_jit_quantized((q, k, v, attention_mask, None, v_scale), scale, rank_k, rank_v, kv_dtype, outputs,
+                           stream)
+
     # This module's annotations are strings (PEP 563, which the Triton entry below relies on); tensorrt.plugin
     # validates type hints as objects, so they are resolved before the decorators see the functions.
     names = {"trtp": trtp, "Tuple": Tuple}
     trtp.register(PLUGIN_ID)(_resolve_hints(describe, names))
     trtp.aot_impl(PLUGIN_ID)(_resolve_hints(compile_aot, names))
     trtp.impl(PLUGIN_ID)(_resolve_hints(run_jit, names))
+    for op_type, shape, run in ((QUANTIZED_OP, describe_quantized, run_quantized),
+                                (QUANTIZED_V_OP, describe_quantized_v, run_quantized_v)):
+        trtp.register(f"{PLUGIN_NAMESPACE}::{op_type}")(_resolve_hints(shape, names))
+        trtp.impl(f"{PLUGIN_NAMESPACE}::{op_type}")(_resolve_hints(run, names))
     _DTYPE_NAMES.update({trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"})
+
+
+def _run_jit_quantized(tensors, scale: float, rank_k: int, rank_v: int, kv_dtype: str, outputs, stream: int) -> None:
+    """The JIT path of a quantized node: codes and scales wrapped as kv_codec.Quantized for the Triton entry."""
+    import torch
+
+    from .kv_codec import Quantized
+    from .triton_kernels import lowrank_attention
+
+    q, k, v, mask, k_scale, v_scale = (None if t is None else torch.as_tensor(t, device="cuda") for t in tensors)
+    k = k if k_scale is None else Quantized(k, k_scale, kv_dtype, rank_k)
+    v = Quantized(v, v_scale, kv_dtype, rank_v)
+    out = torch.as_tensor(outputs[0], device="cuda")
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+        out.copy_(lowrank_attention(q, k, v, mask, scale))
 
 
 def _resolve_hints(fn, names: dict):
@@ -189,16 +237,18 @@ def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
                           RV_PAD: tl.constexpr):
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
-    # contiguous q [B, H, S, r_k], k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], mask [B, T], out [B, H, S, r_v]
+    # contiguous q [B, H, S, r_k], k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], mask [B, T], out [B, H, S, r_v];
+    # a float cache: the scale pointers are placeholders the kernel never reads (K_BITS = V_BITS = 0)
     _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
         NUM_HEADS * seq_len * RANK_K, seq_len * RANK_K, RANK_K, 1,
         NUM_KV_HEADS * total_len * RANK_K, total_len * RANK_K, RANK_K, 1,
         NUM_KV_HEADS * total_len * RANK_V, total_len * RANK_V, RANK_V, 1,
+        0, 0, 0, 0, 0, 0,
         total_len, 1,
         NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
         NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, QK_SCALE_LOG2,
-        True, IEEE_DOT, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD)
+        True, IEEE_DOT, 0, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD)
 
 
 @functools.lru_cache(maxsize=None)

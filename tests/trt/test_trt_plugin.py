@@ -185,7 +185,7 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     def decorator(kind):
         def wrap(plugin_id):
             def record(fn):
-                recorded[kind] = (plugin_id, fn)
+                recorded[(kind, plugin_id)] = fn
                 return fn
             return record
         return wrap
@@ -203,9 +203,17 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     monkeypatch.setattr(trt_plugin, "driver_ptx_version", lambda: None)
     monkeypatch.setattr(trt_plugin, "_current_target", lambda: (9, 0))
     trt_plugin.register()
-    assert {kind: pid for kind, (pid, _) in recorded.items()} == \
-        {kind: "eigen_export::LowRankAttention" for kind in ("register", "aot_impl", "impl")}
-    describe, compile_aot = recorded["register"][1], recorded["aot_impl"][1]
+    float_op, quantized = "eigen_export::LowRankAttention", ("Quantized", "QuantizedV")
+    assert set(recorded) == {(kind, float_op) for kind in ("register", "aot_impl", "impl")} | \
+        {(kind, float_op + q) for kind in ("register", "impl") for q in quantized}    # quantized: JIT only
+    describe, compile_aot = recorded[("register", float_op)], recorded[("aot_impl", float_op)]
+    # a quantized node's output width is the rank_v attribute (int4 value codes are half as wide)
+    out = recorded[("register", float_op + "Quantized")](
+        TensorDesc((2, 4, 3, 16), "F16"), TensorDesc((2, 2, 5, 8), "U8"), TensorDesc((2, 2, 5, 21), "U8"),
+        TensorDesc((2, 5), "I64"), TensorDesc((2, 2, 5, 1), "F16"), TensorDesc((2, 2, 5, 1), "F16"),
+        0.125, 4, 2, 16, 41, "post", "int4")
+    assert out.shape_expr == (2, 4, 3, 41) and out.dtype == "F16"
+    assert recorded[("register", float_op + "QuantizedV")].__annotations__["v_scale"] is TensorDesc
     hints = describe.__annotations__
     assert hints["q"] is TensorDesc and hints["scale"] is float and hints["num_heads"] is int
     assert hints["rope_mode"] is str and hints["return"] is TensorDesc
