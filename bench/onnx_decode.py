@@ -40,8 +40,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 FOLDS = REPO / "build/bench-rope-modes"
-FOLDED = {f"ours-r{ratio.replace('.', '')}-{mode}": (mode, float(ratio), FOLDS / f"fold-{mode}-{ratio}")
+FOLDED = {f"ours-r{ratio.replace('.', '')}-{mode}": (mode, float(ratio), FOLDS / f"fold-{mode}-{ratio}", None)
           for ratio in ("0.7", "0.5") for mode in ("pre", "post")}
+# quantized caches at the same ranks (issue 15): `fold --kv-dtype`, the rotation folded in
+FOLDED |= {f"ours-r07-{mode}-{kv}": (mode, 0.7, FOLDS / f"fold-{mode}-0.7-{kv}", kv)
+           for mode in ("pre", "post") for kv in ("int8", "int4")}
 ORIGINAL_ONNX = REPO / "build/bench-onnx/original"
 OPTIMUM_ONNX = REPO / "build/bench-onnx/optimum"
 # optimum-onnx pins transformers<4.58, so it lives in a private overlay (never in .venv, never in pyproject):
@@ -80,7 +83,7 @@ class OursRunner:
         from eigen_export.backends import OnnxRuntimeBackend
 
         self.backend = OnnxRuntimeBackend(onnx_dir, threads=threads, session_config=NO_SPIN)
-        self.widths = self.backend.widths
+        self.layout = self.backend.layout
         self.h_kv = self.backend.num_kv_heads
         self.kv_bytes_per_token = self.backend.io.kv_bytes_per_token
 
@@ -93,8 +96,12 @@ class OursRunner:
     def start(self, batch: int, past: int, generator):
         import torch
 
-        cache = [tuple(torch.randn(batch, self.h_kv, past, w, generator=generator) for w in pair)
-                 for pair in self.widths]
+        def random(width, dtype):       # values do not change the cost; codes anywhere in their type's range
+            if dtype.is_floating_point:
+                return torch.randn(batch, self.h_kv, past, width, generator=generator).to(dtype)
+            return torch.randint(0, 120, (batch, self.h_kv, past, width), generator=generator).to(dtype)
+
+        cache = [tuple(random(width, dtype) for _, width, dtype in slots) for slots in self.layout]
         return {"past": cache, "mask": torch.ones(batch, past, dtype=torch.long), "pos": past}
 
     def step(self, state, token):
@@ -231,18 +238,18 @@ def prepare_exports(names) -> dict:
         if name == "ours-original":
             source, out = smollm2_dir(), ORIGINAL_ONNX
         else:
-            mode, ratio, source = FOLDED[name]
+            mode, ratio, source, kv_dtype = FOLDED[name]
             out = None
             if not is_folded(source):
                 calib = FOLDS / f"calib-{mode}"
                 if not (calib / "calib.json").exists():
                     sys.exit(f"{calib} is missing: run bench/rope_modes.py first (see the docstring of {__file__})")
-                run_fold(str(smollm2_dir()), calib, source, FoldSettings(kv_ratio=ratio))
+                run_fold(str(smollm2_dir()), calib, source, FoldSettings(kv_ratio=ratio, kv_dtype=kv_dtype))
         onnx_dir = run_export(source, ExportSettings(), out)
         io = read_io(onnx_dir)
         records[name] = {"onnx_dir": str(onnx_dir.relative_to(REPO)), "source": io.source,
                          "export_seconds": io.export_seconds, "export_cpu_seconds": io.export_cpu_seconds,
-                         "rope_mode": io.rope_mode,
+                         "rope_mode": io.rope_mode, "kv_dtype": io.kv_dtype,
                          "kv_ratio": round(io.kv_ratio, 4), "kv_bytes_per_token": io.kv_bytes_per_token,
                          "onnx_mb": round(sum(p.stat().st_size for p in onnx_dir.iterdir()) / 2**20, 1)}
     return records

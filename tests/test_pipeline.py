@@ -125,3 +125,24 @@ def test_a_stage_in_its_own_process_raises_its_error_here(tmp_path):
         isolated(run_export, tmp_path / "nothing-here")
     with pytest.raises(EigenExportError, match="no ONNX export found for"):
         isolated(find_onnx_dir, tmp_path)
+
+
+def test_engine_with_an_int8_cache_from_the_recipe(tiny_llama_dir, tmp_path, capsys):
+    """[compress] kv_dtype = "int8": the fold records it, the graphs carry codes + fp16 scales, ONNX Runtime's
+    parity with the quantized reference passes, and the report counts the scales in the cache bytes."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE.format(source=tiny_llama_dir, kv_ratio=0.7).replace(
+        "kv_ratio = 0.7", 'kv_ratio = 0.7\nkv_dtype = "int8"'))
+    assert main(["engine", str(recipe), "--build-dir", str(tmp_path / "build"), "--no-baseline"]) == 0, \
+        capsys.readouterr().err
+    assert "parity report PASS" in capsys.readouterr().out
+    root = tmp_path / "build" / "tiny"
+    manifest = json.loads((root / "folded" / "eigen.json").read_text())
+    assert (manifest["kv_dtype"], manifest["kv_rotation"]) == ("int8", True)
+    io = json.loads((root / "onnx" / "io.json").read_text())
+    assert io["kv_dtype"] == "int8" and {e["dtype"] for e in io["inputs"][3:]} == {"int8", "float16"}
+    report = json.loads((root / "report" / "report.json").read_text())
+    h_kv = manifest["num_kv_heads"]
+    assert report["memory"]["kv_bytes_per_token_compressed"] == sum(h_kv * (k + v + 4) for k, v in manifest["ranks"])
+    assert report["compression"]["kv_dtype"] == "int8"
+    assert report["backends"]["onnxruntime"]["present_max_abs"] <= 1e-3

@@ -139,3 +139,25 @@ def test_the_folded_rotation_leaves_the_model_unchanged(name, mode):
         b, past_b = rotated(ids)
     assert (a - b).abs().max().item() <= 1e-4
     assert not torch.allclose(past_a[0][1], past_b[0][1], atol=1e-3)       # the cached latents did turn
+
+
+@pytest.mark.parametrize("name,mode", [("llama-gqa", "pre"), ("opt", None)])
+def test_loss_basis_latents_are_balanced_to_the_size_of_their_vectors(name, mode):
+    """The loss bases make latents W^T G^1/2 x, as small as the loss gradient; the fold rescales each head's latent
+    map and its inverse (decompose.balance) so that a cached latent is about as large as the vector it encodes
+    (an fp16 cache or an int8 scale would otherwise sit among fp16's subnormals). Same model function."""
+    from eigen_export.method.decompose import balance
+
+    _, model, folded, _, ranks, layers = tiny_fold(name, mode, 0.75)
+    ids = ptb_like_ids(2, 16)
+    with torch.no_grad():
+        full = model(ids)[1]
+        cached = folded(ids)[1]
+    for (k, v), (k_lat, v_lat) in zip(full, cached):
+        for x, lat in ((k, k_lat), (v, v_lat)):
+            ratio = (lat.pow(2).mean() / x.pow(2).mean()).sqrt().item()
+            assert 0.3 < ratio < 3, ratio
+    up, down = layers[0].basis_v[..., :4], layers[0].down_v[..., :4]
+    b_up, b_down = balance(up, down)
+    assert torch.allclose(b_up @ b_down.transpose(-1, -2), up.double() @ down.double().transpose(-1, -2))
+    assert torch.allclose(b_up.flatten(-2).norm(dim=-1), b_down.flatten(-2).norm(dim=-1))
