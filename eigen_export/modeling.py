@@ -7,6 +7,7 @@ positions, per-layer key/value caches), the same as the ONNX contract of DESIGN 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -362,6 +363,19 @@ class Decoder(nn.Module):
             x, present = layer(x, ctx, past[i] if past else None)
             presents.append(present)
         return self.head(x), presents
+
+    @contextlib.contextmanager
+    def cache_format(self, kv_dtype: str | None):
+        """Run with another cache format meanwhile (None: floats in the model's dtype): validate measures what
+        quantizing the cache does by comparing the two on the same input."""
+        saved = self.kv_dtype
+        for module in (self, *(layer.attn for layer in self.layers)):
+            module.kv_dtype = kv_dtype
+        try:
+            yield self
+        finally:
+            for module in (self, *(layer.attn for layer in self.layers)):
+                module.kv_dtype = saved
 
     def cache_widths(self) -> list[LayerRanks]:
         """Last dims of each layer's cached key and value: r_k and r_v in every mode."""

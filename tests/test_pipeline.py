@@ -146,3 +146,4 @@ def test_engine_with_an_int8_cache_from_the_recipe(tiny_llama_dir, tmp_path, cap
     assert report["memory"]["kv_bytes_per_token_compressed"] == sum(h_kv * (k + v + 4) for k, v in manifest["ranks"])
     assert report["compression"]["kv_dtype"] == "int8"
     assert report["backends"]["onnxruntime"]["present_max_abs"] <= 1e-3
+    assert "quantization_effect" in report["backends"]["onnxruntime"]

@@ -209,19 +209,47 @@ def parity_numbers(reference: dict, run: dict, mask: torch.Tensor) -> dict:
             "prompt_lengths": mask.sum(1).tolist()}
 
 
-def parity_checks(backend: str, n: dict, s: ValidationSettings) -> list[Check]:
+def parity_checks(backend: str, n: dict, s: ValidationSettings, effect: dict | None = None) -> list[Check]:
+    """The layer-2 checks of one backend. effect: with a quantized cache, the same numbers between the quantized
+    reference and the reference with a float cache (quantization_effect); each limit then admits that much.
+
+    Why: a code is a rounding of a float, and two correct implementations (ORT's or TensorRT's sums against
+    torch's) put a value on either side of a rounding boundary now and then; the changed code moves everything
+    after it by a code step, which moves more values across boundaries, layer after layer. A backend's cache
+    is then another draw of the same quantization noise, and what can be asked of it is to stay as close to the
+    reference as the quantization's own effect (a wrong scale, packing or mask lands far outside it)."""
     layer = f"parity: {backend}"
+
+    def check(name, keys, op, limit):
+        value = _dig(n, keys)
+        if effect is not None:
+            limit = max(limit, _dig(effect, keys)) if op == "<=" else min(limit, _dig(effect, keys))
+            name += " (limit: at least the quantized cache's own effect)"
+        return Check(layer, name, value, op, limit)
+
     checks = []
     for phase in ("prefill", "decode"):
-        m = n[phase]
-        checks += [Check(layer, f"{phase} logits max abs error", m["max_abs"], "<=", s.backend_max_abs),
-                   Check(layer, f"{phase} logits min cosine", m["cosine"], ">=", s.backend_min_cosine),
-                   Check(layer, f"{phase} top-1 agreement", m["top1"], ">=", s.backend_min_top1),
-                   Check(layer, f"{phase} KL per token", m["kl"], "<=", s.backend_max_kl)]
-    return checks + [Check(layer, "present caches max abs error", n["present_max_abs"], "<=",
-                           s.backend_present_max_abs),
-                     Check(layer, f"greedy tokens equal ({n['greedy_steps']} steps)", n["greedy_match"], ">=",
+        checks += [check(f"{phase} logits max abs error", (phase, "max_abs"), "<=", s.backend_max_abs),
+                   check(f"{phase} logits min cosine", (phase, "cosine"), ">=", s.backend_min_cosine),
+                   check(f"{phase} top-1 agreement", (phase, "top1"), ">=", s.backend_min_top1),
+                   check(f"{phase} KL per token", (phase, "kl"), "<=", s.backend_max_kl)]
+    return checks + [check("present caches max abs error", ("present_max_abs",), "<=", s.backend_present_max_abs),
+                     check(f"greedy tokens equal ({n['greedy_steps']} steps)", ("greedy_match",), ">=",
                            s.backend_min_greedy)]
+
+
+def _dig(numbers: dict, keys: tuple[str, ...]) -> float:
+    for key in keys:
+        numbers = numbers[key]
+    return numbers
+
+
+def quantization_effect(folded, reference_run: dict, ids, mask, steps: int) -> dict:
+    """parity_numbers between the quantized reference's run and the same model with a float cache: how far
+    quantizing the cache alone moves the outputs (parity_checks' allowance for a quantized backend)."""
+    with folded.cache_format(None):
+        float_run = parity_run(TorchBackend(folded), ids, mask, steps, token=reference_run["token"])
+    return parity_numbers(reference_run, float_run, mask)
 
 
 # -- layer 3: performance -------------------------------------------------------------------------------------
@@ -415,6 +443,8 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
     ids, mask = parity_batch(windows)
     reference_run = parity_run(TorchBackend(folded), ids, mask, settings.generate_steps, manifest=manifest) \
         if available else None
+    effect = quantization_effect(folded, reference_run, ids, mask, settings.generate_steps) \
+        if available and manifest.kv_dtype else None
     time_backend("pytorch compressed", TorchBackend(folded))
     del folded
 
@@ -427,7 +457,9 @@ def run_validate(root: str | Path, settings: ValidationSettings = ValidationSett
             run = parity_run(backend, ids, mask, settings.generate_steps, token=reference_run["token"],
                              manifest=manifest)
             backends[name] = parity_numbers(reference_run, run, mask)
-            checks += parity_checks(name, backends[name], settings)
+            if effect is not None:
+                backends[name]["quantization_effect"] = effect
+            checks += parity_checks(name, backends[name], settings, effect)
             seconds[f"parity: {name}"] += time.perf_counter() - phase
         if timed_as is not None:
             time_backend(timed_as, backend)

@@ -241,3 +241,23 @@ def test_a_backend_without_a_plugin_graph_is_skipped_with_the_exports_reason(exp
     runnable, skipped = available_backends(BuildLayout(tmp_path), {"backend": "onnxruntime"}, io)
     assert list(runnable) == ["onnxruntime"]
     assert skipped["onnxruntime (plugin graph)"] == io.plugin_model_reason and "ALiBi" in io.plugin_model_reason
+
+
+def test_a_quantized_backend_is_held_to_the_quantizations_own_effect():
+    """With a quantized cache the limits admit the quantization's own effect (measured in the same run), and no
+    more: a backend as far from the quantized reference as the float cache is passes, one twice as far fails."""
+    from eigen_export.settings import ValidationSettings
+    from eigen_export.stages.validate import parity_checks
+
+    def numbers(kl, top1):
+        phase = {"max_abs": 10 * kl, "cosine": 1 - kl, "top1": top1, "kl": kl}
+        return {"prefill": phase, "decode": dict(phase), "present_max_abs": kl, "greedy_match": top1,
+                "greedy_steps": 4}
+
+    effect = numbers(kl=1e-3, top1=0.97)
+    settings = ValidationSettings()
+    assert all(c.passed for c in parity_checks("onnxruntime", numbers(5e-4, 0.98), settings, effect))
+    failed = [c.name for c in parity_checks("onnxruntime", numbers(2e-3, 0.94), settings, effect) if not c.passed]
+    assert len(failed) == 10 and all("own effect" in name for name in failed)      # every one of the checks
+    # without a quantized cache the configured limits stand
+    assert not all(c.passed for c in parity_checks("onnxruntime", numbers(5e-4, 0.98), settings))
