@@ -120,3 +120,21 @@ def test_bad_input_fails_before_any_model_or_text_is_loaded(argv, message, capsy
     monkeypatch.chdir(tmp_path)
     assert message in _error(capsys, *argv)
     assert not (tmp_path / "x").exists()
+
+
+def test_fold_with_a_quantized_cache(tiny_llama_dir, tmp_path, capsys):
+    """`fold --kv-dtype int4 --no-kv-rotation`: recorded in eigen.json, and the folded model runs with codes."""
+    calib = tmp_path / "calib"
+    assert _run(capsys, "calibrate", tiny_llama_dir, "--out", calib, "--nsamples", 2, "--seqlen", 16)[0] == 0
+    folded = tmp_path / "folded"
+    code, stdout, _ = _run(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", folded, "--kv-ratio", 0.6,
+                           "--kv-dtype", "int4", "--no-kv-rotation")
+    assert code == 0, stdout
+    manifest = json.loads((folded / MANIFEST).read_text())
+    assert (manifest["kv_dtype"], manifest["kv_rotation"]) == ("int4", False)
+    assert manifest["calibration"]["allocation"]["kv_dtype"] == "int4"
+    code, stdout, _ = _run(capsys, "perplexity", folded, "--seqlen", 16, "--max-windows", 2)
+    assert code == 0 and json.loads(stdout)["perplexity"] > 1
+    # the same fold without --kv-dtype is another fold: refused without --force, made with it
+    assert "already exists" in _error(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", folded,
+                                      "--kv-ratio", 0.6)
