@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """ONNX Runtime decode on CPU: SmolLM2-135M, transformers (sdpa, eager) vs our exports (original; KV ratio 0.7 and
-0.5 in the pre and post RoPE modes).
+0.5 in the pre and post RoPE modes; KV ratio 0.7 with int8 / int4 caches, `fold --kv-dtype`).
 
     python bench/onnx_decode.py                        # threads 1 and 2, 3 repeats
     python bench/onnx_decode.py --threads 1 --repeats 2 --steps 3
 
 The folds are made from the calibrations of bench/rope_modes.py (build/bench-rope-modes/calib-<mode>: run that
 bench first, or `eigen-export calibrate smollm2-135m --rope-mode <mode> --out build/bench-rope-modes/calib-<mode>`)
-into build/bench-rope-modes/fold-<mode>-<ratio> when absent.
+into build/bench-rope-modes/fold-<mode>-<ratio>[-<kv dtype>] when absent.
 Exports (cached, skipped when current): the original into build/bench-onnx/original, the folds into <dir>/onnx.
 
 Per thread count, all variants are loaded at once and measured interleaved (round-robin, the order rotating
