@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import EigenExportError
-from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES, decode, encode
+from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES, cache_values, encode
 
+from .errors import EigenExportError
 from .families import ModelSpec
 
 ROPE_MODES = ("pre", "post")
@@ -160,21 +160,12 @@ class Attention(nn.Module):
         """(output, present): the layer's cache with this chunk appended, (key, value) or, quantized,
         (key codes, value codes, key scales, value scales): what the ONNX graph takes and returns."""
         q, k, v = self.project(x, ctx)
-        if self.kv_dtype is not None:
-            # every key and value is read through the quantized cache, this chunk's too: a token's codes do not
-            # depend on its neighbours, so a prefill, a decode step and a full recomputation read the same keys
-            (kc, ks), (vc, vs) = encode(k, self.kv_dtype), encode(v, self.kv_dtype)
-            present = (kc, vc, ks, vs)
-        else:
-            present = (k, v)
+        present = self._cached(k, v)
         if past is not None:
             present = tuple(torch.cat([p, n], dim=2) for p, n in zip(past, present))
-        if self.kv_dtype is not None:
-            kc, vc, ks, vs = present
-            k = decode(kc, ks, self.ranks.k, self.kv_dtype, x.dtype)
-            v = decode(vc, vs, self.ranks.v, self.kv_dtype, x.dtype)
-        else:
-            k, v = present
+        # every key and value is read back from the cache, this chunk's too: a token's codes do not depend on
+        # its neighbours, so a prefill, a decode step and a full recomputation read the same keys and values
+        k, v = self._read(present, x.dtype)
         k_att = k
         if self.rope_mode == "pre":
             # Reconstruct full keys and rotate each cached key by ITS OWN position (DESIGN 3.2).
@@ -183,6 +174,16 @@ class Attention(nn.Module):
         out = self.core(q, k_att, v, ctx, present)                        # [B, H, S, r_v]
         b, h, s, r_v = out.shape
         return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), present
+
+
+    def _cached(self, k, v) -> tuple[torch.Tensor, ...]:
+        if self.kv_dtype is None:
+            return k, v
+        (k_codes, k_scale), (v_codes, v_scale) = encode(k, self.kv_dtype), encode(v, self.kv_dtype)
+        return k_codes, v_codes, k_scale, v_scale
+
+    def _read(self, cache: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache_values(cache, self.ranks.k, self.ranks.v, self.kv_dtype, dtype)
 
 
 class MLP(nn.Module):

@@ -71,13 +71,13 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, rank: int, kv_dtype: str, d
     return (values * scale.float()).to(dtype)
 
 
-def cache_values(layer: tuple[torch.Tensor, ...], r_k: int, r_v: int, kv_dtype: str | None):
-    """(keys, values) in fp32 of one layer's cache tuple (cache_slots' order), a quantized one decoded."""
+def cache_values(layer: tuple[torch.Tensor, ...], r_k: int, r_v: int, kv_dtype: str | None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) in `dtype` of one layer's cache tuple (cache_slots' order), a quantized one decoded."""
     if kv_dtype is None:
-        return layer[0].float(), layer[1].float()
+        return layer[0].to(dtype), layer[1].to(dtype)
     key, value, key_scale, value_scale = layer
-    return (decode(key, key_scale, r_k, kv_dtype, torch.float32), decode(value, value_scale, r_v, kv_dtype,
-                                                                          torch.float32))
+    return decode(key, key_scale, r_k, kv_dtype, dtype), decode(value, value_scale, r_v, kv_dtype, dtype)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
