@@ -362,6 +362,10 @@ def targets(results: dict, rss: dict, exports: dict) -> list[dict]:
             for key in ("b8_p2048", "b1_p512"):
                 rows.append(_row(f"{name} {key} <= 0.75x our uncompressed export",
                                  ours[key] / one["ours-original"][key], 0.75))
+        kv_dtype, float_twin = FOLDED[name][3], name.rsplit("-", 1)[0]
+        if kv_dtype is not None and float_twin in one:          # issue 15: a quantized cache no slower
+            rows.append(_row(f"{name} b8_p2048 <= 1.0x the float cache at the same ranks ({float_twin})",
+                             ours["b8_p2048"] / one[float_twin]["b8_p2048"], 1.0))
         for base, key, limit, higher in (("optimum-ort", "b8_p2048", 0.7, False), ("hf-eager", "b1_p512", 1.5, True)):
             candidates = [(one[base][key], "measured in this run")] if base in one else []
             candidates.append((REFERENCE_MS[base][key], "reference measured earlier"))
