@@ -30,7 +30,8 @@ def feeds(standard: OnnxRuntimeBackend, ids, mask) -> list[dict]:
     names = [e["name"] for e in standard.io.inputs]
     positions = default_position_ids(mask, 0)
     logits, past = standard.forward(ids, mask, positions, None)
-    empty = [torch.zeros(ids.shape[0], standard.num_kv_heads, 0, w) for kv in standard.widths for w in kv]
+    empty = [torch.zeros(ids.shape[0], standard.num_kv_heads, 0, width, dtype=element)
+             for slots in standard.layout for _, width, element in slots]
     step = logits[:, -1].argmax(-1, keepdim=True)
     step_mask = torch.cat([mask, torch.ones_like(step)], 1)
     decode = [step, step_mask, default_position_ids(step_mask, ids.shape[1])] + [t for kv in past for t in kv]
@@ -81,7 +82,7 @@ def test_polygraphy_comparator_plugin_graph_vs_model_onnx(exports, name, kind):
     ids, mask = _left_padded(3, 7)
     passed, worst = compare(onnx_dir, ids, mask, atol=1e-4)
     assert passed, {k: v for k, v in worst.items() if v > 1e-4}
-    assert len(worst) == 1 + 2 * len(OnnxRuntimeBackend(onnx_dir).widths)      # logits and every present
+    assert len(worst) == 1 + 2 * len(OnnxRuntimeBackend(onnx_dir).layout)      # logits and every present
 
 
 def test_the_comparator_catches_a_wrong_graph(exports):
