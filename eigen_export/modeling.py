@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES, cache_values, encode
+from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES, code_values, encode
 
 from .errors import EigenExportError
 from .families import ModelSpec
@@ -75,11 +75,13 @@ def default_position_ids(attention_mask: torch.Tensor, past_length: int) -> torc
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:]
 
 
-def attention_core(q, k, v, bias, scale: float):
+def attention_core(q, k, v, bias, scale: float, k_scale=None, v_scale=None):
     """softmax(q k^T * scale + bias) v with grouped KV heads, never expanding the cache.
 
     q [B, H, S, r_k], k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], bias broadcastable to [B, H, S, T] (fp32,
     finfo.min where masked). scale = 1/sqrt(original head_dim): the low-rank q.k approximates the full one.
+    k_scale, v_scale [B, H_kv, T, 1]: per-token factors of k and v (a quantized cache's scales, k and v then its
+    codes), taken on the scores and on the probabilities: one multiply per token instead of one per number.
     Returns [B, H, S, r_v] in v's dtype; softmax is accumulated in fp32.
     """
     b, h, s, r_k = q.shape
@@ -89,10 +91,14 @@ def attention_core(q, k, v, bias, scale: float):
     # copies of the cache (query head h = h_kv_index * g + j, as HF's repeat_kv maps them)
     qg = q.reshape(b, h_kv, g * s, r_k)                                          # [B, H_kv, g*S, r_k]
     scores = torch.matmul(qg * scale, k.transpose(-1, -2)).float()               # [B, H_kv, g*S, T]
+    if k_scale is not None:
+        scores = scores * k_scale.float().transpose(-1, -2)
     # in place: at 2048 tokens each [B, H, S, T] fp32 copy is 150 MB per layer of SmolLM2
     scores = scores.view(b, h_kv, g, s, t).add_(bias.reshape(bias.shape[0], -1, g if bias.shape[1] > 1 else 1, s, t))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b, h_kv, g * s, t)
-    return torch.matmul(probs, v).view(b, h, s, v.shape[-1])                     # [B, H, S, r_v]
+    probs = torch.softmax(scores, dim=-1).view(b, h_kv, g * s, t)
+    if v_scale is not None:
+        probs = probs * v_scale.float().transpose(-1, -2)
+    return torch.matmul(probs.to(v.dtype), v).view(b, h, s, v.shape[-1])         # [B, H, S, r_v]
 
 
 @dataclass
@@ -151,10 +157,10 @@ class Attention(nn.Module):
                 q = torch.matmul(qg, u.unsqueeze(1)).reshape(b, h, s, -1)  # a query head uses its KV head's U
         return q, k, v
 
-    def core(self, q, k, v, ctx: AttentionContext, present: tuple[torch.Tensor, ...]):
+    def core(self, q, k, v, ctx: AttentionContext, present: tuple[torch.Tensor, ...], k_scale=None, v_scale=None):
         """The attention core; the plugin-graph export swaps it for one custom op per layer (backends/onnx_export.py),
-        which reads a quantized cache from `present` instead of the k and v decoded from it."""
-        return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale)
+        which reads a quantized cache from `present` (k, v here are then its codes, the scales k_scale, v_scale)."""
+        return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale, k_scale, v_scale)
 
     def forward(self, x, ctx: AttentionContext, past: tuple[torch.Tensor, ...] | None = None):
         """(output, present): the layer's cache with this chunk appended, (key, value) or, quantized,
@@ -165,13 +171,14 @@ class Attention(nn.Module):
             present = tuple(torch.cat([p, n], dim=2) for p, n in zip(past, present))
         # every key and value is read back from the cache, this chunk's too: a token's codes do not depend on
         # its neighbours, so a prefill, a decode step and a full recomputation read the same keys and values
-        k, v = self._read(present, x.dtype)
+        k, v, k_scale, v_scale = self._read(present, x.dtype)
         k_att = k
         if self.rope_mode == "pre":
-            # Reconstruct full keys and rotate each cached key by ITS OWN position (DESIGN 3.2).
+            # Reconstruct full keys and rotate each cached key by ITS OWN position (DESIGN 3.2); both are linear
+            # in the key, so a quantized key's scale still multiplies its score afterwards.
             k_att = torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2))
             k_att = rotate(k_att, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
-        out = self.core(q, k_att, v, ctx, present)                        # [B, H, S, r_v]
+        out = self.core(q, k_att, v, ctx, present, k_scale, v_scale)      # [B, H, S, r_v]
         b, h, s, r_v = out.shape
         return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), present
 
@@ -182,8 +189,15 @@ class Attention(nn.Module):
         (k_codes, k_scale), (v_codes, v_scale) = encode(k, self.kv_dtype), encode(v, self.kv_dtype)
         return k_codes, v_codes, k_scale, v_scale
 
-    def _read(self, cache: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return cache_values(cache, self.ranks.k, self.ranks.v, self.kv_dtype, dtype)
+    def _read(self, cache: tuple[torch.Tensor, ...], dtype: torch.dtype):
+        """(k, v, k_scale, v_scale): the cached numbers in `dtype`, or a quantized cache's codes as numbers with
+        their per-token scales (attention_core applies them: decoding every cached number each step would cost
+        a pass over the whole cache)."""
+        if self.kv_dtype is None:
+            return cache[0], cache[1], None, None
+        k_codes, v_codes, k_scale, v_scale = cache
+        return (code_values(k_codes, self.ranks.k, self.kv_dtype, dtype),
+                code_values(v_codes, self.ranks.v, self.kv_dtype, dtype), k_scale, v_scale)
 
 
 class MLP(nn.Module):

@@ -288,12 +288,13 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
 @contextlib.contextmanager
 def plugin_cores(model: Decoder):
     """Route every layer's attention core through the custom op that exports as one LowRankAttention node."""
-    def core(attn, q, k, v, ctx, present):
-        k_scale = v_scale = None
+    def core(attn, q, k, v, ctx, present, k_scale=None, v_scale=None):
         if attn.kv_dtype is not None:       # the node reads the codes; pre mode's keys reach it rebuilt in full
             v, v_scale = present[1], present[3]
             if attn.rope_mode != "pre":
                 k, k_scale = present[0], present[2]
+            else:                           # rebuilt from codes: the node takes them decoded
+                k, k_scale = k * k_scale.to(k.dtype), None
         return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, attn.spec.softmax_scale,
                                     attn.spec.num_heads, attn.spec.num_kv_heads, q.shape[-1], attn.ranks.v,
                                     attn.rope_mode or "none", attn.kv_dtype or "none")

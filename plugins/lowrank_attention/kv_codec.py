@@ -64,11 +64,15 @@ def encode(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode(codes: torch.Tensor, scale: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype) -> torch.Tensor:
     """(codes, scale) -> [..., rank] in `dtype` (the product is taken in fp32, then cast)."""
+    return (code_values(codes, rank, kv_dtype, torch.float32) * scale.float()).to(dtype)
+
+
+def code_values(codes: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """The signed codes [..., rank] as numbers in `dtype` (exact: |code| <= 127), before their scale. Attention
+    can take a token's scale on its score and on its probability instead of on each of its r numbers."""
     if kv_dtype == "int8":
-        values = codes.float()
-    else:
-        values = (_unpack_nibbles(codes)[..., :rank] - 8).float()
-    return (values * scale.float()).to(dtype)
+        return codes.to(dtype)
+    return _unpack_nibbles(codes)[..., :rank].to(dtype) - 8
 
 
 def cache_values(layer: tuple[torch.Tensor, ...], r_k: int, r_v: int, kv_dtype: str | None,
@@ -90,7 +94,8 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., w] -> int32 codes 0..15 [..., 2w]."""
+    """uint8 [..., w] -> int32 codes 0..15 [..., 2w]. Widened first: the exporter has no uint8 right shift, and
+    ONNX Runtime's CPU Div / Mod take int32."""
     p = packed.to(torch.int32)
     return torch.stack([p % 16, p // 16], dim=-1).flatten(-2)
 
