@@ -14,8 +14,10 @@ model's dtype: 2 bytes per vector, the difference between meeting and missing 0.
 rank ratio 0.7 in int8. int4 codes are stored offset by 8 (0..15), two per byte along the last dim, the even
 element in the low nibble; an odd rank pads one code 0 (stored 8).
 
-Everything here is plain torch arithmetic (div, round, clamp, casts, bit ops), so the exporter turns it into
-standard ONNX ops and the graph matches this code bit for bit on the codes.
+Everything here is plain torch arithmetic (div, round, clamp, casts, integer ops), so the exporter turns it into
+standard ONNX ops that make the same codes from the same inputs. (Inputs computed by another backend differ in
+the last float bits, and a value on a rounding boundary then takes the neighbouring code: validate's parity
+allows for that.) Attention need not decode: a token's scale multiplies its score and its probability.
 """
 from __future__ import annotations
 
