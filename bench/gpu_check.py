@@ -157,6 +157,7 @@ class GpuCheck:
                  f"commit {meta['commit']}")
         sections = [("copy_bandwidth", self.copy_bandwidth), ("correctness", self.correctness),
                     ("decode_sweep", self.decode_sweep), ("decode_speed", self.decode_speed),
+                    ("quantized_decode", self.quantized_decode),
                     ("end_to_end", lambda: end_to_end(self.results))]
         for key, section in sections:
             try:
@@ -286,9 +287,15 @@ class GpuCheck:
             ]
         grid = [dict(shape=s, dtype=d) for s in small for d in dtypes_small]
         grid += [dict(shape=s, dtype=d) for s in long for d in dtypes_long]
+        # quantized caches (kv_codec, issue 15): int8 / int4 codes of both sides, or of the values only (pre mode)
+        quantized = [long[0], long[-2]] if not self.dry else long[:1]
+        grid += [dict(shape=s, dtype="float16", kv=kv) for s in [small[2], small[7]] + quantized
+                 for kv in ("int8", "int4", "v-int4")]
         return grid
 
-    def make_inputs(self, shape, dtype: str, seed: int = 0):
+    def make_inputs(self, shape, dtype: str, seed: int = 0, kv: str = "float"):
+        """q, k, v, mask, scale; kv "int8" / "int4" quantizes k and v (kv_codec), "v-int8" / "v-int4" v only."""
+        from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
         torch = self.torch
         batch, heads, heads_kv, seq, past, rank_k, rank_v, left_pad, view, _ = shape
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -309,18 +316,22 @@ class GpuCheck:
         mask = torch.ones(batch, total, dtype=torch.int64, device=self.device)
         for row, pad in enumerate(left_pad):
             mask[row, :pad] = 0
+        if kv != "float":
+            kv_dtype = kv.removeprefix("v-")
+            v = Quantized(*encode(v, kv_dtype), kv_dtype, rank_v)
+            k = k if kv.startswith("v-") else Quantized(*encode(k, kv_dtype), kv_dtype, rank_k)
         return q, k, v, mask, 1.0 / math.sqrt(HEAD_DIM)
 
-    def check_case(self, shape, dtype: str, config=None) -> dict:
+    def check_case(self, shape, dtype: str, config=None, kv: str = "float") -> dict:
         from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
-        q, k, v, mask, scale = self.make_inputs(shape, dtype)
+        q, k, v, mask, scale = self.make_inputs(shape, dtype, kv=kv)
         got = self.kernels.lowrank_attention(q, k, v, mask, scale, decode_config=config).float()
         want = lowrank_attention_reference(q, k, v, mask, scale).float()
         atol, rtol = TOLERANCES[dtype]
         err = (got - want).abs()
         record = {"shape": dict(zip(("B", "H", "H_kv", "S", "P", "r_k", "r_v", "left_pad", "view",
                                      "chunk_len"), shape)),
-                  "dtype": dtype, "max_abs_err": err.max().item(),
+                  "dtype": dtype, "kv": kv, "max_abs_err": err.max().item(),
                   "max_ref_abs": want.abs().max().item(),
                   "finite": bool(self.torch.isfinite(got).all()),
                   "atol": atol, "rtol": rtol}
@@ -330,20 +341,21 @@ class GpuCheck:
     def correctness(self) -> dict:
         DecodeConfig = self.kernels.DecodeConfig
         grid = [(item["shape"], item["dtype"],
-                 DecodeConfig(block_n=16, chunk_len=item["shape"][-1]) if item["shape"][-1] else None)
+                 DecodeConfig(block_n=16, chunk_len=item["shape"][-1]) if item["shape"][-1] else None,
+                 item.get("kv", "float"))
                 for item in self.correctness_grid()]
         # the register-prefetch decode variant, which the sweep may choose
         grid += [((3, 12, 4, 1, 300, 77, 77, (100, 0, 301), True, None), "float32",
-                  DecodeConfig(block_n=32, chunk_len=64, prefetch=True)),
+                  DecodeConfig(block_n=32, chunk_len=64, prefetch=True), "float"),
                  ((2, 8, 2, 1, 1000, 77, 64, (300, 0), True, None), "float16",
-                  DecodeConfig(block_n=64, num_warps=8, prefetch=True))]
+                  DecodeConfig(block_n=64, num_warps=8, prefetch=True), "float")]
         cases = []
-        for shape, dtype, config in grid:
+        for shape, dtype, config, kv in grid:
             try:
-                record = self.check_case(shape, dtype, config)
+                record = self.check_case(shape, dtype, config, kv)
                 record["config"] = _config_dict(config) if config else None
             except Exception as exc:
-                record = {"shape": shape, "dtype": dtype, "pass": False,
+                record = {"shape": shape, "dtype": dtype, "kv": kv, "pass": False,
                           "config": _config_dict(config) if config else None,
                           "error": f"{type(exc).__name__}: {exc}"}
             cases.append(record)
@@ -405,6 +417,32 @@ class GpuCheck:
             self.log(f"decode sweep {kind}: best {_config_dict(chosen)}, correct "
                      f"{report['best_correctness'][kind]['pass']}")
         return report
+
+    # ------------------------------------------------------------------ 5. quantized caches
+
+    def quantized_decode(self) -> dict:
+        """Decode time with an fp16 cache against int8 / int4 codes of the same ranks (issue 15; informative, no
+        target): the kernel is bound by the bytes it reads, which int8 halves and int4 quarters (+2 bytes of
+        scale per vector)."""
+        from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
+        torch = self.torch
+        batch, heads_kv, rank_k, rank_v = (8, 8, 77, 64) if not self.dry else (1, 2, 13, 8)
+        contexts = (8191, 32767) if not self.dry else (64,)
+        rows = []
+        for context in contexts:
+            q, k, v = self.decode_buffers(batch, heads_kv, context, rank_k, rank_v, copies=1)[0]
+            mask = torch.ones(batch, context, dtype=torch.int64, device=self.device)
+            row = {"B": batch, "H_kv": heads_kv, "context": context, "r_k": rank_k, "r_v": rank_v}
+            for kv in ("fp16", "int8", "int4"):
+                kk, vv = (k, v) if kv == "fp16" else (Quantized(*encode(k, kv), kv, rank_k),
+                                                      Quantized(*encode(v, kv), kv, rank_v))
+                row[kv] = self.time_call([self.ours(q, kk, vv, mask)])
+            for kv in ("int8", "int4"):
+                row[f"{kv}_vs_fp16"] = row[kv]["us"] / row["fp16"]["us"]
+            rows.append(row)
+            self.log(f"quantized decode ctx {context}: fp16 {row['fp16']['us']:.1f} us, int8 x{row['int8_vs_fp16']:.2f},"
+                     f" int4 x{row['int4_vs_fp16']:.2f}")
+        return {"rows": rows}
 
     # ------------------------------------------------------------------ 4. decode speed
 
