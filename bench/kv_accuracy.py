@@ -110,7 +110,6 @@ def run_job(job: str, source: str, work: str, step: int) -> dict:
 
     import eigen_export
     from eigen_export.artifacts.calib import read_calibration
-    from eigen_export.backends import TorchBackend, perplexity
 
     torch.set_num_threads(1)
     model = eigen_export.load(source)
@@ -122,6 +121,14 @@ def run_job(job: str, source: str, work: str, step: int) -> dict:
         layers, _ = read_calibration(Path(work) / f"calib-{basis}")
         model, fields = folded_model(model, layers, "pre", float(ratio), allocation)
         row |= {"config": name, "basis": basis, "allocation": allocation, **fields}
+    return evaluate(row, model, windows)
+
+
+def evaluate(row: dict, model, windows: dict) -> dict:
+    """row + perplexity and window count per text ({name: windows [n, L]}) and the evaluation time; printed
+    (without the per-layer ranks) as the job's line."""
+    from eigen_export.backends import TorchBackend, perplexity
+
     started = time.perf_counter()
     for text, ids in windows.items():
         row[f"ppl_{text}"] = perplexity(TorchBackend(model), ids)

@@ -19,14 +19,13 @@ import json
 import math
 import platform
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.kv_accuracy import folded_model, texts  # noqa: E402
+from bench.kv_accuracy import evaluate, folded_model, texts  # noqa: E402
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
 FP16_UNCOMPRESSED = 30 * 3 * 2 * 64 * 2          # SmolLM2: layers x KV heads x (K, V) x head_dim x 2 bytes
@@ -75,7 +74,6 @@ def run(config: str, source: str, calib: Path, step: int) -> dict:
 
     import eigen_export
     from eigen_export.artifacts.calib import read_calibration
-    from eigen_export.backends import TorchBackend, perplexity
 
     torch.set_num_threads(1)
     widths, average = config.split("@")
@@ -96,13 +94,7 @@ def run(config: str, source: str, calib: Path, step: int) -> dict:
            "bytes_per_token": math.ceil(code_bits / 8) + 2 * groups, "kv_ratio": fields["kv_ratio"]}
     row["bytes_vs_fp16_uncompressed"] = round(row["bytes_per_token"] / FP16_UNCOMPRESSED, 4)
     windows = texts(AutoTokenizer.from_pretrained(source), step)
-    started = time.perf_counter()
-    for name, ids in windows.items():
-        row[f"ppl_{name}"] = perplexity(TorchBackend(model), ids)
-        row[f"windows_{name}"] = int(ids.shape[0])
-    row["eval_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(row), flush=True)
-    return row
+    return evaluate(row, model, windows)
 
 
 def main() -> None:

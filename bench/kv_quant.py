@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.kv_accuracy import calibrate_in_child, folded_model, texts  # noqa: E402
-from bench.rope_modes import write  # noqa: E402
+from bench.kv_accuracy import calibrate_in_child, evaluate, folded_model, texts  # noqa: E402
+from bench.rope_modes import run_jobs  # noqa: E402
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
 CACHES = {"fp": (None, False), "int8": ("int8", True), "int8n": ("int8", False), "int4": ("int4", True),
@@ -51,7 +47,6 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
 
     import eigen_export
     from eigen_export.artifacts.calib import read_calibration
-    from eigen_export.backends import TorchBackend, perplexity
     from eigen_export.method.decompose import kv_bytes_per_token
 
     torch.set_num_threads(1)
@@ -71,13 +66,7 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
     row["kv_bytes_per_token"] = kv_bytes_per_token(ranks, spec.num_kv_heads, FP16_BYTES, kv_dtype)
     fp16_full = kv_bytes_per_token([(spec.head_dim, spec.head_dim)] * spec.num_layers, spec.num_kv_heads, FP16_BYTES)
     row["bytes_vs_fp16_uncompressed"] = round(row["kv_bytes_per_token"] / fp16_full, 4)
-    started = time.perf_counter()
-    for name, ids in windows.items():
-        row[f"ppl_{name}"] = perplexity(TorchBackend(model), ids)
-        row[f"windows_{name}"] = int(ids.shape[0])
-    row["eval_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps({k: v for k, v in row.items() if k != "ranks"}), flush=True)
-    return row
+    return evaluate(row, model, windows)
 
 
 def main() -> None:
@@ -97,19 +86,14 @@ def main() -> None:
     out = Path(args.out or ROOT / "bench" / "results" / f"kv-quant-{platform.node() or 'host'}.json")
     record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "machine": machine(),
               "python": sys.version.split()[0], "settings": vars(args) | {"caches": CACHES, "seqlen": 512},
-              "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF weights, fp32)", "calibration": {}, "rows": []}
+              "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF weights, fp32)", "rows": []}
     if (work / "calib" / "calib.json").exists():
         record["calibration"] = {"reused": str(work / "calib"), "calib.json": json.loads((work / "calib" /
                                                                                          "calib.json").read_text())}
     else:
         record["calibration"] = calibrate_in_child(source, work / "calib")
         print(record["calibration"], flush=True)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, job, source, str(work), args.window_step, args.texts) for job in args.jobs]
-        for future in as_completed(futures):
-            record["rows"].append(future.result())
-            write(record, out)
+    run_jobs(run_job, args, source, work, record, out)
 
 
 if __name__ == "__main__":

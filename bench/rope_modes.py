@@ -105,6 +105,12 @@ def main() -> None:
         if args.recalibrate or not (work / f"calib-{mode}" / "calib.json").exists():
             record["calibration"][mode] = calibrate_in_child(source, work / f"calib-{mode}", *MODES[mode])
             print(mode, record["calibration"][mode], flush=True)
+    run_jobs(run_job, args, source, work, record, out)
+
+
+def run_jobs(run_job, args, source: str, work: Path, record: dict, out: Path) -> None:
+    """run_job(job, source, work, window step, texts) for every job of args in --workers one-thread processes;
+    record's rows rewritten to `out` after each finished job."""
     os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_job, job, source, str(work), args.window_step, args.texts) for job in args.jobs]

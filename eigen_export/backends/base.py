@@ -54,4 +54,3 @@ def check_step_inputs(input_ids, attention_mask, position_ids, past, num_kv_head
             if tensor.dtype != element:
                 raise EigenExportError(f"past_key_values.{i}.{name} is {tensor.dtype}, the {what} takes {element}")
     return b, s, p
-

@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from eigen_export_plugins.lowrank_attention.onnx_op import lowrank_attention_op, onnx_translation
 from eigen_export_plugins.lowrank_attention.kv_codec import cache_slots
+from eigen_export_plugins.lowrank_attention.onnx_op import lowrank_attention_op, onnx_translation
 from eigen_export_plugins.lowrank_attention.reference import MAX_RANK
 
 from ..artifacts.layout import MODEL_ONNX
