@@ -8,6 +8,7 @@ Layer i always sees the outputs of the ORIGINAL layers 0..i-1 (the paper's rule)
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +25,10 @@ from .metrics import LOGIT_CHUNK
 
 # loss: bases that keep the loss (decompose.loss_basis); energy: the paper's eigenbases of the K(+Q) and V Grams
 BASES = ("loss", "energy")
+log = logging.getLogger("eigen_export")
+# The kept layer inputs may take this share of the GPU memory free when calibration starts; the rest is for one
+# layer's weights (streamed), its activations and the backward pass's working set.
+ACTIVATION_SHARE = 0.5
 
 
 @dataclass
@@ -128,8 +133,8 @@ def _loss_gradient(model: Decoder, x: torch.Tensor, ids: torch.Tensor) -> torch.
 def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "pre", basis: str = "loss",
               grad_samples: int | None = None, eps_grid=EPS_GRID, error_samples: int = 0, batch_size: int = 4,
               rank_multiple: int = 1, progress: bool = True, layer: Callable[[int], torch.nn.Module] | None = None,
-              stored_dtype: torch.dtype | None = torch.bfloat16, rope_positions: int | None = None
-              ) -> list[LayerCalibration]:
+              stored_dtype: torch.dtype | None = torch.bfloat16, rope_positions: int | None = None,
+              activations: str | torch.device | None = None) -> list[LayerCalibration]:
     """Bases, costs and (error_samples > 0) error curves for every layer of an uncompressed model on calib_ids
     [N, L].
 
@@ -144,6 +149,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     rope_positions (post mode): the key and query statistics are averaged over the rotations of positions
     0 .. rope_positions-1 (decompose.rotation_average; default the model's max context), so the basis does not
     depend on the calibration length; 0: fitted to the rotated vectors of the calibration windows as they are.
+    activations: where the kept layer inputs live (default: the model's device while they fit in
+    ACTIVATION_SHARE of its free memory, else host memory; each layer's comes back to the device for its turn).
     """
     spec = model.spec
     rope = spec.positions == "rope"
@@ -161,6 +168,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     n_grad = calib_ids.shape[0] if grad_samples is None else max(1, min(grad_samples, calib_ids.shape[0]))
     n_err = min(error_samples, n_grad)
     d, h_kv, n_layers = spec.head_dim, spec.num_kv_heads, spec.num_layers
+    kept_bytes = n_layers * data.x[:n_grad].numel() * _kept_dtype(data.dtype, stored_dtype).itemsize
+    home = torch.device(activations) if activations is not None else activation_home(device, kept_bytes)
     joint_kq = rope_mode != "pre"          # the paper's K+Q basis preserves q.k where keys and queries share it
     grams, inputs = [], []
     bar = tqdm(range(n_layers), desc="calibrate: forward", unit="layer", disable=not progress)
@@ -175,7 +184,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
                 b, _, length_, _ = q.shape
                 _gram_update(acc["q"], q.reshape(b, h_kv, spec.group_size, length_, d))
 
-        inputs.append(_kept(data.x[:n_grad], stored_dtype))
+        inputs.append(_kept(data.x[:n_grad], stored_dtype).to(home))
         data.advance(data.forward(layer(i), accumulate))
         grams.append(acc)
 
@@ -187,7 +196,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     bar = tqdm(reversed(range(n_layers)), desc="calibrate: backward", unit="layer", total=n_layers,
                disable=not progress)
     for i in bar:
-        block, x = layer(i), inputs[i].to(compute_dtype)
+        block, x = layer(i), inputs[i].to(device, compute_dtype)
         acc = grams[i]
         acc["gk"], acc["gv"] = torch.zeros_like(acc["k"]), torch.zeros_like(acc["v"])
         for s in chunks(x.shape[0], batch_size):
@@ -217,6 +226,21 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     return results
 
 
+def activation_home(device: torch.device, kept_bytes: int, free_bytes: int | None = None) -> torch.device:
+    """Where calibration keeps the layer inputs for its backward pass: on a GPU while they fit in ACTIVATION_SHARE
+    of its free memory (free_bytes: measured when None), else in host memory (slower: each layer's inputs cross
+    the bus once more, but a 66B model's 19 GB of them no longer compete with the weights)."""
+    if device.type != "cuda":
+        return device
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if kept_bytes <= ACTIVATION_SHARE * free_bytes:
+        return device
+    log.info("[calibrate] the kept layer inputs (%.1f GB) exceed %.0f%% of the GPU's free %.1f GB: kept in host "
+             "memory", kept_bytes / 1e9, 100 * ACTIVATION_SHARE, free_bytes / 1e9)
+    return torch.device("cpu")
+
+
 def _rotation_span(model: Decoder, rope_mode: str | None, rope_positions: int | None) -> int:
     """The positions post-mode statistics are averaged over (0: none, fit the calibration positions)."""
     if rope_mode != "post" or rope_positions == 0:
@@ -238,11 +262,17 @@ def _rotated_grams(model: Decoder, acc: dict[str, torch.Tensor], span: int) -> d
     return {"k": rotated(acc["k"], scale), "q": rotated(acc["q"], scale), "gk": rotated(acc["gk"], 1 / scale)}
 
 
+def _kept_dtype(dtype: torch.dtype, stored: torch.dtype | None) -> torch.dtype:
+    """The dtype layer inputs of dtype are kept in: stored where that is narrower."""
+    if stored is not None and dtype.is_floating_point and torch.finfo(stored).bits < torch.finfo(dtype).bits:
+        return stored
+    return dtype
+
+
 def _kept(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A copy of x (a slice would keep the whole tensor alive), in dtype where that is narrower."""
-    if dtype is not None and x.is_floating_point() and torch.finfo(dtype).bits < torch.finfo(x.dtype).bits:
-        return x.to(dtype)
-    return x.clone()
+    kept = _kept_dtype(x.dtype, dtype)
+    return x.to(kept) if kept != x.dtype else x.clone()
 
 
 def _curve(model: Decoder, block, x, layer: LayerCalibration, rope_mode, eps_grid, rank_multiple, batch_size,

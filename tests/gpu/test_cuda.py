@@ -5,7 +5,7 @@ import torch
 
 from eigen_export.method.calibrate import calibrate
 from eigen_export.method.fold import fold_state
-from eigen_export.loading import build_decoder, decoder_from_hf_model
+from eigen_export.loading import StreamedModel, build_decoder, decoder_from_hf_model
 from eigen_export.modeling import LayerRanks, default_position_ids
 from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
 
@@ -75,3 +75,23 @@ def test_onnxruntime_gpu_keeps_the_cache_on_the_gpu(exports):
     got, _ = gpu.forward(step.cuda(), mask2.cuda(), positions2.cuda(), past)      # the cache never left the GPU
     want, _ = cpu.forward(step, mask2, positions2, want_past)
     assert (got.cpu() - want).abs().max().item() <= 1e-3
+
+
+def test_streamed_calibration_on_a_gpu_equals_the_cpu_one_wherever_the_inputs_are_kept(tmp_path):
+    """What `calibrate --device cuda` runs: layers streamed from shards onto the GPU, the kept layer inputs on
+    the GPU or in host memory (method.calibrate.activation_home), the same bases as on CPU."""
+    hf = tiny_hf_model("llama-gqa")
+    hf.save_pretrained(tmp_path, max_shard_size="60KB")
+    ids = ptb_like_ids(4, 24)
+    results = {}
+    for device, home in (("cpu", None), ("cuda", "cuda"), ("cuda", "cpu")):
+        streamed = StreamedModel(tmp_path, dtype="float32", device=device)
+        streamed.load_head()
+        results[device, home] = calibrate(streamed.model, ids, "pre", progress=False, layer=streamed.block,
+                                          activations=home)
+    want = results["cpu", None]
+    for got in (results["cuda", "cuda"], results["cuda", "cpu"]):
+        for a, b in zip(want, got):
+            assert b.eig_k.device.type == "cpu"
+            torch.testing.assert_close(b.eig_k, a.eig_k, rtol=1e-3, atol=1e-5 * a.eig_k.max().item())
+            torch.testing.assert_close(b.cost_v, a.cost_v, rtol=1e-3, atol=1e-5 * a.cost_v.max().item())

@@ -128,3 +128,13 @@ def test_post_mode_fits_the_rotation_averaged_key_and_query_statistics():
         want = eigenbasis(rotation_average(gram, model.inv_freq, spec.rope_dim, spec.rope_layout, 300))[0]
         assert torch.allclose(layer.eig_k, want, rtol=1e-6, atol=1e-8 * want.max().item())
         assert not torch.allclose(window_layer.eig_k, want, rtol=1e-2)
+
+
+def test_the_kept_layer_inputs_leave_the_gpu_only_when_they_do_not_fit():
+    from eigen_export.method.calibrate import ACTIVATION_SHARE, activation_home
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert activation_home(cpu, 10**12) == cpu                        # host memory is the only home on CPU
+    assert activation_home(gpu, 10**9, free_bytes=int(10**9 / ACTIVATION_SHARE)) == gpu
+    assert activation_home(gpu, 10**9 + 1, free_bytes=int(10**9 / ACTIVATION_SHARE)) == cpu
+
