@@ -73,16 +73,17 @@ def texts(tokenizer, step: int, seqlen: int = SEQLEN) -> dict:
 
 
 def folded_model(model, layers, rope_mode, ratio: float, allocation: str = "loss", rotate: bool = False,
-                 kv_dtype: str | None = None):
-    """(the model folded in memory at a KV ratio, the row fields describing its ranks); rotate, kv_dtype: the
-    fold's rotation and the quantized cache (FoldSettings.kv_rotation / kv_dtype)."""
+                 kv_dtype: str | None = None, kv_bits: float = 4.0):
+    """(the model folded in memory at a KV ratio, the row fields describing its ranks); rotate, kv_dtype,
+    kv_bits: the fold's rotation and the quantized cache (FoldSettings.kv_rotation / kv_dtype / kv_bits)."""
     from eigen_export.method.fold import fold_to_target
     from eigen_export.modeling import Decoder
 
-    ranks, _, found, state = fold_to_target(model, layers, rope_mode, ratio, allocation=allocation, rotate=rotate)
+    ranks, _, found, state = fold_to_target(model, layers, rope_mode, ratio, allocation=allocation, rotate=rotate,
+                                            kv_bits=kv_bits if kv_dtype == "mixed" else None)
     spec = model.spec
     folded = Decoder(spec, ranks, rope_mode, state, inv_freq=model.inv_freq, rope_scaling=model.rope_scaling,
-                     kv_dtype=kv_dtype).eval()
+                     kv_dtype=kv_dtype, kv_layout=found.get("kv_layout")).eval()
     return folded, {"target": ratio,
                     "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.head_dim), 4),
                     "key_dims": sum(r.k for r in ranks), "value_dims": sum(r.v for r in ranks),

@@ -6,8 +6,9 @@ coordinates), fake-quantized in the reference decoder, on SmolLM2-135M at KV 0.7
 A config BITS@AVG: each kept latent coordinate gets one of BITS, by reverse water-filling on the calibrated loss
 spectrum (the loss-basis latents are loss-whitened, so one threshold serves every head, layer, key and value),
 with AVG bits per kept coordinate on average; `4@4` is uniform int4. The coordinates of a vector that share a
-width form a group: rotated within itself (decompose.incoherent_rotation), one fp16 absmax scale per token and
-group, symmetric codes. Bytes per token count the codes and one 2-byte scale per group. This is a probe of the
+width form a group: rotated within itself (decompose.incoherent_rotation), symmetric codes, absmax scales per
+token (--scales: one fp16 or one 8-bit log2 scale per group, or one fp16 scale per vector). Bytes per token count
+the codes and the scales. This is a probe of the
 accuracy a layout with several code widths per vector would reach; no such cache format exists yet (kv_codec
 has one width per vector). Calibration: bench/kv_quant.py's (build/bench-kv-quant/calib, the defaults).
 Writes bench/results/kv-bit-allocation-<host>.json.
@@ -50,25 +51,40 @@ def allocate(spectra: list, widths: list[int], average: float):
     return at(hi)
 
 
-def fake_quantize(x, bits):
-    """x [B, H_kv, T, r] through per-group rotated absmax codes; bits [H_kv, r]."""
+def fake_quantize(x, bits, spectrum, scales: str):
+    """x [B, H_kv, T, r] through per-group rotated absmax codes; bits and spectrum [H_kv, r].
+
+    scales: "group" = one fp16 scale per token and group; "log8" = one 8-bit log2 scale per token and group;
+    "shared" = one fp16 step per token for all groups (the largest group's absmax / qmax: equal noise per
+    coordinate, as water-filling asks); "spectrum" = one fp16
+    scale per token times static per-group ratios sqrt(mean eigenvalue of the group) / qmax, which a cache
+    format would fold into the basis."""
     import torch
 
     from eigen_export.method.decompose import incoherent_rotation
 
     out = torch.empty_like(x)
     for h in range(x.shape[1]):
+        groups = []
         for b in sorted(set(bits[h].tolist())):
             idx = (bits[h] == b).nonzero().flatten()
             rot = incoherent_rotation(len(idx), seed=len(idx)).float()
-            z = x[:, h][..., idx].float() @ rot
             qmax = 2 ** (int(b) - 1) - 1
-            scale = (z.abs().amax(-1, keepdim=True) / qmax).clamp_min(2 ** -14).half().float()
+            ratio = 1.0 if scales != "spectrum" else spectrum[h, idx].mean().sqrt().item() / qmax
+            groups.append((idx, rot, qmax, ratio, x[:, h][..., idx].float() @ rot))
+        need = [z.abs().amax(-1, keepdim=True) / (qmax * ratio) for _, _, qmax, ratio, z in groups]
+        shared = torch.stack(need).amax(0) if scales != "group" else None
+        for (idx, rot, qmax, ratio, z), own in zip(groups, need):
+            unit = (own if shared is None else shared).clamp_min(2 ** -14)
+            if scales == "log8":         # 2^(u/8), u an int8 rounded up: the codes never clip, the step is <= 9% long
+                scale = torch.exp2(torch.ceil(8 * torch.log2(unit)).clamp(-128, 127) / 8)
+            else:
+                scale = unit.half().float() * ratio       # the ratio is static: folded into the basis
             out[:, h][..., idx] = ((torch.round(z / scale).clamp(-qmax, qmax) * scale) @ rot.T).to(x.dtype)
     return out
 
 
-def run(config: str, source: str, calib: Path, step: int) -> dict:
+def run(config: str, source: str, calib: Path, step: int, scales: str) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -84,14 +100,22 @@ def run(config: str, source: str, calib: Path, step: int) -> dict:
     spectra = [(layers[i].eig_k if side == "k" else layers[i].eig_v)[:, :r].double().clamp_min(1e-30)
                for (i, side), r in zip(keys, [r for pair in fields["ranks"] for r in pair])]
     bits = dict(zip(keys, allocate(spectra, widths, average)))
+    spectrum = dict(zip(keys, spectra))
+
+    def cached(k, v, i):
+        return tuple(fake_quantize(x, bits[(i, side)], spectrum[(i, side)], scales) for x, side in ((k, "k"), (v, "v")))
+
     for i, layer in enumerate(model.layers):
-        layer.attn._cached = lambda k, v, i=i: (fake_quantize(k, bits[(i, "k")]), fake_quantize(v, bits[(i, "v")]))
+        layer.attn._cached = lambda k, v, i=i: cached(k, v, i)
     code_bits = sum(b.sum().item() for b in bits.values())
     groups = sum(len(set(b[h].tolist())) for b in bits.values() for h in range(b.shape[0]))
-    row = {"config": config, "widths": widths, "average_bits": round(code_bits / sum(b.numel() for b in bits.values()), 3),
+    scale_bytes = 2 * groups if scales == "group" else groups if scales == "log8" else \
+        2 * sum(b.shape[0] for b in bits.values())               # one fp16 scale per vector
+    row = {"config": config, "scales": scales, "widths": widths,
+           "average_bits": round(code_bits / sum(b.numel() for b in bits.values()), 3),
            "coordinates_per_width": {w: int(sum((b == w).sum().item() for b in bits.values())) for w in widths},
            "groups_per_vector": round(groups / sum(b.shape[0] for b in bits.values()), 2),
-           "bytes_per_token": math.ceil(code_bits / 8) + 2 * groups, "kv_ratio": fields["kv_ratio"]}
+           "bytes_per_token": math.ceil(code_bits / 8) + scale_bytes, "kv_ratio": fields["kv_ratio"]}
     row["bytes_vs_fp16_uncompressed"] = round(row["bytes_per_token"] / FP16_UNCOMPRESSED, 4)
     windows = texts(AutoTokenizer.from_pretrained(source), step)
     return evaluate(row, model, windows)
@@ -101,6 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["4@4", "2,4,8@4", "2,4,8@3.5"])
     parser.add_argument("--window-step", type=int, default=16)
+    parser.add_argument("--scales", choices=["group", "log8", "shared", "spectrum"], default="group",
+                        help="scales per vector: one fp16 (or 8-bit log2) per width group, or one fp16 shared "
+                             "(equal steps, or steps in static ratios from the spectrum)")
     parser.add_argument("--calib", default=str(ROOT / "build" / "bench-kv-quant" / "calib"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -110,7 +137,8 @@ def main() -> None:
     record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "machine": machine(),
               "python": sys.version.split()[0], "settings": vars(args),
               "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF weights, fp32)", "kv_ratio": 0.7,
-              "rows": [run(c, str(smollm2_dir()), Path(args.calib), args.window_step) for c in args.configs]}
+              "rows": [run(c, str(smollm2_dir()), Path(args.calib), args.window_step, args.scales)
+                       for c in args.configs]}
     out = Path(args.out or ROOT / "bench" / "results" / f"kv-bit-allocation-{platform.node() or 'host'}.json")
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")

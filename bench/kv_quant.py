@@ -10,6 +10,8 @@ a change of basis, so the quantizer sees the latents a full-rank fold stores); C
   int8n   int8 without the rotation (--no-kv-rotation)
   int4    int4 codes with the rotation (the --kv-dtype int4 default)
   int4n   int4 without the rotation
+  mixedB  8, 4 or 2 bits per number by the calibrated spectrum, B bits on average (e.g. mixed4, mixed4.2;
+          --kv-dtype mixed --kv-bits B), one fp16 scale per vector, each width's run rotated
 `baseline` is the unfolded model. Calibration: `eigen-export calibrate` defaults (32 x 512 PTB train, pre mode,
 loss bases), made once in its own process; ranks by --allocation loss. Evaluation: kv_accuracy's protocol,
 every 512-token window of PTB test and of the Python language reference, fp32, no cache: the reference decoder
@@ -58,12 +60,15 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
     kv_dtype = None
     if job != "baseline":
         ratio, cache = job.split(":")
-        kv_dtype, rotate = CACHES[cache]
+        kv_dtype, rotate = CACHES[cache] if not cache.startswith("mixed") else ("mixed", True)
+        kv_bits = float(cache[len("mixed"):] or 4) if kv_dtype == "mixed" else None
         layers, record = read_calibration(Path(work) / "calib")
-        model, fields = folded_model(model, layers, record.rope_mode, float(ratio), rotate=rotate, kv_dtype=kv_dtype)
+        model, fields = folded_model(model, layers, record.rope_mode, float(ratio), rotate=rotate, kv_dtype=kv_dtype,
+                                     kv_bits=kv_bits)
         ranks = [tuple(r) for r in fields["ranks"]]
-        row |= {"cache": cache, "kv_dtype": kv_dtype, "rotation": rotate, **fields}
-    row["kv_bytes_per_token"] = kv_bytes_per_token(ranks, spec.num_kv_heads, FP16_BYTES, kv_dtype)
+        row |= {"cache": cache, "kv_dtype": kv_dtype, "rotation": rotate, "kv_bits": kv_bits, **fields}
+    row["kv_bytes_per_token"] = kv_bytes_per_token(ranks, spec.num_kv_heads, FP16_BYTES, kv_dtype,
+                                                   row.get("found", {}).get("kv_layout"))
     fp16_full = kv_bytes_per_token([(spec.head_dim, spec.head_dim)] * spec.num_layers, spec.num_kv_heads, FP16_BYTES)
     row["bytes_vs_fp16_uncompressed"] = round(row["kv_bytes_per_token"] / fp16_full, 4)
     return evaluate(row, model, windows)
@@ -72,7 +77,7 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS,
-                        help="baseline and/or ratio:cache, cache one of " + ", ".join(CACHES))
+                        help="baseline and/or ratio:cache, cache one of " + ", ".join(CACHES) + " or mixedB")
     parser.add_argument("--texts", nargs="+", default=["ptb_test", "python_reference"])
     parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
     parser.add_argument("--workers", type=int, default=2)

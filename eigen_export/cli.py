@@ -74,8 +74,11 @@ def _fold_flags(p):
                         "calibration loss least), energy (one energy threshold) or error / update_error (the "
                         "smallest worst-layer calibrated block error; calibrate with --error-samples) "
                         f"{_default(FoldSettings, 'allocation')}")
-    p.add_argument("--kv-dtype", choices=("int8", "int4"), default=UNSET,
-                   help="quantize the latent cache per token (scales in fp16) (default: the model's dtype)")
+    p.add_argument("--kv-dtype", choices=("int8", "int4", "mixed"), default=UNSET,
+                   help="quantize the latent cache per token (one fp16 scale per vector); mixed: 8, 4 or 2 bits per "
+                        "latent number by the calibrated spectrum, --kv-bits on average (default: the model's dtype)")
+    p.add_argument("--kv-bits", type=float, default=UNSET,
+                   help=f"with --kv-dtype mixed: mean bits per cached number {_default(FoldSettings, 'kv_bits')}")
     p.add_argument("--no-kv-rotation", dest="kv_rotation", action="store_false", default=UNSET,
                    help="with --kv-dtype: do not fold the outlier-spreading rotation into the bases")
 

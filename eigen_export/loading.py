@@ -44,20 +44,21 @@ def decoder_from_hf_model(hf_model, dtype=torch.float32, device="cpu") -> Decode
 
 
 def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="cpu",
-                  num_kv_heads: int | None = None, kv_dtype: str | None = None) -> Decoder:
+                  num_kv_heads: int | None = None, kv_dtype: str | None = None, kv_layout=None) -> Decoder:
     """num_kv_heads: the manifest's count where it differs from the config (KV heads merged in a family whose
-    transformers config cannot state it). kv_dtype: the manifest's quantized cache, if any."""
+    transformers config cannot state it). kv_dtype, kv_layout: the manifest's quantized cache, if any."""
     spec = spec_from_config(config)
     if num_kv_heads is not None:
         spec = spec.replace(num_kv_heads=num_kv_heads)
     adapter = get_adapter(config.model_type)
     inv_freq, scaling = adapter.rope_inv_freq(config) if adapter.rope_inv_freq else (None, 1.0)
-    model = Decoder(spec, ranks, rope_mode, state, inv_freq=inv_freq, rope_scaling=scaling, kv_dtype=kv_dtype)
+    model = Decoder(spec, ranks, rope_mode, state, inv_freq=inv_freq, rope_scaling=scaling, kv_dtype=kv_dtype,
+                    kv_layout=kv_layout)
     return model.to(device=device, dtype=resolve_dtype(dtype)).eval()
 
 
 def fake_decoder(config, shapes: dict[str, torch.Tensor], dtype: torch.dtype, ranks, rope_mode,
-                 num_kv_heads: int | None = None, kv_dtype: str | None = None) -> Decoder:
+                 num_kv_heads: int | None = None, kv_dtype: str | None = None, kv_layout=None) -> Decoder:
     """The Decoder of these weight shapes (canonical names -> meta tensors) with fake weights in `dtype`: a
     graph capture traces it without one byte of weights; ONNXProgram initializers are then pointed at the
     real ones. RoPE frequencies and ALiBi slopes are real (computed from the config) and stay fp32: rounding
@@ -71,7 +72,8 @@ def fake_decoder(config, shapes: dict[str, torch.Tensor], dtype: torch.dtype, ra
     inv_freq, scaling = adapter.rope_inv_freq(config) if adapter.rope_inv_freq else (None, 1.0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in shapes.items()}
-        model = Decoder(spec, ranks, rope_mode, fake, inv_freq=inv_freq, rope_scaling=scaling, kv_dtype=kv_dtype)
+        model = Decoder(spec, ranks, rope_mode, fake, inv_freq=inv_freq, rope_scaling=scaling, kv_dtype=kv_dtype,
+                        kv_layout=kv_layout)
     # the buffers were made in fake mode too: their real values back
     if spec.positions == "rope":
         model.inv_freq = inv_freq.float().clone()

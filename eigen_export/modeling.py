@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES, code_values, encode
+from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES, CodeFormat, code_values, encode
 
 from .errors import EigenExportError
 from .families import ModelSpec
@@ -114,12 +114,20 @@ class AttentionContext:
 
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, ranks: LayerRanks, rope_mode: str | None, biases: set[str],
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, kv_layout=None):
         super().__init__()
         d, h, h_kv, dim = spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.hidden_size
         if not (1 <= ranks.k <= d and 1 <= ranks.v <= d):
             raise EigenExportError(f"ranks {ranks} must lie in [1, head_dim={d}]")
         self.spec, self.ranks, self.kv_dtype = spec, ranks, kv_dtype
+        # a mixed cache's (key counts, value counts) of its 8/4/2-bit coordinates (kv_codec.CodeFormat)
+        self.kv_layout = tuple(tuple(int(n) for n in side) for side in kv_layout) if kv_layout else None
+        if kv_dtype == "mixed":
+            try:
+                CodeFormat.of("mixed", ranks.k, self.counts[0]), CodeFormat.of("mixed", ranks.v, self.counts[1])
+            except ValueError as e:
+                raise EigenExportError(f"{e}: the fold's kv_layout does not fit its ranks, re-run `eigen-export "
+                                       "fold`") from None
         rope = spec.positions == "rope"
         self.rope_mode = rope_mode if rope else None
         # Width of q/k rows per head: non-RoPE folds put the basis into W_Q/W_K; post keeps q, k full and
@@ -183,10 +191,16 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), present
 
 
+    @property
+    def counts(self) -> tuple:
+        """(key counts, value counts) of a mixed cache, (None, None) otherwise."""
+        return (self.kv_layout or (None, None)) if self.kv_dtype == "mixed" else (None, None)
+
     def _cached(self, k, v) -> tuple[torch.Tensor, ...]:
         if self.kv_dtype is None:
             return k, v
-        (k_codes, k_scale), (v_codes, v_scale) = encode(k, self.kv_dtype), encode(v, self.kv_dtype)
+        (k_codes, k_scale), (v_codes, v_scale) = (encode(k, self.kv_dtype, self.counts[0]),
+                                                  encode(v, self.kv_dtype, self.counts[1]))
         return k_codes, v_codes, k_scale, v_scale
 
     def _read(self, cache: tuple[torch.Tensor, ...], dtype: torch.dtype):
@@ -196,8 +210,8 @@ class Attention(nn.Module):
         if self.kv_dtype is None:
             return cache[0], cache[1], None, None
         k_codes, v_codes, k_scale, v_scale = cache
-        return (code_values(k_codes, self.ranks.k, self.kv_dtype, dtype),
-                code_values(v_codes, self.ranks.v, self.kv_dtype, dtype), k_scale, v_scale)
+        return (code_values(k_codes, self.ranks.k, self.kv_dtype, dtype, self.counts[0]),
+                code_values(v_codes, self.ranks.v, self.kv_dtype, dtype, self.counts[1]), k_scale, v_scale)
 
 
 class MLP(nn.Module):
@@ -216,12 +230,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, spec, ranks, rope_mode, ffn_dim, biases: set[str], kv_dtype: str | None = None):
+    def __init__(self, spec, ranks, rope_mode, ffn_dim, biases: set[str], kv_dtype: str | None = None,
+                 kv_layout=None):
         super().__init__()
         self.spec = spec
         self.attn_norm = make_norm(spec, "attn_norm" in biases)
         self.mlp_norm = make_norm(spec, "mlp_norm" in biases)
-        self.attn = Attention(spec, ranks, rope_mode, biases, kv_dtype)
+        self.attn = Attention(spec, ranks, rope_mode, biases, kv_dtype, kv_layout)
         self.mlp = MLP(spec, ffn_dim, biases)
 
     def attn_input(self, x):
@@ -247,15 +262,20 @@ class Decoder(nn.Module):
 
     def __init__(self, spec: ModelSpec, ranks: list[LayerRanks] | None, rope_mode: str | None,
                  state_dict: dict[str, torch.Tensor], inv_freq: torch.Tensor | None = None,
-                 rope_scaling: float = 1.0, kv_dtype: str | None = None):
-        """kv_dtype: int8 | int4 to quantize the cache (plugins/lowrank_attention/kv_codec.py), None to keep it
-        in the model's dtype."""
+                 rope_scaling: float = 1.0, kv_dtype: str | None = None, kv_layout=None):
+        """kv_dtype: int8 | int4 | mixed to quantize the cache (plugins/lowrank_attention/kv_codec.py), None to
+        keep it in the model's dtype; kv_layout (mixed): per layer, the counts of 8/4/2-bit coordinates of its
+        keys and of its values."""
         super().__init__()
         if rope_mode is not None and rope_mode not in ROPE_MODES:
             raise EigenExportError(f"rope_mode must be one of {ROPE_MODES}, got {rope_mode!r}")
         if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             raise EigenExportError(f"kv cache dtype must be one of {KV_DTYPES} (or none), got {kv_dtype!r}")
         self.kv_dtype = kv_dtype
+        if kv_layout is not None and len(kv_layout) != spec.num_layers:
+            raise EigenExportError(f"kv_layout has {len(kv_layout)} layers, the model {spec.num_layers}: re-run "
+                                   "`eigen-export fold`")
+        self.kv_layout = [tuple(map(tuple, layer)) for layer in kv_layout] if kv_layout is not None else None
         full = LayerRanks(spec.head_dim, spec.head_dim)
         self.spec = spec
         self.ranks = list(ranks) if ranks is not None else [full] * spec.num_layers
@@ -276,7 +296,8 @@ class Decoder(nn.Module):
             self.proj_out = nn.Linear(*reversed(state_dict["proj_out.weight"].shape), bias=False) \
                 if "proj_out.weight" in state_dict else None
             self.layers = nn.ModuleList(
-                Block(spec, r, self.rope_mode, ffn_dim, biases, kv_dtype) for r in self.ranks
+                Block(spec, r, self.rope_mode, ffn_dim, biases, kv_dtype,
+                      self.kv_layout[i] if self.kv_layout else None) for i, r in enumerate(self.ranks)
             )
             self.final_norm = make_norm(spec, "final_norm" in biases) if spec.final_norm else None
             self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)

@@ -90,8 +90,10 @@ class FoldSettings:
     allocation: str = "loss"               # loss: cheapest calibrated loss; energy: one energy threshold;
                                            # error / update_error: calibrated block error (needs error_samples)
     dtype: str = "float32"
-    kv_dtype: str | None = None            # int8 | int4: quantize the latent cache (kv_codec); None: the model's dtype
+    kv_dtype: str | None = None            # int8 | int4 | mixed: quantize the latent cache (kv_codec); None: the
+                                           # model's dtype
     kv_rotation: bool = True               # with kv_dtype: fold an incoherent rotation into the bases first
+    kv_bits: float = 4.0                   # mixed: mean bits per cached latent number (8, 4 or 2 each)
 
     def __post_init__(self):
         if (self.kv_ratio is None) == (self.error_budget is None):
@@ -105,6 +107,9 @@ class FoldSettings:
         _one_of(self, "allocation", ALLOCATIONS)
         _one_of(self, "dtype", FLOAT_NAMES)
         _one_of(self, "kv_dtype", (None, *KV_DTYPES))
+        if not (isinstance(self.kv_bits, (int, float)) and 2 <= self.kv_bits <= 8):
+            raise EigenExportError(f"kv_bits {self.kv_bits} is outside [2, 8]: the mean bits per cached number of a "
+                                   "mixed cache, e.g. 4")
 
     @property
     def rotated(self) -> bool:
@@ -124,7 +129,8 @@ class FoldSettings:
             rule = {"rule": "error_budget", "error_budget": self.error_budget}
         else:
             rule = {"rule": "kv_ratio", "target": self.kv_ratio, "allocation": self.allocation}
-        return rule | {"kv_dtype": self.kv_dtype, "kv_rotation": self.rotated}
+        return rule | {"kv_dtype": self.kv_dtype, "kv_rotation": self.rotated} | \
+            ({"kv_bits": self.kv_bits} if self.kv_dtype == "mixed" else {})
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,8 @@ _TABLES = {
     "calibration": ("calibration", {"dataset": "dataset", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed",
                                     "rank_multiple": "rank_multiple"}),
     "compress": (None, {"kv_ratio": "kv_ratio", "error_budget": "error_budget", "rope_mode": "rope_mode",
-                        "allocation": "allocation", "kv_dtype": "kv_dtype", "kv_rotation": "kv_rotation"}),
+                        "allocation": "allocation", "kv_dtype": "kv_dtype", "kv_rotation": "kv_rotation",
+                        "kv_bits": "kv_bits"}),
     "engine": (None, {"max_batch": "max_batch", "max_context": "max_context", "onnx_dtype": "onnx_dtype",
                       "backend": "backend"}),
     "validate": ("validation", {f.name: f.name for f in fields(ValidationSettings)}),
@@ -308,7 +315,7 @@ def recipe_from_tables(name: str, data: dict) -> Recipe:
             name=name, source=model["source"], family=model["family"], device=model.get("device", "auto"),
             calibration=CalibrationSettings(**calibration),
             fold=FoldSettings.target(compress.get("kv_ratio"), compress.get("error_budget"), dtype=dtype,
-                                     **{k: compress[k] for k in ("allocation", "kv_dtype", "kv_rotation")
+                                     **{k: compress[k] for k in ("allocation", "kv_dtype", "kv_rotation", "kv_bits")
                                         if k in compress}),
             export=ExportSettings(**({"dtype": engine["onnx_dtype"]} if "onnx_dtype" in engine else {})),
             build=BuildSettings(**{k: engine[k] for k in ("backend", "max_batch", "max_context") if k in engine}),

@@ -122,6 +122,24 @@ def test_bad_input_fails_before_any_model_or_text_is_loaded(argv, message, capsy
     assert not (tmp_path / "x").exists()
 
 
+def test_fold_with_a_mixed_width_cache(tiny_llama_dir, tmp_path, capsys):
+    """`fold --kv-dtype mixed --kv-bits 3`: eigen.json records the widths of every layer's keys and values, at
+    most 3 bits per number on average, and the folded model runs with them."""
+    calib = tmp_path / "calib"
+    assert _run(capsys, "calibrate", tiny_llama_dir, "--out", calib, "--nsamples", 2, "--seqlen", 16)[0] == 0
+    folded = tmp_path / "folded"
+    code, stdout, _ = _run(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", folded, "--kv-ratio", 0.6,
+                           "--kv-dtype", "mixed", "--kv-bits", 3)
+    assert code == 0, stdout
+    manifest = json.loads((folded / MANIFEST).read_text())
+    assert manifest["kv_dtype"] == "mixed" and manifest["calibration"]["allocation"]["kv_bits"] == 3
+    counts = [side for layer in manifest["kv_layout"] for side in layer]
+    assert [[sum(c) for c in layer] for layer in manifest["kv_layout"]] == manifest["ranks"]
+    assert sum(8 * a + 4 * b + 2 * c for a, b, c in counts) <= 3 * sum(map(sum, counts))
+    code, stdout, _ = _run(capsys, "perplexity", folded, "--seqlen", 16, "--max-windows", 2)
+    assert code == 0 and json.loads(stdout)["perplexity"] > 1
+
+
 def test_fold_with_a_quantized_cache(tiny_llama_dir, tmp_path, capsys):
     """`fold --kv-dtype int4 --no-kv-rotation`: recorded in eigen.json, and the folded model runs with codes."""
     calib = tmp_path / "calib"

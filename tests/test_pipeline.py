@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from eigen_export.cli import main
+from eigen_export_plugins.lowrank_attention.kv_codec import code_width
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,23 +128,30 @@ def test_a_stage_in_its_own_process_raises_its_error_here(tmp_path):
         isolated(find_onnx_dir, tmp_path)
 
 
-def test_engine_with_an_int8_cache_from_the_recipe(tiny_llama_dir, tmp_path, capsys):
-    """[compress] kv_dtype = "int8": the fold records it, the graphs carry codes + fp16 scales, ONNX Runtime's
-    parity with the quantized reference passes, and the report counts the scales in the cache bytes."""
+@pytest.mark.parametrize("kv_dtype", ["int8", "mixed"])
+def test_engine_with_a_quantized_cache_from_the_recipe(tiny_llama_dir, tmp_path, capsys, kv_dtype):
+    """[compress] kv_dtype = "int8" (or "mixed"): the fold records it, the graphs carry codes + fp16 scales,
+    ONNX Runtime's parity with the quantized reference passes, and the report counts the scales in the cache
+    bytes."""
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(TINY_RECIPE.format(source=tiny_llama_dir, kv_ratio=0.7).replace(
-        "kv_ratio = 0.7", 'kv_ratio = 0.7\nkv_dtype = "int8"'))
+        "kv_ratio = 0.7", f'kv_ratio = 0.7\nkv_dtype = "{kv_dtype}"'))
     assert main(["engine", str(recipe), "--build-dir", str(tmp_path / "build"), "--no-baseline"]) == 0, \
         capsys.readouterr().err
     assert "parity report PASS" in capsys.readouterr().out
     root = tmp_path / "build" / "tiny"
     manifest = json.loads((root / "folded" / "eigen.json").read_text())
-    assert (manifest["kv_dtype"], manifest["kv_rotation"]) == ("int8", True)
+    assert (manifest["kv_dtype"], manifest["kv_rotation"]) == (kv_dtype, True)
     io = json.loads((root / "onnx" / "io.json").read_text())
-    assert io["kv_dtype"] == "int8" and {e["dtype"] for e in io["inputs"][3:]} == {"int8", "float16"}
+    codes = {"int8": "int8", "mixed": "uint8"}[kv_dtype]
+    assert io["kv_dtype"] == kv_dtype and {e["dtype"] for e in io["inputs"][3:]} == {codes, "float16"}
+    assert io["kv_layout"] == manifest["kv_layout"] and (manifest["kv_layout"] is None) == (kv_dtype == "int8")
     report = json.loads((root / "report" / "report.json").read_text())
     h_kv = manifest["num_kv_heads"]
-    assert report["memory"]["kv_bytes_per_token_compressed"] == sum(h_kv * (k + v + 4) for k, v in manifest["ranks"])
-    assert report["compression"]["kv_dtype"] == "int8"
+    layout = manifest["kv_layout"] or [[None, None]] * len(manifest["ranks"])
+    assert report["memory"]["kv_bytes_per_token_compressed"] == sum(
+        h_kv * (code_width(k, kv_dtype, ck) + code_width(v, kv_dtype, cv) + 4)
+        for (k, v), (ck, cv) in zip(manifest["ranks"], layout))
+    assert report["compression"]["kv_dtype"] == kv_dtype
     assert report["backends"]["onnxruntime"]["present_max_abs"] <= 1e-3
     assert "quantization_effect" in report["backends"]["onnxruntime"]

@@ -45,8 +45,9 @@ class Manifest:
     calibration: dict                    # dataset, nsamples, seqlen, seed, allocation rule, ...
     weights_sha256: str
     dtype: str = "float32"
-    kv_dtype: str | None = None          # int8 | int4: the cache is quantized (kv_codec); None: in `dtype`
+    kv_dtype: str | None = None          # int8 | int4 | mixed: the cache is quantized (kv_codec); None: in `dtype`
     kv_rotation: bool = False            # an incoherent rotation was folded into the bases (method/fold.py)
+    kv_layout: list | None = None        # mixed: per layer [key counts, value counts] of 8/4/2-bit coordinates
     format: str = FORMAT
     version: int = VERSION
     extra: dict = field(default_factory=dict)
@@ -64,6 +65,12 @@ class Manifest:
         for i, (rk, rv) in enumerate(self.ranks):
             if not (1 <= rk <= self.head_dim and 1 <= rv <= self.head_dim):
                 raise EigenExportError(f"eigen.json layer {i} ranks ({rk}, {rv}) outside [1, head_dim={self.head_dim}]")
+        if (self.kv_dtype == "mixed") != (self.kv_layout is not None):
+            raise EigenExportError("eigen.json's kv_layout must be given exactly for a mixed cache: re-run the fold")
+        for i, (ranks, counts) in enumerate(zip(self.ranks, self.kv_layout or [])):
+            if [sum(c) for c in counts] != list(ranks):
+                raise EigenExportError(f"eigen.json layer {i} kv_layout {counts} does not add up to its ranks "
+                                       f"{ranks}: re-run the fold")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -179,7 +186,8 @@ def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = 
     config, manifest, checkpoint = open_folded(path, verify)
     state = checkpoint.read(checkpoint.names())
     return build_decoder(config, state, [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode,
-                         dtype=dtype, device=device, num_kv_heads=manifest.num_kv_heads, kv_dtype=manifest.kv_dtype)
+                         dtype=dtype, device=device, num_kv_heads=manifest.num_kv_heads, kv_dtype=manifest.kv_dtype,
+                         kv_layout=manifest.kv_layout)
 
 
 def open_folded(path: str | Path, verify: bool = True) -> tuple[object, Manifest, Checkpoint]:
@@ -219,7 +227,7 @@ def model_of_shapes(path: str | Path, dtype) -> tuple[Decoder, Callable[[str], t
         config, manifest, checkpoint = open_folded(path)
         model = fake_decoder(config, checkpoint.placeholders(checkpoint.names()), dtype,
                              [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode, manifest.num_kv_heads,
-                             manifest.kv_dtype)
+                             manifest.kv_dtype, manifest.kv_layout)
         return model, lambda name: checkpoint.read([name])[name].to(dtype)
     streamed = StreamedModel(path, dtype=dtype)
     return fake_decoder(streamed.config, streamed.placeholders(), dtype, None, None), streamed.read

@@ -51,7 +51,8 @@ class OnnxIO:
     opset: int
     inputs: list[dict]                  # {"name", "dtype", "shape": [int | dim name]}
     outputs: list[dict]
-    kv_dtype: str | None = None         # int8 | int4: the cache is codes + fp16 scales (kv_codec); None: `dtype`
+    kv_dtype: str | None = None         # int8 | int4 | mixed: the cache is codes + fp16 scales (kv_codec); None: `dtype`
+    kv_layout: list | None = None       # mixed: per layer [key counts, value counts] of its 8/4/2-bit numbers
     export_seconds: float | None = None
     export_cpu_seconds: float | None = None
     format: str = IO_FORMAT
@@ -65,7 +66,9 @@ class OnnxIO:
     def cache_layout(self) -> list[list[tuple[str, int, torch.dtype]]]:
         """Per layer, (name suffix, last dim, element type) of each cache tensor (kv_codec.cache_slots)."""
         float_type = dtype_of(self.cache_dtype).torch
-        return [cache_slots(int(k), int(v), self.kv_dtype, float_type) for k, v in self.ranks]
+        layout = self.kv_layout or [None] * len(self.ranks)
+        return [cache_slots(int(k), int(v), self.kv_dtype, float_type, counts)
+                for (k, v), counts in zip(self.ranks, layout)]
 
     def replace(self, **changes) -> "OnnxIO":
         return dataclasses.replace(self, **changes)

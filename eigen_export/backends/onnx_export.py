@@ -44,7 +44,8 @@ EXAMPLE_BATCH, EXAMPLE_SEQ, EXAMPLE_PAST = 2, 3, 5
 
 def cache_layout(model: Decoder, dtype: torch.dtype) -> list[list[tuple[str, int, torch.dtype]]]:
     """Per layer, (name suffix, last dim, element type) of each cached tensor (kv_codec.cache_slots)."""
-    return [cache_slots(r.k, r.v, model.kv_dtype, dtype) for r in model.cache_widths()]
+    return [cache_slots(r.k, r.v, model.kv_dtype, dtype, layer.attn.counts)
+            for r, layer in zip(model.cache_widths(), model.layers)]
 
 
 def input_names(layout) -> list[str]:
@@ -164,6 +165,7 @@ def model_metadata(model: Decoder, dtype_name: str) -> dict:
     """io.json's description of the model behind the graphs."""
     spec = model.spec
     ranks = [(r.k, r.v) for r in model.cache_widths()]
+    layout = [[list(c) for c in layer] for layer in model.kv_layout] if model.kv_dtype == "mixed" else None
     return {
         "model_type": spec.model_type, "family": spec.family, "rope_mode": model.rope_mode,
         "positions": spec.positions, "max_positions": spec.max_positions if spec.positions == "learned" else None,
@@ -172,8 +174,8 @@ def model_metadata(model: Decoder, dtype_name: str) -> dict:
         "vocab_size": spec.vocab_size, "ranks": [list(r) for r in ranks],
         "kv_ratio": round(kv_ratio(ranks, spec.head_dim), 6),
         "kv_bytes_per_token": kv_bytes_per_token(ranks, spec.num_kv_heads, dtype_of(dtype_name).torch.itemsize,
-                                                 model.kv_dtype),
-        "dtype": dtype_name, "kv_dtype": model.kv_dtype,
+                                                 model.kv_dtype, layout),
+        "dtype": dtype_name, "kv_dtype": model.kv_dtype, "kv_layout": layout,
     }
 
 
@@ -289,7 +291,10 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
 def plugin_cores(model: Decoder):
     """Route every layer's attention core through the custom op that exports as one LowRankAttention node."""
     def core(attn, q, k, v, ctx, present, k_scale=None, v_scale=None):
-        if attn.kv_dtype is not None:       # the node reads the codes; pre mode's keys reach it rebuilt in full
+        kv_dtype = attn.kv_dtype if attn.kv_dtype != "mixed" else None
+        if attn.kv_dtype == "mixed":       # the node reads int8 / int4 codes only: a mixed cache reaches it decoded
+            k, v, k_scale, v_scale = k * k_scale.to(k.dtype), v * v_scale.to(v.dtype), None, None
+        if kv_dtype is not None:            # the node reads the codes; pre mode's keys reach it rebuilt in full
             v, v_scale = present[1], present[3]
             if attn.rope_mode != "pre":
                 k, k_scale = present[0], present[2]
@@ -297,7 +302,7 @@ def plugin_cores(model: Decoder):
                 k, k_scale = k * k_scale.to(k.dtype), None
         return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, attn.spec.softmax_scale,
                                     attn.spec.num_heads, attn.spec.num_kv_heads, q.shape[-1], attn.ranks.v,
-                                    attn.rope_mode or "none", attn.kv_dtype or "none")
+                                    attn.rope_mode or "none", kv_dtype or "none")
 
     attns = [layer.attn for layer in model.layers]
     for attn in attns:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eigen_export_plugins.lowrank_attention.kv_codec import vector_bytes
+from eigen_export_plugins.lowrank_attention.kv_codec import MIXED_WIDTHS, vector_bytes
 
 # Energy thresholds tried per layer, from exact down to aggressive. The paper walks 0.98 down in
 # steps of 0.02 (1.0 for RoPE); we start at 1.0 for every family and go further so that low KV
@@ -152,6 +152,58 @@ def balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return up.double() / c, down.double() * c
 
 
+def allocate_bits(spectra: list[torch.Tensor], mean_bits: float, widths=MIXED_WIDTHS) -> list[tuple[int, ...]]:
+    """Per spectrum ([H_kv, r] descending: one side of one layer, its kept coordinates), how many coordinates
+    take each of `widths` (widest first), so that all of them together average at most mean_bits.
+
+    Reverse water-filling (transform coding): a coordinate of variance e coded with b bits leaves noise
+    ~ e 4^-b, and the total is least when every coordinate's noise is the same level L, i.e. b = log2(e / L) / 2;
+    L is bisected until the widths (each rounded to the nearest allowed, never below the narrowest) fit the
+    budget. The loss spectra of the loss bases are in loss units, so one level serves every layer, keys and
+    values. The heads of a layer-side share one layout (their cache is one tensor): their mean spectrum decides."""
+    allowed = torch.tensor(widths, dtype=torch.float64)
+    means = [e.double().clamp_min(1e-30).mean(0) for e in spectra]
+    total = sum(m.numel() for m in means)
+
+    def at(level: float) -> list[torch.Tensor]:
+        return [allowed[((0.5 * torch.log2(m / level))[:, None] - allowed).abs().argmin(-1)] for m in means]
+
+    lo, hi = 1e-30, 1e30
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        if sum(b.sum().item() for b in at(mid)) / total > mean_bits:
+            lo = mid
+        else:
+            hi = mid
+    return [tuple(int((b == w).sum()) for w in widths) for b in at(hi)]
+
+
+def group_transform(eig: torch.Tensor, counts, widths=MIXED_WIDTHS, seed: int = 0, rotate: bool = True,
+                    scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up map, down map) [H_kv, r, r] that a mixed cache's fold applies to a side's kept latents
+    (U -> U @ up, down -> down @ down_map; the model's function is unchanged, up @ down^T = I per head).
+
+    Each run of equal widths is turned by its own incoherent_rotation (rotate), then scaled by 1 / c with
+    c = sqrt(mean eigenvalue of the run) / qmax of its width, relative to the first run's: one scale per cached
+    vector then gives each run a step in proportion to its spread (kv_codec's mixed format), as a scale per run
+    would, without storing one (scale=False: all runs keep one step; RoPE post mode's keys, whose basis also
+    projects the queries, must stay orthonormal). eig: [H_kv, r] the kept spectrum."""
+    h, r = eig.shape
+    rot = torch.zeros(r, r, dtype=torch.float64)
+    c = torch.ones(h, r, dtype=torch.float64)
+    start, first = 0, None
+    for i, (w, n) in enumerate((w, n) for w, n in zip(widths, counts) if n):
+        end = start + n
+        rot[start:end, start:end] = incoherent_rotation(n, seed=seed * len(widths) + i) if rotate else \
+            torch.eye(n, dtype=torch.float64)
+        spread = eig[:, start:end].double().clamp_min(1e-30).mean(-1).sqrt() / (2 ** (w - 1) - 1)
+        first = spread if first is None else first
+        if scale:
+            c[:, start:end] = (spread / first)[:, None]
+        start = end
+    return rot * c[:, None, :], rot / c[:, None, :]
+
+
 def kv_ratio(ranks: list[tuple[int, int]], head_dim: int) -> float:
     """sum_l H_kv (r_k + r_v) / sum_l H_kv 2d: the fraction of the original cache that remains.
 
@@ -161,12 +213,14 @@ def kv_ratio(ranks: list[tuple[int, int]], head_dim: int) -> float:
 
 
 def kv_bytes_per_token(ranks: list[tuple[int, int]], num_kv_heads: int, bytes_per_element: int,
-                       kv_dtype: str | None = None) -> int:
+                       kv_dtype: str | None = None, kv_layout=None) -> int:
     """Cache bytes one token adds over all layers: r * bytes_per_element per vector, or a quantized cache's
-    codes and scales (kv_codec.vector_bytes)."""
+    codes and scales (kv_codec.vector_bytes; kv_layout: a mixed cache's per-layer counts)."""
     if kv_dtype is None:
         return sum(k + v for k, v in ranks) * num_kv_heads * bytes_per_element
-    return sum(vector_bytes(k, kv_dtype) + vector_bytes(v, kv_dtype) for k, v in ranks) * num_kv_heads
+    layout = kv_layout or [(None, None)] * len(ranks)
+    return sum(vector_bytes(k, kv_dtype, ck) + vector_bytes(v, kv_dtype, cv)
+               for (k, v), (ck, cv) in zip(ranks, layout)) * num_kv_heads
 
 
 @dataclass(frozen=True)

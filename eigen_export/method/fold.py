@@ -17,8 +17,8 @@ import torch
 from ..errors import EigenExportError
 from ..families import ModelSpec
 from ..modeling import Decoder, LayerRanks
-from .decompose import balance, choose_by_budget, choose_by_cost, choose_by_energy, choose_by_kv_ratio, \
-    incoherent_rotation
+from .decompose import allocate_bits, balance, choose_by_budget, choose_by_cost, choose_by_energy, \
+    choose_by_kv_ratio, group_transform, incoherent_rotation
 
 
 def _per_query_head(basis: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
@@ -65,9 +65,9 @@ def fold_layer(weights: dict[str, torch.Tensor], basis_k: torch.Tensor, basis_v:
 
 def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, ...]],
                ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None,
-               rotate: bool = False) -> dict[str, torch.Tensor]:
+               rotate: bool = False, mixed=None) -> dict[str, torch.Tensor]:
     """Fold every layer of a canonical state dict; bases[i] = (basis_k, basis_v[, down_k, down_v]), each full
-    [H_kv, d, d] (LayerCalibration.projections(); without downs the bases are orthonormal). rotate: see
+    [H_kv, d, d] (LayerCalibration.projections(); without downs the bases are orthonormal). rotate, mixed: see
     fold_layers."""
     folded = {k: v for k, v in state.items() if not k.startswith("layers.")}
 
@@ -75,27 +75,37 @@ def fold_state(state: dict[str, torch.Tensor], bases: list[tuple[torch.Tensor, .
         prefix = f"layers.{i}."
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-    for part in fold_layers(layer, bases, ranks, spec, rope_mode, rotate):
+    for part in fold_layers(layer, bases, ranks, spec, rope_mode, rotate, mixed):
         folded |= part
     return folded
 
 
 def fold_layers(layer_state: Callable[[int], dict[str, torch.Tensor]], bases: list[tuple[torch.Tensor, ...]],
                 ranks: list[LayerRanks], spec: ModelSpec, rope_mode: str | None,
-                rotate: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                rotate: bool = False, mixed=None) -> Iterator[dict[str, torch.Tensor]]:
     """Each layer's folded weights ("layers.i.*"), layer_state(i) (in-layer names) asked for only when the
     previous layer's are consumed: a fold streamed from disk holds one layer. bases as for fold_state.
 
     Separate down projections are balanced first (decompose.balance), so cached latents have the size of the
     vectors they encode whatever the basis. rotate: turn each kept latent space by R = incoherent_rotation
     (latent -> R^T latent, i.e. U -> U R and A -> R^T A): the model computes the same function, the r coordinates
-    of a cached vector just share its energy evenly, which is what a per-token quantized cache needs (kv_codec)."""
+    of a cached vector just share its energy evenly, which is what a per-token quantized cache needs (kv_codec).
+    mixed = (kv_layout, spectra) for a mixed cache: per layer the (key, value) counts of its 8/4/2-bit coordinates
+    and the calibrated (eig_k, eig_v); each side's latents then go through decompose.group_transform instead
+    (rotated within each width's run where rotate, and scaled run by run)."""
     for i, (r, layer_bases) in enumerate(zip(ranks, bases)):
         u_k, u_v, a_k, a_v = layer_bases if len(layer_bases) == 4 else (*layer_bases, *layer_bases)
         u_k, a_k, u_v, a_v = u_k[..., : r.k], a_k[..., : r.k], u_v[..., : r.v], a_v[..., : r.v]
         if len(layer_bases) == 4:
             (u_k, a_k), (u_v, a_v) = balance(u_k, a_k), balance(u_v, a_v)
-        if rotate:
+        if mixed is not None:
+            (counts_k, counts_v), (eig_k, eig_v) = mixed[0][i], mixed[1][i]
+            post = spec.positions == "rope" and rope_mode == "post"       # its key basis projects queries too
+            up, down = group_transform(eig_k[:, : r.k], counts_k, seed=2 * i, rotate=rotate, scale=not post)
+            u_k, a_k = u_k.double() @ up, a_k.double() @ down
+            up, down = group_transform(eig_v[:, : r.v], counts_v, seed=2 * i + 1, rotate=rotate)
+            u_v, a_v = u_v.double() @ up, a_v.double() @ down
+        elif rotate:
             rot_k, rot_v = incoherent_rotation(r.k, seed=2 * i), incoherent_rotation(r.v, seed=2 * i + 1)
             u_k, a_k = u_k.double() @ rot_k, a_k.double() @ rot_k
             u_v, a_v = u_v.double() @ rot_v, a_v.double() @ rot_v
@@ -147,14 +157,27 @@ def _ranks_errors(points):
     return [LayerRanks(p.rank_k, p.rank_v) for p in points], [p.error for p in points]
 
 
+def mixed_layout(layers, ranks: list[LayerRanks], kv_bits: float):
+    """(kv_layout, spectra): fold_layers' `mixed` for a cache of kv_bits mean bits per number, the widths given
+    by the calibrated spectra of the kept coordinates (decompose.allocate_bits)."""
+    spectra = [(layer.eig_k, layer.eig_v) for layer in layers]
+    kept = [e[:, :rank] for (eig_k, eig_v), r in zip(spectra, ranks) for e, rank in ((eig_k, r.k), (eig_v, r.v))]
+    counts = allocate_bits(kept, kv_bits)
+    return [[list(counts[2 * i]), list(counts[2 * i + 1])] for i in range(len(ranks))], spectra
+
+
 def fold_to_target(model: Decoder, layers, rope_mode: str | None, kv_ratio_target: float | None,
                    error_budget: float | None = None, allocation: str = "loss", rank_multiple: int = 1,
-                   rotate: bool = False):
-    """(ranks, layer errors, what the rule found, folded canonical state) for one target, in memory."""
+                   rotate: bool = False, kv_bits: float | None = None):
+    """(ranks, layer errors, what the rule found, folded canonical state) for one target, in memory. kv_bits: a
+    mixed cache of that many mean bits (its kv_layout is then in what the rule found, "kv_layout")."""
     (ranks, layer_errors), found = decide_ranks(layers, model.spec.head_dim, kv_ratio_target,
                                                             error_budget, allocation, rank_multiple)
+    mixed = mixed_layout(layers, ranks, kv_bits) if kv_bits is not None else None
+    if mixed is not None:
+        found = {**found, "kv_layout": mixed[0]}
     state = fold_state(model.state_dict(), [layer.projections() for layer in layers], ranks, model.spec, rope_mode,
-                       rotate)
+                       rotate, mixed)
     return ranks, layer_errors, found, state
 
 

@@ -10,7 +10,7 @@ from ..artifacts.merged import read_merge_record
 from ..dtypes import resolve_dtype
 from ..errors import EigenExportError
 from ..method.decompose import kv_ratio
-from ..method.fold import decide_ranks, fold_layers
+from ..method.fold import decide_ranks, fold_layers, mixed_layout
 from ..settings import FoldSettings
 from .common import must_make
 
@@ -47,13 +47,15 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
     (ranks, layer_errors), found = decide_ranks(layers, spec.head_dim, settings.kv_ratio, settings.error_budget,
                                                 settings.allocation, calib.rank_multiple)
     dtype = resolve_dtype(settings.dtype)
+    mixed = mixed_layout(layers, ranks, settings.kv_bits) if settings.kv_dtype == "mixed" else None
 
     def parts():
         """The weights outside the layers, then one folded layer at a time, each made when the writer asks for
         it and dropped once written: never the whole model in memory."""
         yield {k: v.to(dtype) for k, v in source_model.global_state().items()}
         bases = [layer.projections() for layer in layers]
-        for part in fold_layers(source_model.layer_state, bases, ranks, spec, calib.rope_mode, settings.rotated):
+        for part in fold_layers(source_model.layer_state, bases, ranks, spec, calib.rope_mode, settings.rotated,
+                                mixed):
             yield {k: v.to(dtype) for k, v in part.items()}
 
     pairs = [(r.k, r.v) for r in ranks]
@@ -67,6 +69,7 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
         calibration={**calibration, "calib_sha256": calib_sha256(calib_dir),
                      "allocation": settings.allocation_record() | found},
         dtype=settings.dtype, kv_dtype=settings.kv_dtype, kv_rotation=settings.rotated,
+        kv_layout=mixed[0] if mixed else None,
         extra={"merge": merge} if merge else {},
     )
     manifest = write_folded(out_dir, config, parts(), fields, tokenizer_source=source, force=True)

@@ -194,7 +194,9 @@ def parity_run(backend, ids: torch.Tensor, mask: torch.Tensor, steps: int, token
     step_logits, _ = backend.forward(token.to(dev), step_mask.to(dev), (positions[:, -1:] + 1).to(dev), past)
     kv_dtype = manifest.kv_dtype if manifest else None
     ranks = manifest.ranks if manifest else [(layer[0].shape[-1], layer[1].shape[-1]) for layer in past]
-    values = [cache_values(tuple(t.cpu() for t in layer), r_k, r_v, kv_dtype) for layer, (r_k, r_v) in zip(past, ranks)]
+    layout = (manifest.kv_layout if manifest else None) or [None] * len(ranks)
+    values = [cache_values(tuple(t.cpu() for t in layer), r_k, r_v, kv_dtype, layout=counts)
+              for layer, (r_k, r_v), counts in zip(past, ranks, layout)]
     return {"logits": logits.cpu(), "past": values, "token": token,
             "step_logits": step_logits.cpu(), "tokens": generate(backend, ids, mask, max_new_tokens=steps).cpu()}
 
@@ -483,9 +485,12 @@ def _sweep(manifest, original, windows, ratios, calib_dir: Path, device: str) ->
     points = []
     for target in ratios:
         # the folded model's cache dtype too: the plot compares rank cuts of the deployed kind
-        ranks, _, _, state = fold_to_target(original, layers, calib.rope_mode, target,
-                                            rank_multiple=calib.rank_multiple, rotate=manifest.kv_rotation)
-        model = build_decoder(config, state, ranks, calib.rope_mode, device=device, kv_dtype=manifest.kv_dtype)
+        kv_bits = manifest.calibration.get("allocation", {}).get("kv_bits") if manifest.kv_dtype == "mixed" else None
+        ranks, _, found, state = fold_to_target(original, layers, calib.rope_mode, target,
+                                                rank_multiple=calib.rank_multiple, rotate=manifest.kv_rotation,
+                                                kv_bits=kv_bits)
+        model = build_decoder(config, state, ranks, calib.rope_mode, device=device, kv_dtype=manifest.kv_dtype,
+                              kv_layout=found.get("kv_layout"))
         ppl = perplexity(TorchBackend(model), windows, batch_size=2)
         points.append({"target": target, "kv_ratio": kv_ratio([(r.k, r.v) for r in ranks], manifest.head_dim),
                        "perplexity": ppl})
@@ -503,7 +508,7 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
     h_kv, d = manifest.num_kv_heads, manifest.head_dim
     memory = {"kv_bytes_per_token_original": kv_bytes_per_token([(d, d)] * manifest.num_layers, h_kv, itemsize),
               "kv_bytes_per_token_compressed": kv_bytes_per_token([tuple(r) for r in manifest.ranks], h_kv, itemsize,
-                                                                  manifest.kv_dtype),
+                                                                  manifest.kv_dtype, manifest.kv_layout),
               # the original's cache is in the export dtype; the compressed one's codes + fp16 scales if quantized
               "kv_dtype": io.dtype if manifest.kv_dtype is None else f"{manifest.kv_dtype} + fp16 scales", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available() and device.startswith("cuda"):
@@ -517,6 +522,7 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
         "settings": dataclasses.asdict(settings),
         "compression": {"kv_ratio": manifest.kv_ratio, "rope_mode": manifest.rope_mode, "ranks": manifest.ranks,
                         "kv_dtype": manifest.kv_dtype, "kv_rotation": manifest.kv_rotation,
+                        "kv_layout": manifest.kv_layout,
                         "num_layers": manifest.num_layers, "num_heads": manifest.num_heads,
                         "num_kv_heads": h_kv, "head_dim": d},
         "engine": {"backend": build["backend"], "dir": str(layout.engine), "note": _engine_note(build),

@@ -14,6 +14,17 @@ model's dtype: 2 bytes per vector, the difference between meeting and missing 0.
 rank ratio 0.7 in int8. int4 codes are stored offset by 8 (0..15), two per byte along the last dim, the even
 element in the low nibble; an odd rank pads one code 0 (stored 8).
 
+`mixed` gives each coordinate of a vector its own width, 8, 4 or 2 bits (transform coding: the fold puts the
+high-variance eigen coordinates first and gives them more bits, by water-filling on the calibrated spectrum,
+method/fold.py), with ONE scale per vector: a coordinate of width w has qmax_w = 2^(w-1) - 1 and
+  scale = fp16(max_j |x_j| / qmax_j),  code_j = round(x_j / scale)   (|code_j| <= qmax_j: nothing clips)
+so every coordinate is coded with the same step (equal noise per coordinate, which is what water-filling asks
+for; the fold scales each width group of the latent so that this step suits it). `counts` (n8, n4, n2) says
+how many coordinates take each width, widest first; each width's codes are stored offset by qmax_w + 1 and
+packed 8 / w to a byte, lowest bits first, each width starting a fresh byte (a partial last byte is padded
+with code 0). int8 and int4 are the uniform cases: int4 is exactly `mixed` with counts (0, r, 0); int8 keeps
+its codes signed (int8 storage, no offset).
+
 Everything here is plain torch arithmetic (div, round, clamp, casts, integer ops), so the exporter turns it into
 standard ONNX ops that make the same codes from the same inputs. (Inputs computed by another backend differ in
 the last float bits, and a value on a rounding boundary then takes the neighbouring code: validate's parity
@@ -25,9 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-KV_DTYPES = ("int8", "int4")
+KV_DTYPES = ("int8", "int4", "mixed")
 QMAX = {"int8": 127, "int4": 7}
 BITS = {"int8": 8, "int4": 4}
+MIXED_WIDTHS = (8, 4, 2)             # the widths `mixed` chooses from, in the order its counts list them
 SCALE_DTYPE = torch.float16
 SCALE_BYTES = 2
 # fp16's smallest normal: a zero vector gets this scale (its codes are 0 either way) instead of dividing by 0
@@ -39,78 +51,154 @@ def check_kv_dtype(kv_dtype: str) -> None:
         raise ValueError(f"kv cache dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
 
 
-def code_width(rank: int, kv_dtype: str) -> int:
-    """Last dim of the stored codes of an r-dim latent: r bytes in int8, ceil(r / 2) in int4."""
-    return rank if kv_dtype == "int8" else (rank + 1) // 2
+@dataclass(frozen=True)
+class CodeFormat:
+    """How one side's r-dim latent vectors are stored: the bit width of each coordinate, widest first."""
+    widths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, kv_dtype: str, rank: int, counts=None) -> "CodeFormat":
+        """int8 / int4: every coordinate that wide; mixed: counts[i] coordinates of MIXED_WIDTHS[i] bits."""
+        check_kv_dtype(kv_dtype)
+        if kv_dtype != "mixed":
+            return cls((BITS[kv_dtype],) * rank)
+        if counts is None or len(counts) != len(MIXED_WIDTHS) or sum(counts) != rank or min(counts) < 0:
+            raise ValueError(f"a mixed cache of rank {rank} needs counts of its {MIXED_WIDTHS}-bit coordinates "
+                             f"that add up to {rank}, got {counts}")
+        return cls(tuple(w for w, n in zip(MIXED_WIDTHS, counts) for _ in range(int(n))))
+
+    @property
+    def rank(self) -> int:
+        return len(self.widths)
+
+    @property
+    def signed(self) -> bool:
+        """All 8 bits (int8): codes stored as int8 as they are."""
+        return all(w == 8 for w in self.widths)
+
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """(width, count) of each run of equal widths, widest first."""
+        out = []
+        for w in self.widths:
+            if out and out[-1][0] == w:
+                out[-1][1] += 1
+            else:
+                out.append([w, 1])
+        return [tuple(r) for r in out]
+
+    @property
+    def nbytes(self) -> int:
+        """Last dim of the stored codes."""
+        return self.rank if self.signed else sum(-(-n * w // 8) for w, n in self.runs)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.int8 if self.signed else torch.uint8
+
+    def qmax(self, device=None) -> torch.Tensor:
+        return torch.tensor([2.0 ** (w - 1) - 1 for w in self.widths], device=device)
+
+
+def _format(rank: int, kv_dtype: str, counts=None) -> CodeFormat:
+    return CodeFormat.of(kv_dtype, rank, counts)
+
+
+def code_width(rank: int, kv_dtype: str, counts=None) -> int:
+    """Last dim of the stored codes of an r-dim latent: r bytes in int8, ceil(r / 2) in int4, the packed widths of
+    a mixed one."""
+    return _format(rank, kv_dtype, counts).nbytes
 
 
 def code_torch_dtype(kv_dtype: str) -> torch.dtype:
     return torch.int8 if kv_dtype == "int8" else torch.uint8
 
 
-def vector_bytes(rank: int, kv_dtype: str) -> int:
+def vector_bytes(rank: int, kv_dtype: str, counts=None) -> int:
     """Bytes one cached latent vector takes: its codes and its scale."""
-    return code_width(rank, kv_dtype) + SCALE_BYTES
+    return code_width(rank, kv_dtype, counts) + SCALE_BYTES
 
 
-def encode(x: torch.Tensor, kv_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, kv_dtype: str, counts=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., r] (any float dtype) -> (codes [..., code_width], scale [..., 1] fp16)."""
-    qmax = QMAX[kv_dtype]
+    fmt = _format(x.shape[-1], kv_dtype, counts)
+    qmax = fmt.qmax(x.device)
     xf = x.float()
-    scale = (xf.abs().amax(-1, keepdim=True) / qmax).clamp_min(_TINY).to(SCALE_DTYPE)
+    scale = (xf.abs() / qmax).amax(-1, keepdim=True).clamp_min(_TINY).to(SCALE_DTYPE)
     codes = torch.round(xf / scale.float()).clamp(-qmax, qmax)
-    if kv_dtype == "int8":
+    if fmt.signed:
         return codes.to(torch.int8), scale
-    return _pack_nibbles(codes.to(torch.int32) + 8), scale
+    return _pack(codes.to(torch.int32), fmt), scale
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype) -> torch.Tensor:
+def decode(codes: torch.Tensor, scale: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype,
+           counts=None) -> torch.Tensor:
     """(codes, scale) -> [..., rank] in `dtype` (the product is taken in fp32, then cast)."""
-    return (code_values(codes, rank, kv_dtype, torch.float32) * scale.float()).to(dtype)
+    return (code_values(codes, rank, kv_dtype, torch.float32, counts) * scale.float()).to(dtype)
 
 
-def code_values(codes: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype) -> torch.Tensor:
+def code_values(codes: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype, counts=None) -> torch.Tensor:
     """The signed codes [..., rank] as numbers in `dtype` (exact: |code| <= 127), before their scale. Attention
     can take a token's scale on its score and on its probability instead of on each of its r numbers."""
-    if kv_dtype == "int8":
+    fmt = _format(rank, kv_dtype, counts)
+    if fmt.signed:
         return codes.to(dtype)
-    return _unpack_nibbles(codes)[..., :rank].to(dtype) - 8
+    return _unpack(codes, fmt).to(dtype)
 
 
 def cache_values(layer: tuple[torch.Tensor, ...], r_k: int, r_v: int, kv_dtype: str | None,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) in `dtype` of one layer's cache tuple (cache_slots' order), a quantized one decoded."""
+                 dtype: torch.dtype = torch.float32, layout=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) in `dtype` of one layer's cache tuple (cache_slots' order), a quantized one decoded;
+    layout: a mixed cache's (key counts, value counts)."""
     if kv_dtype is None:
         return layer[0].to(dtype), layer[1].to(dtype)
     key, value, key_scale, value_scale = layer
-    return decode(key, key_scale, r_k, kv_dtype, dtype), decode(value, value_scale, r_v, kv_dtype, dtype)
+    k_counts, v_counts = layout or (None, None)
+    return (decode(key, key_scale, r_k, kv_dtype, dtype, k_counts),
+            decode(value, value_scale, r_v, kv_dtype, dtype, v_counts))
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """int32 codes 0..15 [..., r] -> uint8 [..., ceil(r/2)], element 2i in the low nibble of byte i."""
-    r = codes.shape[-1]
-    if r % 2:
-        codes = torch.cat([codes, torch.full_like(codes[..., :1], 8)], dim=-1)
-    pairs = codes.unflatten(-1, (-1, 2))
-    return (pairs[..., 0] + pairs[..., 1] * 16).to(torch.uint8)
+def _pack(codes: torch.Tensor, fmt: CodeFormat) -> torch.Tensor:
+    """int32 signed codes [..., r] -> uint8 [..., nbytes]: each width's codes offset by 2^(w-1), 8 / w to a byte,
+    the first in the lowest bits; a run's partial last byte padded with code 0."""
+    parts, start = [], 0
+    for w, n in fmt.runs:
+        per_byte, offset = 8 // w, 2 ** (w - 1)
+        run = codes[..., start:start + n] + offset
+        start += n
+        if n % per_byte:
+            run = torch.cat([run, torch.full_like(run[..., :1], offset).expand(*run.shape[:-1], -n % per_byte)], -1)
+        weights = torch.tensor([2 ** (w * i) for i in range(per_byte)], dtype=torch.int32, device=codes.device)
+        parts.append((run.unflatten(-1, (-1, per_byte)) * weights).sum(-1))
+    return torch.cat(parts, -1).to(torch.uint8)
 
 
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., w] -> int32 codes 0..15 [..., 2w]. Widened first: the exporter has no uint8 right shift, and
-    ONNX Runtime's CPU Div / Mod take int32."""
+def _unpack(packed: torch.Tensor, fmt: CodeFormat) -> torch.Tensor:
+    """uint8 [..., nbytes] -> int32 signed codes [..., r]. Widened first: the exporter has no uint8 right shift,
+    and ONNX Runtime's CPU Div / Mod take int32."""
     p = packed.to(torch.int32)
-    return torch.stack([p % 16, p // 16], dim=-1).flatten(-2)
+    parts, start = [], 0
+    for w, n in fmt.runs:
+        per_byte, offset = 8 // w, 2 ** (w - 1)
+        nb = -(-n * w // 8)
+        run = p[..., start:start + nb]
+        start += nb
+        divisors = torch.tensor([2 ** (w * i) for i in range(per_byte)], dtype=torch.int32, device=packed.device)
+        parts.append(((run.unsqueeze(-1) // divisors) % (2 ** w)).flatten(-2)[..., :n] - offset)
+    return torch.cat(parts, -1)
 
 
-
-def cache_slots(r_k: int, r_v: int, kv_dtype: str | None, float_dtype: torch.dtype) -> list[tuple[str, int, torch.dtype]]:
+def cache_slots(r_k: int, r_v: int, kv_dtype: str | None, float_dtype: torch.dtype,
+                layout=None) -> list[tuple[str, int, torch.dtype]]:
     """(name suffix, last dim, element type) of each cached tensor of one layer, in the order the reference
     decoder and the ONNX graph keep them: key, value[, key_scale, value_scale]. Keys and values come first in
-    both formats, so cache[i][0] / cache[i][1] are a layer's keys / values either way."""
+    both formats, so cache[i][0] / cache[i][1] are a layer's keys / values either way. layout: a mixed
+    cache's (key counts, value counts)."""
     if kv_dtype is None:
         return [("key", r_k, float_dtype), ("value", r_v, float_dtype)]
     codes = code_torch_dtype(kv_dtype)
-    return [("key", code_width(r_k, kv_dtype), codes), ("value", code_width(r_v, kv_dtype), codes),
+    k_counts, v_counts = layout or (None, None)
+    return [("key", code_width(r_k, kv_dtype, k_counts), codes), ("value", code_width(r_v, kv_dtype, v_counts), codes),
             ("key_scale", 1, SCALE_DTYPE), ("value_scale", 1, SCALE_DTYPE)]
 
 
@@ -133,7 +221,9 @@ class Quantized:
 
     def check(self, name: str) -> None:
         """ValueError (one line) unless codes and scales have the format's types and matching shapes."""
-        check_kv_dtype(self.kv_dtype)
+        if self.kv_dtype not in QMAX:
+            raise ValueError(f"lowrank_attention: {name} codes must be int8 or int4, got {self.kv_dtype!r} (a mixed "
+                             "cache is decoded in front of the node)")
         want = (*self.codes.shape[:3], code_width(self.rank, self.kv_dtype))
         if self.codes.dtype != code_torch_dtype(self.kv_dtype) or tuple(self.codes.shape) != want:
             raise ValueError(f"lowrank_attention: {name} codes must be {code_torch_dtype(self.kv_dtype)} {list(want)} "

@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
 from eigen_export.errors import EigenExportError  # noqa: E402
-from eigen_export_plugins.lowrank_attention.kv_codec import cache_values  # noqa: E402
+from eigen_export_plugins.lowrank_attention.kv_codec import cache_values, code_width  # noqa: E402
 from eigen_export.artifacts.layout import IO_JSON, MODEL_ONNX  # noqa: E402
 from tests.helpers.stages import export  # noqa: E402
 from eigen_export import load  # noqa: E402
@@ -29,7 +29,7 @@ CASES = [(name, kind) for name in TINY
          for kind in (("original", "folded") if name in NON_ROPE else ("original", "pre", "post"))]
 # quantized caches (issue 15): codes + fp16 scales in and out of the graph, in both RoPE modes and without RoPE
 QUANTIZED = [("llama-gqa", "pre+int8"), ("llama-gqa", "post+int4"), ("opt", "folded+int4"), ("gpt_neox", "pre+int4"),
-             ("mpt", "folded+int8")]
+             ("mpt", "folded+int8"), ("llama-gqa", "pre+mixed"), ("opt", "folded+mixed")]
 ATOL = 1e-4
 QUANT_ATOL = 2e-3
 
@@ -71,9 +71,9 @@ def _assert_close(ours, ref, what, model=None):
             err = max((t - t_ref).abs().max().item() for t, t_ref in zip(layer, layer_ref))
             assert err <= ATOL, f"{what}: present.{i} differs by {err:.2e}"
             continue
-        r = model.ranks[i]
-        for side, (got, want, scale) in enumerate(zip(cache_values(layer, r.k, r.v, model.kv_dtype),
-                                                      cache_values(layer_ref, r.k, r.v, model.kv_dtype),
+        r, counts = model.ranks[i], model.layers[i].attn.counts
+        for side, (got, want, scale) in enumerate(zip(cache_values(layer, r.k, r.v, model.kv_dtype, layout=counts),
+                                                      cache_values(layer_ref, r.k, r.v, model.kv_dtype, layout=counts),
                                                       layer_ref[2:])):
             diff = (got - want).abs()
             step = scale.float() * (1 + 2 ** -10)                   # one code step, at the larger scale
@@ -138,14 +138,19 @@ def test_graph_follows_the_contract(exports, name, kind):
     assert inputs["attention_mask"] == ["batch", "total"]
     assert outputs["logits"] == ["batch", "seq", VOCAB]
     kv_dtype = kind.partition("+")[2] or None
-    packed = {None: lambda r: r, "int8": lambda r: r, "int4": lambda r: (r + 1) // 2}[kv_dtype]
-    element = {None: onnx.TensorProto.FLOAT, "int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.UINT8}[kv_dtype]
+    element = {None: onnx.TensorProto.FLOAT, "int8": onnx.TensorProto.INT8}.get(kv_dtype, onnx.TensorProto.UINT8)
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+
+    def packed(r, counts):     # numbers per cached vector: floats, or bytes of codes
+        want = {None: r, "int8": r, "int4": (r + 1) // 2}.get(kv_dtype)
+        return code_width(r, kv_dtype, counts) if kv_dtype == "mixed" else want
+
     for i, r in enumerate(reference.ranks):
-        assert inputs[f"past_key_values.{i}.key"] == ["batch", h_kv, "past", packed(r.k)]
-        assert inputs[f"past_key_values.{i}.value"] == ["batch", h_kv, "past", packed(r.v)]
-        assert outputs[f"present.{i}.key"] == ["batch", h_kv, "past + seq", packed(r.k)]
-        assert outputs[f"present.{i}.value"] == ["batch", h_kv, "past + seq", packed(r.v)]
+        k_counts, v_counts = reference.layers[i].attn.counts
+        assert inputs[f"past_key_values.{i}.key"] == ["batch", h_kv, "past", packed(r.k, k_counts)]
+        assert inputs[f"past_key_values.{i}.value"] == ["batch", h_kv, "past", packed(r.v, v_counts)]
+        assert outputs[f"present.{i}.key"] == ["batch", h_kv, "past + seq", packed(r.k, k_counts)]
+        assert outputs[f"present.{i}.value"] == ["batch", h_kv, "past + seq", packed(r.v, v_counts)]
         assert types[f"present.{i}.key"] == types[f"past_key_values.{i}.value"] == element
         scales = [f"{side}.{i}.{kv}_scale" for side in ("past_key_values", "present") for kv in ("key", "value")]
         if kv_dtype:
@@ -162,9 +167,12 @@ def test_graph_follows_the_contract(exports, name, kind):
     assert io["ranks"] == [[r.k, r.v] for r in reference.ranks]
     assert io["rope_mode"] == (None if kind.partition("+")[0] in ("original", "folded") else kind.partition("+")[0])
     assert io["kv_dtype"] == kv_dtype
-    bytes_per_vector = {None: lambda r: 4 * r, "int8": lambda r: r + 2, "int4": lambda r: (r + 1) // 2 + 2}[kv_dtype]
-    assert io["kv_bytes_per_token"] == h_kv * sum(bytes_per_vector(r.k) + bytes_per_vector(r.v)
-                                                  for r in reference.ranks)
+    assert io["kv_layout"] == (None if kv_dtype != "mixed" else [[list(c) for c in layer.attn.counts]
+                                                                 for layer in reference.layers])
+    scale_bytes = 2 if kv_dtype else 0
+    assert io["kv_bytes_per_token"] == h_kv * sum(
+        (4 if kv_dtype is None else 1) * (packed(r.k, layer.attn.counts[0]) + packed(r.v, layer.attn.counts[1]))
+        + 2 * scale_bytes for r, layer in zip(reference.ranks, reference.layers))
     assert io["softmax_scale"] == pytest.approx(reference.spec.head_dim ** -0.5)
 
 

@@ -2,7 +2,7 @@
 from eigen_export.artifacts.folded import write_folded
 from eigen_export.loading import build_decoder, decoder_from_hf_model
 from eigen_export.method.calibrate import calibrate
-from eigen_export.method.fold import fold_state
+from eigen_export.method.fold import fold_state, mixed_layout
 from eigen_export.modeling import LayerRanks
 
 from .tiny_models import TINY, ptb_like_ids, tiny_hf_model
@@ -11,17 +11,20 @@ CASES = [(name, mode) for name in TINY for mode in (("pre", "post") if name not 
                                                      else (None,))]
 
 
-def tiny_fold(name, mode, k_fraction, v_fraction=None, kv_dtype=None, rotate=False):
+def tiny_fold(name, mode, k_fraction, v_fraction=None, kv_dtype=None, rotate=False, kv_bits=4.0):
     """(hf model, original Decoder, folded Decoder, folded state, ranks, calibration) of a tiny model; kv_dtype:
-    the folded Decoder's quantized cache, rotate: fold the incoherent rotation in (fold_layers)."""
+    the folded Decoder's quantized cache (mixed: kv_bits on average, its layout in folded.kv_layout), rotate: fold
+    the incoherent rotation in (fold_layers)."""
     hf = tiny_hf_model(name)
     model = decoder_from_hf_model(hf)
     layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False, error_samples=2)
     d = model.spec.head_dim
     v_fraction = k_fraction if v_fraction is None else v_fraction
     ranks = [LayerRanks(max(1, int(d * k_fraction)), max(1, int(d * v_fraction)))] * model.spec.num_layers
-    state = fold_state(model.state_dict(), [c.projections() for c in layers], ranks, model.spec, mode, rotate)
-    return hf, model, build_decoder(hf.config, state, ranks, mode, kv_dtype=kv_dtype), state, ranks, layers
+    mixed = mixed_layout(layers, ranks, kv_bits) if kv_dtype == "mixed" else None
+    state = fold_state(model.state_dict(), [c.projections() for c in layers], ranks, model.spec, mode, rotate, mixed)
+    folded = build_decoder(hf.config, state, ranks, mode, kv_dtype=kv_dtype, kv_layout=mixed and mixed[0])
+    return hf, model, folded, state, ranks, layers
 
 
 def write_tiny_folded(tmp_path, name="llama-gqa", mode="post", kv_dtype=None, **write):
@@ -34,7 +37,8 @@ def write_tiny_folded(tmp_path, name="llama-gqa", mode="post", kv_dtype=None, **
                   num_kv_heads=model.spec.num_kv_heads, head_dim=model.spec.head_dim,
                   softmax_scale=model.spec.softmax_scale, ranks=[[r.k, r.v] for r in ranks], kv_ratio=0.5,
                   layer_errors=[0.0] * len(ranks), calibration={"dataset": "random"}, kv_dtype=kv_dtype,
-                  kv_rotation=bool(kv_dtype))
+                  kv_rotation=bool(kv_dtype), kv_layout=folded.kv_layout and [list(map(list, layer))
+                                                                              for layer in folded.kv_layout])
     out = tmp_path / "folded"
     write_folded(out, hf.config, [state], fields, **write)
     return out, folded

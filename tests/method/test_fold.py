@@ -6,6 +6,7 @@ from eigen_export.backends import TorchBackend, generate
 from eigen_export.loading import build_decoder
 from eigen_export.method.fold import fold_state
 from eigen_export.modeling import LayerRanks, default_position_ids
+from eigen_export_plugins.lowrank_attention.kv_codec import code_width
 from tests.helpers.folds import CASES, tiny_fold
 from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
 
@@ -100,7 +101,7 @@ def test_cached_decoding_equals_recompute_past_2048_positions(mode):
         assert (full[:, t] - step).abs().max().item() <= 1e-4, f"position {t}"
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4", "mixed"])
 @pytest.mark.parametrize("name,mode", [("llama-gqa", "pre"), ("llama-gqa", "post"), ("opt", None),
                                        ("gpt_neox", "pre"), ("mpt", None)])
 def test_quantized_cache_decoding_equals_recompute(name, mode, kv_dtype):
@@ -123,18 +124,24 @@ def test_quantized_cache_decoding_equals_recompute(name, mode, kv_dtype):
     for t, step in zip(range(8, 13), steps):
         assert (full[:, t] - step).abs().max().item() <= 1e-9, f"position {t}"
     key, value, key_scale, value_scale = past[0]
-    width = (ranks[0].k if kv_dtype == "int8" else (ranks[0].k + 1) // 2)
+    width = code_width(ranks[0].k, kv_dtype, folded.layers[0].attn.counts[0])
+    assert width == {"int8": ranks[0].k, "int4": (ranks[0].k + 1) // 2}.get(kv_dtype, width)
     assert key.shape == (2, folded.spec.num_kv_heads, 13, width) and key_scale.shape == (2, key.shape[1], 13, 1)
     assert key.dtype == (torch.int8 if kv_dtype == "int8" else torch.uint8) and value_scale.dtype == torch.float16
+    if kv_dtype == "mixed":         # the tiny spectra give more than one width somewhere
+        assert any(sum(n > 0 for n in side) > 1 for layer in folded.kv_layout for side in layer), folded.kv_layout
 
 
 @pytest.mark.parametrize("name,mode", [("llama-gqa", "pre"), ("llama-gqa", "post"), ("opt", None)])
-def test_the_folded_rotation_leaves_the_model_unchanged(name, mode):
-    """U -> U R, A -> R^T A: a float cache holds rotated latents and the logits do not move."""
+@pytest.mark.parametrize("kv_dtype", [None, "mixed"])
+def test_the_folded_rotation_leaves_the_model_unchanged(name, mode, kv_dtype):
+    """U -> U R, A -> R^T A: a float cache holds rotated latents and the logits do not move; nor do they with
+    a mixed cache's transform (rotated and scaled run by run, decompose.group_transform) in front of a float
+    cache."""
     _, _, plain, *_ = tiny_fold(name, mode, 0.5, 0.75)
-    _, _, rotated, _, ranks, _ = tiny_fold(name, mode, 0.5, 0.75, rotate=True)
+    _, _, rotated, _, ranks, _ = tiny_fold(name, mode, 0.5, 0.75, rotate=True, kv_dtype=kv_dtype)
     ids = ptb_like_ids(2, 12)
-    with torch.no_grad():
+    with torch.no_grad(), rotated.cache_format(None):
         a, past_a = plain(ids)
         b, past_b = rotated(ids)
     assert (a - b).abs().max().item() <= 1e-4
