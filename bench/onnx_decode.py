@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """ONNX Runtime decode on CPU: SmolLM2-135M, transformers (sdpa, eager) vs our exports (original; KV ratio 0.7 and
-0.5 in the pre and post RoPE modes; KV ratio 0.7 with int8 / int4 caches, `fold --kv-dtype`).
+0.5 in the pre and post RoPE modes; KV ratio 0.7 with int8 / int4 / mixed (4 bits on average) caches,
+`fold --kv-dtype`).
 
     python bench/onnx_decode.py                        # threads 1 and 2, 3 repeats
     python bench/onnx_decode.py --threads 1 --repeats 2 --steps 3
@@ -42,9 +43,9 @@ if str(REPO) not in sys.path:
 FOLDS = REPO / "build/bench-rope-modes"
 FOLDED = {f"ours-r{ratio.replace('.', '')}-{mode}": (mode, float(ratio), FOLDS / f"fold-{mode}-{ratio}", None)
           for ratio in ("0.7", "0.5") for mode in ("pre", "post")}
-# quantized caches at the same ranks (issue 15): `fold --kv-dtype`, the rotation folded in
+# quantized caches at the same ranks (issue 15): `fold --kv-dtype`, the rotation folded in (mixed: --kv-bits 4)
 FOLDED |= {f"ours-r07-{mode}-{kv}": (mode, 0.7, FOLDS / f"fold-{mode}-0.7-{kv}", kv)
-           for mode in ("pre", "post") for kv in ("int8", "int4")}
+           for mode in ("pre", "post") for kv in ("int8", "int4", "mixed")}
 ORIGINAL_ONNX = REPO / "build/bench-onnx/original"
 OPTIMUM_ONNX = REPO / "build/bench-onnx/optimum"
 # optimum-onnx pins transformers<4.58, so it lives in a private overlay (never in .venv, never in pyproject):
