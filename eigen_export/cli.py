@@ -78,7 +78,7 @@ def _fold_flags(p):
                    help="quantize the latent cache per token (one fp16 scale per vector); mixed: 8, 4 or 2 bits per "
                         "latent number by the calibrated spectrum, --kv-bits on average (default: the model's dtype)")
     p.add_argument("--kv-bits", type=float, default=UNSET,
-                   help=f"with --kv-dtype mixed: mean bits per cached number {_default(FoldSettings, 'kv_bits')}")
+                   help="with --kv-dtype mixed: mean bits per cached number (default: 4, the bytes of int4)")
     p.add_argument("--no-kv-rotation", dest="kv_rotation", action="store_false", default=UNSET,
                    help="with --kv-dtype: do not fold the outlier-spreading rotation into the bases")
 

@@ -93,7 +93,7 @@ class FoldSettings:
     kv_dtype: str | None = None            # int8 | int4 | mixed: quantize the latent cache (kv_codec); None: the
                                            # model's dtype
     kv_rotation: bool = True               # with kv_dtype: fold an incoherent rotation into the bases first
-    kv_bits: float = 4.0                   # mixed: mean bits per cached latent number (8, 4 or 2 each)
+    kv_bits: float | None = None           # mixed: mean bits per cached latent number (8, 4 or 2 each); None: 4
 
     def __post_init__(self):
         if (self.kv_ratio is None) == (self.error_budget is None):
@@ -107,9 +107,17 @@ class FoldSettings:
         _one_of(self, "allocation", ALLOCATIONS)
         _one_of(self, "dtype", FLOAT_NAMES)
         _one_of(self, "kv_dtype", (None, *KV_DTYPES))
-        if not (isinstance(self.kv_bits, (int, float)) and 2 <= self.kv_bits <= 8):
+        if self.kv_bits is not None and self.kv_dtype != "mixed":
+            raise EigenExportError(f"kv_bits applies to a mixed cache only, not to kv_dtype {self.kv_dtype}: pass "
+                                   "--kv-dtype mixed or drop --kv-bits")
+        if not (isinstance(self.mean_bits, (int, float)) and 2 <= self.mean_bits <= 8):
             raise EigenExportError(f"kv_bits {self.kv_bits} is outside [2, 8]: the mean bits per cached number of a "
                                    "mixed cache, e.g. 4")
+
+    @property
+    def mean_bits(self) -> float:
+        """A mixed cache's mean bits per cached number (kv_bits, default 4: the bytes of int4)."""
+        return 4.0 if self.kv_bits is None else self.kv_bits
 
     @property
     def rotated(self) -> bool:
@@ -130,7 +138,7 @@ class FoldSettings:
         else:
             rule = {"rule": "kv_ratio", "target": self.kv_ratio, "allocation": self.allocation}
         return rule | {"kv_dtype": self.kv_dtype, "kv_rotation": self.rotated} | \
-            ({"kv_bits": self.kv_bits} if self.kv_dtype == "mixed" else {})
+            ({"kv_bits": self.mean_bits} if self.kv_dtype == "mixed" else {})
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
     (ranks, layer_errors), found = decide_ranks(layers, spec.head_dim, settings.kv_ratio, settings.error_budget,
                                                 settings.allocation, calib.rank_multiple)
     dtype = resolve_dtype(settings.dtype)
-    mixed = mixed_layout(layers, ranks, settings.kv_bits) if settings.kv_dtype == "mixed" else None
+    mixed = mixed_layout(layers, ranks, settings.mean_bits) if settings.kv_dtype == "mixed" else None
 
     def parts():
         """The weights outside the layers, then one folded layer at a time, each made when the writer asks for
