@@ -18,15 +18,16 @@ element in the low nibble; an odd rank pads one code 0 (stored 8).
 high-variance eigen coordinates first and gives them more bits, by water-filling on the calibrated spectrum,
 method/fold.py), with ONE scale per vector: a coordinate of width w has qmax_w = 2^(w-1) - 1 and
   scale = fp16(max_j |x_j| / qmax_j),  code_j = round(x_j / scale)   (|code_j| <= qmax_j: nothing clips)
-so every coordinate is coded with the same step (equal noise per coordinate, which is what water-filling asks
-for; the fold scales each width group of the latent so that this step suits it). `counts` (n8, n4, n2) says
+so every stored coordinate is coded with the same step; the fold has scaled each run of equal widths
+(decompose.group_transform) so that this one step is, in the model's latent coordinates, a step in proportion
+to the run's spread, as a scale per run would give without storing one. `counts` (n8, n4, n2) says
 how many coordinates take each width, widest first; each width's codes are stored offset by qmax_w + 1 and
 packed 8 / w to a byte, lowest bits first, each width starting a fresh byte (a partial last byte is padded
 with code 0). int8 and int4 are the uniform cases: int4 is exactly `mixed` with counts (0, r, 0); int8 keeps
 its codes signed (int8 storage, no offset).
 
-Everything here is plain torch arithmetic (div, round, clamp, casts, integer ops), so the exporter turns it into
-standard ONNX ops that make the same codes from the same inputs. (Inputs computed by another backend differ in
+Everything here is plain torch arithmetic (div, round, clamp, casts, integer ops, a constant table lookup), so
+the exporter turns it into standard ONNX ops that make the same codes from the same inputs. (Inputs computed by another backend differ in
 the last float bits, and a value on a rounding boundary then takes the neighbouring code: validate's parity
 allows for that.) Attention need not decode: a token's scale multiplies its score and its probability.
 """
