@@ -191,12 +191,17 @@ def _unpack(packed: torch.Tensor, fmt: CodeFormat, dtype: torch.dtype) -> torch.
     return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
 
-@functools.lru_cache(maxsize=None)
 def _code_table(width: int) -> torch.Tensor:
-    """[256, 8 / width] fp32: the signed codes byte b holds, lowest bits first."""
+    """[256, 8 / width] fp32: the signed codes byte b holds, lowest bits first. Made afresh on each call (a
+    tensor cached across calls would keep the fake tensor of the export that first asked for it)."""
+    return torch.tensor(_code_rows(width), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_rows(width: int) -> tuple:
     # Python integers, not tensor ops: built inside an export, tensor ops would be traced into the graph
-    rows = [[(b >> shift) % 2 ** width - 2 ** (width - 1) for shift in range(0, 8, width)] for b in range(256)]
-    return torch.tensor(rows, dtype=torch.float32)
+    return tuple(tuple((b >> shift) % 2 ** width - 2 ** (width - 1) for shift in range(0, 8, width))
+                 for b in range(256))
 
 
 def cache_slots(r_k: int, r_v: int, kv_dtype: str | None, float_dtype: torch.dtype,
