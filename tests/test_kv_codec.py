@@ -85,7 +85,7 @@ def test_the_rotation_lowers_int4_error_on_falling_spectra():
     assert rotated < 0.6 * plain, (plain, rotated)
 
 
-MIXED = [(3, 5, 0), (0, 7, 6), (2, 0, 9), (4, 4, 4), (0, 0, 5)]
+MIXED = [(3, 5, 0), (0, 7, 6), (2, 0, 9), (4, 4, 4), (0, 0, 5), (5, 0, 0)]
 
 
 @pytest.mark.parametrize("counts", MIXED)

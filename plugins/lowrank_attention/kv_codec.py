@@ -27,13 +27,14 @@ with code 0). int8 and int4 are the uniform cases: int4 is exactly `mixed` with 
 its codes signed (int8 storage, no offset).
 
 Everything here is plain torch arithmetic (div, round, clamp, casts, integer ops, a constant table lookup), so
-the exporter turns it into standard ONNX ops that make the same codes from the same inputs. (Inputs computed by another backend differ in
-the last float bits, and a value on a rounding boundary then takes the neighbouring code: validate's parity
-allows for that.) Attention need not decode: a token's scale multiplies its score and its probability.
+the exporter turns it into standard ONNX ops that make the same codes from the same inputs. (Inputs computed by
+another backend differ in the last float bits, and a value on a rounding boundary then takes the neighbouring
+code: validate's parity allows for that.) Attention need not decode: a token's scale multiplies its score and its probability.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -56,15 +57,18 @@ def check_kv_dtype(kv_dtype: str) -> None:
 
 @dataclass(frozen=True)
 class CodeFormat:
-    """How one side's r-dim latent vectors are stored: the bit width of each coordinate, widest first."""
+    """How one side's r-dim latent vectors are stored: the bit width of each coordinate, widest first, and whether
+    the codes are kept signed as they are (int8) or packed with an offset (int4, mixed: even an all-8-bit mixed
+    layout is uint8, so that a format's storage type follows from its kv_dtype alone)."""
     widths: tuple[int, ...]
+    signed: bool = False
 
     @classmethod
     def of(cls, kv_dtype: str, rank: int, counts=None) -> "CodeFormat":
         """int8 / int4: every coordinate that wide; mixed: counts[i] coordinates of MIXED_WIDTHS[i] bits."""
         check_kv_dtype(kv_dtype)
         if kv_dtype != "mixed":
-            return cls((BITS[kv_dtype],) * rank)
+            return cls((BITS[kv_dtype],) * rank, signed=kv_dtype == "int8")
         if counts is None or len(counts) != len(MIXED_WIDTHS) or sum(counts) != rank or min(counts) < 0:
             raise ValueError(f"a mixed cache of rank {rank} needs counts of its {MIXED_WIDTHS}-bit coordinates "
                              f"that add up to {rank}, got {counts}")
@@ -75,20 +79,9 @@ class CodeFormat:
         return len(self.widths)
 
     @property
-    def signed(self) -> bool:
-        """All 8 bits (int8): codes stored as int8 as they are."""
-        return all(w == 8 for w in self.widths)
-
-    @property
     def runs(self) -> list[tuple[int, int]]:
         """(width, count) of each run of equal widths, widest first."""
-        out = []
-        for w in self.widths:
-            if out and out[-1][0] == w:
-                out[-1][1] += 1
-            else:
-                out.append([w, 1])
-        return [tuple(r) for r in out]
+        return [(w, len(list(run))) for w, run in itertools.groupby(self.widths)]
 
     @property
     def nbytes(self) -> int:
@@ -103,18 +96,10 @@ class CodeFormat:
         return torch.tensor([2.0 ** (w - 1) - 1 for w in self.widths], device=device)
 
 
-def _format(rank: int, kv_dtype: str, counts=None) -> CodeFormat:
-    return CodeFormat.of(kv_dtype, rank, counts)
-
-
 def code_width(rank: int, kv_dtype: str, counts=None) -> int:
     """Last dim of the stored codes of an r-dim latent: r bytes in int8, ceil(r / 2) in int4, the packed widths of
     a mixed one."""
-    return _format(rank, kv_dtype, counts).nbytes
-
-
-def code_torch_dtype(kv_dtype: str) -> torch.dtype:
-    return torch.int8 if kv_dtype == "int8" else torch.uint8
+    return CodeFormat.of(kv_dtype, rank, counts).nbytes
 
 
 def vector_bytes(rank: int, kv_dtype: str, counts=None) -> int:
@@ -124,7 +109,7 @@ def vector_bytes(rank: int, kv_dtype: str, counts=None) -> int:
 
 def encode(x: torch.Tensor, kv_dtype: str, counts=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., r] (any float dtype) -> (codes [..., code_width], scale [..., 1] fp16)."""
-    fmt = _format(x.shape[-1], kv_dtype, counts)
+    fmt = CodeFormat.of(kv_dtype, x.shape[-1], counts)
     qmax = fmt.qmax(x.device)
     xf = x.float()
     scale = (xf.abs() / qmax).amax(-1, keepdim=True).clamp_min(_TINY).to(SCALE_DTYPE)
@@ -143,7 +128,7 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, rank: int, kv_dtype: str, d
 def code_values(codes: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype, counts=None) -> torch.Tensor:
     """The signed codes [..., rank] as numbers in `dtype` (exact: |code| <= 127), before their scale. Attention
     can take a token's scale on its score and on its probability instead of on each of its r numbers."""
-    fmt = _format(rank, kv_dtype, counts)
+    fmt = CodeFormat.of(kv_dtype, rank, counts)
     if fmt.signed:
         return codes.to(dtype)
     return _unpack(codes, fmt, dtype)
@@ -212,9 +197,9 @@ def cache_slots(r_k: int, r_v: int, kv_dtype: str | None, float_dtype: torch.dty
     cache's (key counts, value counts)."""
     if kv_dtype is None:
         return [("key", r_k, float_dtype), ("value", r_v, float_dtype)]
-    codes = code_torch_dtype(kv_dtype)
     k_counts, v_counts = layout or (None, None)
-    return [("key", code_width(r_k, kv_dtype, k_counts), codes), ("value", code_width(r_v, kv_dtype, v_counts), codes),
+    k, v = CodeFormat.of(kv_dtype, r_k, k_counts), CodeFormat.of(kv_dtype, r_v, v_counts)
+    return [("key", k.nbytes, k.torch_dtype), ("value", v.nbytes, v.torch_dtype),
             ("key_scale", 1, SCALE_DTYPE), ("value_scale", 1, SCALE_DTYPE)]
 
 
@@ -240,9 +225,10 @@ class Quantized:
         if self.kv_dtype not in QMAX:
             raise ValueError(f"lowrank_attention: {name} codes must be int8 or int4, got {self.kv_dtype!r} (a mixed "
                              "cache is decoded in front of the node)")
-        want = (*self.codes.shape[:3], code_width(self.rank, self.kv_dtype))
-        if self.codes.dtype != code_torch_dtype(self.kv_dtype) or tuple(self.codes.shape) != want:
-            raise ValueError(f"lowrank_attention: {name} codes must be {code_torch_dtype(self.kv_dtype)} {list(want)} "
+        fmt = CodeFormat.of(self.kv_dtype, self.rank)
+        want = (*self.codes.shape[:3], fmt.nbytes)
+        if self.codes.dtype != fmt.torch_dtype or tuple(self.codes.shape) != want:
+            raise ValueError(f"lowrank_attention: {name} codes must be {fmt.torch_dtype} {list(want)} "
                              f"for {self.kv_dtype} rank {self.rank}, got {self.codes.dtype} {list(self.codes.shape)}")
         if self.scale.dtype != SCALE_DTYPE or tuple(self.scale.shape) != (*self.codes.shape[:3], 1):
             raise ValueError(f"lowrank_attention: {name} scales must be float16 {[*self.codes.shape[:3], 1]}, got "
