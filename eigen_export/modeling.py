@@ -122,12 +122,12 @@ class Attention(nn.Module):
         self.spec, self.ranks, self.kv_dtype = spec, ranks, kv_dtype
         # a mixed cache's (key counts, value counts) of its 8/4/2-bit coordinates (kv_codec.CodeFormat)
         self.kv_layout = tuple(tuple(int(n) for n in side) for side in kv_layout) if kv_layout else None
-        if kv_dtype == "mixed":
-            try:
-                CodeFormat.of("mixed", ranks.k, self.counts[0]), CodeFormat.of("mixed", ranks.v, self.counts[1])
-            except ValueError as e:
-                raise EigenExportError(f"{e}: the fold's kv_layout does not fit its ranks, re-run `eigen-export "
-                                       "fold`") from None
+        try:
+            for rank, counts in zip((ranks.k, ranks.v), self.counts if kv_dtype == "mixed" else ()):
+                CodeFormat.of("mixed", rank, counts)
+        except ValueError as e:
+            raise EigenExportError(f"{e}: the fold's kv_layout does not fit its ranks, re-run `eigen-export "
+                                   "fold`") from None
         rope = spec.positions == "rope"
         self.rope_mode = rope_mode if rope else None
         # Width of q/k rows per head: non-RoPE folds put the basis into W_Q/W_K; post keeps q, k full and

@@ -291,9 +291,9 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
 def plugin_cores(model: Decoder):
     """Route every layer's attention core through the custom op that exports as one LowRankAttention node."""
     def core(attn, q, k, v, ctx, present, k_scale=None, v_scale=None):
-        kv_dtype = attn.kv_dtype if attn.kv_dtype != "mixed" else None
-        if attn.kv_dtype == "mixed":       # the node reads int8 / int4 codes only: a mixed cache reaches it decoded
-            k, v, k_scale, v_scale = k * k_scale.to(k.dtype), v * v_scale.to(v.dtype), None, None
+        kv_dtype = attn.kv_dtype
+        if kv_dtype == "mixed":             # the node reads int8 / int4 codes only: a mixed cache reaches it decoded
+            k, v, k_scale, v_scale, kv_dtype = k * k_scale.to(k.dtype), v * v_scale.to(v.dtype), None, None, None
         if kv_dtype is not None:            # the node reads the codes; pre mode's keys reach it rebuilt in full
             v, v_scale = present[1], present[3]
             if attn.rope_mode != "pre":
