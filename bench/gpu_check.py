@@ -12,7 +12,11 @@ Sections, each written to the JSON as soon as it is done (a timeout keeps what f
   4. decode speed for 7B head shapes (32 query heads, head_dim 128, 32 or 8 KV heads) against
      torch SDPA with the flash backend at full rank 128, with time, KV bytes/s, the fraction of
      copy bandwidth and the ratio to SDPA;
-  5. end_to_end(): the hook for a model-level check (not implemented here yet).
+  5. quantized caches: decode time of int8 / int4 codes against fp16 at the same ranks (informative);
+  6. latent keys (rope_mode `pre`, latent_rope.py): decode time with pre-RoPE key latents turned in the kernel,
+     against the kernel fed keys rebuilt and rotated in full by torch first (what `pre` did before) and against
+     plain latents of the same rank (no rotation: the lower bound) (informative);
+  7. end_to_end(): the hook for a model-level check (not implemented here yet).
 Targets (PASS/FAIL): at contexts >= 8k the kernel reaches >= 70% of copy bandwidth; at rank 77
 (KV ratio 0.6) it takes <= 0.7x the time of full-rank SDPA.
 Writes bench/results/gpu-<device>.json and .md, and the same files to --out-dir and to $OUT
@@ -157,7 +161,7 @@ class GpuCheck:
                  f"commit {meta['commit']}")
         sections = [("copy_bandwidth", self.copy_bandwidth), ("correctness", self.correctness),
                     ("decode_sweep", self.decode_sweep), ("decode_speed", self.decode_speed),
-                    ("quantized_decode", self.quantized_decode),
+                    ("quantized_decode", self.quantized_decode), ("latent_decode", self.latent_decode),
                     ("end_to_end", lambda: end_to_end(self.results))]
         for key, section in sections:
             try:
@@ -291,26 +295,34 @@ class GpuCheck:
         quantized = [long[0], long[-2]] if not self.dry else long[:1]
         grid += [dict(shape=s, dtype="float16", kv=kv) for s in [small[2], small[7]] + quantized
                  for kv in ("int8", "int4", "v-int4")]
+        # pre-RoPE key latents turned in the kernel (issue 14 (c)), float and quantized
+        grid += [dict(shape=s, dtype=d, kv=kv) for s in [small[2], small[7]] for d in dtypes_small
+                 for kv in ("latent", "latent-int4")]
+        grid += [dict(shape=s, dtype="float16", kv=kv) for s in quantized for kv in ("latent", "latent-int8")]
         return grid
 
     def make_inputs(self, shape, dtype: str, seed: int = 0, kv: str = "float"):
-        """q, k, v, mask, scale; kv "int8" / "int4" quantizes k and v (kv_codec), "v-int8" / "v-int4" v only."""
+        """q, k, v, mask, scale, latent_keys; kv "int8" / "int4" quantizes k and v (kv_codec), "v-int8" / "v-int4" v
+        only; "latent[-int8|-int4]": k holds pre-RoPE key latents (quantized, with v) and q is HEAD_DIM wide."""
         from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
         torch = self.torch
         batch, heads, heads_kv, seq, past, rank_k, rank_v, left_pad, view, _ = shape
         gen = torch.Generator(device=self.device).manual_seed(seed)
         dt = getattr(torch, dtype)
         total = past + seq
+        latent = kv.startswith("latent")
+        kv = kv.removeprefix("latent").removeprefix("-") or "float"
+        width = HEAD_DIM if latent else rank_k
 
         def randn(*size):
             return torch.randn(*size, generator=gen, device=self.device).to(dt)
 
         if view:
-            q = randn(batch, seq, heads, rank_k).transpose(1, 2)  # [B, H, S, r_k]
+            q = randn(batch, seq, heads, width).transpose(1, 2)  # [B, H, S, r_k or HEAD_DIM]
             k = randn(batch, heads_kv, total + 11, rank_k)[:, :, :total]  # view into a larger cache
             v = randn(batch, heads_kv, total + 11, rank_v)[:, :, :total]
         else:
-            q = randn(batch, heads, seq, rank_k)
+            q = randn(batch, heads, seq, width)
             k = randn(batch, heads_kv, total, rank_k)
             v = randn(batch, heads_kv, total, rank_v)
         mask = torch.ones(batch, total, dtype=torch.int64, device=self.device)
@@ -320,13 +332,25 @@ class GpuCheck:
             kv_dtype = kv.removeprefix("v-")
             v = Quantized(*encode(v, kv_dtype), kv_dtype, rank_v)
             k = k if kv.startswith("v-") else Quantized(*encode(k, kv_dtype), kv_dtype, rank_k)
-        return q, k, v, mask, 1.0 / math.sqrt(HEAD_DIM)
+        return q, k, v, mask, 1.0 / math.sqrt(HEAD_DIM), self.latent_keys(heads_kv, rank_k, mask) if latent else None
+
+    def latent_keys(self, heads_kv: int, rank_k: int, mask, seed: int = 1):
+        """Latent-key tables of an orthonormal random key basis per KV head, Llama-2's frequencies and each key's
+        position over the real tokens of mask."""
+        from eigen_export_plugins.lowrank_attention.latent_rope import LatentKeys, latent_key_tables
+        torch = self.torch
+        gen = torch.Generator().manual_seed(seed)
+        basis = torch.linalg.qr(torch.randn(heads_kv, HEAD_DIM, HEAD_DIM, generator=gen))[0][..., :rank_k]
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
+        tables = [t.to(self.device) for t in latent_key_tables(basis, inv_freq, HEAD_DIM, "half")]
+        return LatentKeys(*tables, (mask.cumsum(-1) - 1).clamp(min=0))
 
     def check_case(self, shape, dtype: str, config=None, kv: str = "float") -> dict:
         from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
-        q, k, v, mask, scale = self.make_inputs(shape, dtype, kv=kv)
-        got = self.kernels.lowrank_attention(q, k, v, mask, scale, decode_config=config).float()
-        want = lowrank_attention_reference(q, k, v, mask, scale).float()
+        q, k, v, mask, scale, latent_keys = self.make_inputs(shape, dtype, kv=kv)
+        got = self.kernels.lowrank_attention(q, k, v, mask, scale, latent_keys=latent_keys,
+                                             decode_config=config).float()
+        want = lowrank_attention_reference(q, k, v, mask, scale, latent_keys).float()
         atol, rtol = TOLERANCES[dtype]
         err = (got - want).abs()
         record = {"shape": dict(zip(("B", "H", "H_kv", "S", "P", "r_k", "r_v", "left_pad", "view",
@@ -442,6 +466,47 @@ class GpuCheck:
             rows.append(row)
             self.log(f"quantized decode ctx {context}: fp16 {row['fp16']['us']:.1f} us, int8 x{row['int8_vs_fp16']:.2f},"
                      f" int4 x{row['int4_vs_fp16']:.2f}")
+        return {"rows": rows}
+
+    # ------------------------------------------------------------------ 6. latent keys
+
+    def latent_decode(self) -> dict:
+        """Decode time of rope_mode `pre` three ways at 7B head shapes (issue 14 (c); informative, no target):
+        latent keys turned in the kernel; keys rebuilt and rotated in full by torch, then the kernel at head_dim
+        (the plugin graph's `pre` before); plain latents of the same rank without rotation (the floor)."""
+        torch = self.torch
+        batch, heads_kv, rank_k, rank_v = (8, 8, 64, 64) if not self.dry else (1, 2, 16, 16)
+        contexts = (8191, 32767) if not self.dry else (64,)
+        rows = []
+        for context in contexts:
+            _, k, v = self.decode_buffers(batch, heads_kv, context, rank_k, rank_v, copies=1)[0]
+            heads = NUM_HEADS if not self.dry else 4
+            q_full = torch.randn(batch, heads, 1, HEAD_DIM, device=self.device, dtype=torch.float16)
+            q_latent = torch.randn(batch, heads, 1, rank_k, device=self.device, dtype=torch.float16)
+            mask = torch.ones(batch, context, dtype=torch.int64, device=self.device)
+            latent_keys = self.latent_keys(heads_kv, rank_k, mask)
+            scale = 1.0 / math.sqrt(HEAD_DIM)
+            config = self.decode_configs["aligned"]
+
+            def in_kernel():
+                return self.kernels.lowrank_attention(q_full, k, v, mask, scale, latent_keys=latent_keys,
+                                                      decode_config=config)
+
+            def rebuilt():
+                keys = latent_keys.keys(k).to(torch.float16)          # what the graph built before the node
+                return self.kernels.lowrank_attention(q_full, keys, v, mask, scale, decode_config=config)
+
+            row = {"B": batch, "H_kv": heads_kv, "context": context, "r_k": rank_k, "r_v": rank_v,
+                   "latent_in_kernel": self.time_call([in_kernel]),
+                   "rebuilt_then_kernel": self.time_call([rebuilt]),
+                   "plain_latent": self.time_call([self.ours(q_latent, k, v, mask, config)])}
+            row["in_kernel_vs_rebuilt"] = row["latent_in_kernel"]["us"] / row["rebuilt_then_kernel"]["us"]
+            row["in_kernel_vs_plain"] = row["latent_in_kernel"]["us"] / row["plain_latent"]["us"]
+            rows.append(row)
+            self.log(f"latent decode ctx {context}: in kernel {row['latent_in_kernel']['us']:.1f} us, "
+                     f"x{row['in_kernel_vs_rebuilt']:.2f} of rebuilt-then-kernel, x{row['in_kernel_vs_plain']:.2f} of "
+                     "plain latents")
+            del k, v, latent_keys
         return {"rows": rows}
 
     # ------------------------------------------------------------------ 4. decode speed

@@ -22,6 +22,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode  # noqa: E402
+from eigen_export_plugins.lowrank_attention.latent_rope import LatentKeys, latent_key_tables  # noqa: E402
 from eigen_export_plugins.lowrank_attention.reference import (  # noqa: E402
     check_inputs,
     lowrank_attention_reference,
@@ -46,6 +47,8 @@ class Case:
     prefetch: bool = False  # decode: register double buffering of the next key block
     kv: str = "float"  # the cache: float, int8 / int4 (keys and values quantized), v-int8 / v-int4 (values only,
     #                    as in rope_mode pre, whose keys reach the op rebuilt in full)
+    latent: str = ""  # pre-RoPE key latents turned in the op (latent_rope.py): the rope layout, half / interleaved,
+    #                   or partial (half, a quarter of the features rotated); q is then LATENT_HEAD_DIM wide
 
     @property
     def name(self) -> str:
@@ -54,6 +57,7 @@ class Case:
         extra = ("-view" if self.view else "") + (f"-chunk{self.chunk_len}" if self.chunk_len else "")
         extra += "-prefetch" if self.prefetch else ""
         extra += f"-{self.kv}" if self.kv != "float" else ""
+        extra += f"-latent-{self.latent}" if self.latent else ""
         return (f"{kind}-b{self.batch}-h{self.heads}kv{self.heads_kv}-past{self.past}"
                 f"-r{self.rank_k}x{self.rank_v}-{self.dtype}{pad}{extra}")
 
@@ -85,7 +89,17 @@ CASES = [
     Case(3, 6, 2, 5, 1, 41, 56, "float32", left_pad=(3, 0, 1), kv="int4"),
     Case(1, 4, 2, 33, 17, 64, 40, "float16", view=True, kv="v-int8"),
     Case(1, 12, 4, 9, 300, 33, 77, "float16", kv="int4"),
+    # pre-RoPE key latents rebuilt and turned in the op: GQA, left padding (positions count real tokens only),
+    # odd and aligned latent ranks, chunked decode with prefetch, quantized latents, views
+    Case(3, 6, 2, 1, 37, 24, 40, "float32", left_pad=(0, 5, 0), chunk_len=16, latent="half"),
+    Case(2, 8, 2, 1, 70, 41, 56, "float16", left_pad=(9, 0), chunk_len=32, prefetch=True, latent="interleaved"),
+    Case(1, 4, 4, 1, 300, 33, 33, "float32", view=True, latent="partial"),
+    Case(3, 6, 2, 1, 37, 41, 40, "float32", left_pad=(4, 0, 9), chunk_len=16, kv="int4", latent="half"),
+    Case(3, 6, 2, 5, 1, 24, 56, "float32", left_pad=(3, 0, 1), latent="half"),
+    Case(1, 12, 4, 9, 300, 33, 64, "float16", view=True, latent="interleaved"),
+    Case(1, 4, 2, 33, 17, 48, 40, "float32", kv="int8", latent="partial"),
 ]
+LATENT_HEAD_DIM = 64
 
 # Each should fail validation with a one-line error naming the tensor: (description, message part)
 BAD_SHAPES = [
@@ -99,6 +113,8 @@ BAD_SHAPES = [
     ("rank_big", "r_v=300 is outside"),
     ("codes_dtype", "k codes must be torch.int8 [2, 2, 6, 16] for int8 rank 16"),
     ("scale_shape", "v scales must be float16 [2, 2, 6, 1]"),
+    ("latent_basis", "latent keys' basis_cos must be float [H_kv=2, r_k=16, d=16]"),
+    ("latent_positions", "latent keys' positions must be integer [B=2, P+S=6]"),
 ]
 
 
@@ -111,13 +127,14 @@ def make_inputs(case: Case, seed: int = 0):
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
+    width = LATENT_HEAD_DIM if case.latent else case.rank_k
     if case.view:
-        q = randn(case.batch, case.seq, case.heads, case.rank_k).transpose(1, 2)  # [B, H, S, r_k]
+        q = randn(case.batch, case.seq, case.heads, width).transpose(1, 2)  # [B, H, S, r_k or d]
         capacity = total + 11  # a preallocated cache with room left: k is [:, :, :P+S]
         k = randn(case.batch, case.heads_kv, capacity, case.rank_k)[:, :, :total]
         v = randn(case.batch, case.heads_kv, capacity, case.rank_v)[:, :, :total]
     else:
-        q = randn(case.batch, case.heads, case.seq, case.rank_k)
+        q = randn(case.batch, case.heads, case.seq, width)
         k = randn(case.batch, case.heads_kv, total, case.rank_k)
         v = randn(case.batch, case.heads_kv, total, case.rank_v)
     mask = torch.ones(case.batch, total, dtype=torch.int64)
@@ -132,6 +149,21 @@ def make_inputs(case: Case, seed: int = 0):
     # 1/sqrt(d_original) with d_original above the ranks, as after a fold (DESIGN 3.1)
     scale = 1.0 / math.sqrt(max(case.rank_k, 64) * 1.5)
     return q, k, v, mask, scale
+
+
+def latent_keys_for(case: Case, mask: torch.Tensor, seed: int = 1) -> LatentKeys | None:
+    """The latent-key tables of a case: an orthonormal key basis per KV head, Llama's frequencies, an attention
+    factor != 1, and each key's position counted over real tokens (the model's default_position_ids)."""
+    if not case.latent:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    d = LATENT_HEAD_DIM
+    basis = torch.linalg.qr(torch.randn(case.heads_kv, d, d, generator=gen))[0][..., :case.rank_k]
+    rope_dim = d // 4 if case.latent == "partial" else d
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rope_dim, 2).float() / rope_dim)
+    layout = "interleaved" if case.latent == "interleaved" else "half"
+    return LatentKeys(*latent_key_tables(basis, inv_freq, rope_dim, layout, gain=1.2),
+                      (mask.cumsum(-1) - 1).clamp(min=0))
 
 
 def _encode_buffer(t, kv_dtype, view, total):
@@ -167,10 +199,13 @@ def _naive_attention(q, k, v, mask, scale):
 @pytest.mark.parametrize("case", [c for c in CASES if c.dtype == "float32"], ids=lambda c: c.name)
 def test_reference_matches_naive_loop(case):
     q, k, v, mask, scale = make_inputs(case)
-    got = lowrank_attention_reference(q, k, v, mask, scale)
+    latent_keys = latent_keys_for(case, mask)
+    got = lowrank_attention_reference(q, k, v, mask, scale, latent_keys)
     assert got.shape == (case.batch, case.heads, case.seq, case.rank_v)
     assert got.dtype == q.dtype
     k, v = (t.values(torch.float64) if isinstance(t, Quantized) else t for t in (k, v))   # what the codes mean
+    if latent_keys is not None:
+        k = latent_keys.keys(k)
     torch.testing.assert_close(got.double(), _naive_attention(q, k, v, mask, scale),
                                atol=1e-5, rtol=1e-5)
 
@@ -196,10 +231,56 @@ def test_reference_equals_sdpa_with_gqa_and_offset_causal_mask():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,kv_dtype", [("llama-gqa", None), ("qwen2", "int8"), ("mistral", "int4"),
+                                           ("gpt_neox", None)])
+def test_latent_keys_reproduce_the_models_pre_mode_attention(name, kv_dtype):
+    """The op fed the cached key latents and latent_key_tables of a folded `pre` model gives what the model's own
+    attention core gives from the keys it rebuilds and rotates in full (GPT-NeoX: half the features rotated), with
+    left padding, in every layer; int8 / int4: the cached latents are codes and scales."""
+    from eigen_export.modeling import default_position_ids
+    from tests.helpers.folds import tiny_fold
+    from tests.helpers.tiny_models import ptb_like_ids
+
+    _, _, folded, _, ranks, _ = tiny_fold(name, "pre", 0.5, 0.75, kv_dtype=kv_dtype, rotate=bool(kv_dtype))
+    spec = folded.spec
+    seen = []
+    for block in folded.layers:
+        def core(q, k, v, ctx, present, k_scale=None, v_scale=None, original=block.attn.core, attn=block.attn):
+            out = original(q, k, v, ctx, present, k_scale, v_scale)
+            seen.append((attn, q, present, ctx.attention_mask, out))
+            return out
+        block.attn.core = core
+    ids = ptb_like_ids(2, 11, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        folded(ids, mask, default_position_ids(mask, 0), None)
+    assert len(seen) == spec.num_layers
+    for attn, q, present, attention_mask, want in seen:
+        tables = latent_key_tables(attn.basis_k, folded.inv_freq, spec.rope_dim, spec.rope_layout, folded.rope_scaling)
+        k, v = present[:2]
+        if kv_dtype is not None:
+            k, v = (Quantized(c, s, kv_dtype, r) for c, s, r in ((present[0], present[2], attn.ranks.k),
+                                                                (present[1], present[3], attn.ranks.v)))
+        assert k.shape[-1] == attn.ranks.k < spec.head_dim == q.shape[-1]
+        got = lowrank_attention_reference(q, k, v, attention_mask, spec.softmax_scale,
+                                          LatentKeys(*tables, default_position_ids(attention_mask, 0)))
+        real = mask.bool()[:, None, :, None].expand_as(want)        # padding queries: zeros here, anything there
+        torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+
+
 def _bad_inputs(kind: str):
-    """Valid inputs (B=2, H=4, H_kv=2, S=3, P=3, r_k=16, r_v=8) with one thing broken."""
+    """Valid inputs (B=2, H=4, H_kv=2, S=3, P=3, r_k=16, r_v=8) with one thing broken: the arguments of
+    check_inputs (q, k, v, attention_mask, scale, latent_keys)."""
     q, k, v = torch.zeros(2, 4, 3, 16), torch.zeros(2, 2, 6, 16), torch.zeros(2, 2, 6, 8)
     mask = torch.ones(2, 6, dtype=torch.int64)
+    latent = None
+    if kind.startswith("latent"):
+        maps, positions = torch.zeros(2, 16, 16), torch.zeros(2, 6, dtype=torch.int64)
+        if kind == "latent_basis":
+            latent = LatentKeys(torch.zeros(2, 16, 12), maps, torch.zeros(16), positions)
+        else:
+            latent = LatentKeys(maps, maps, torch.zeros(16), positions.float())
     if kind == "q_3d":
         q = q[0]
     elif kind == "k_rank":
@@ -220,7 +301,7 @@ def _bad_inputs(kind: str):
         k = Quantized(torch.zeros(2, 2, 6, 16, dtype=torch.uint8), torch.zeros(2, 2, 6, 1).half(), "int8", 16)
     elif kind == "scale_shape":
         v = Quantized(torch.zeros(2, 2, 6, 8, dtype=torch.int8), torch.zeros(2, 2, 6, 8).half(), "int8", 8)
-    return q, k, v, mask, 0.125
+    return q, k, v, mask, 0.125, latent
 
 
 @pytest.mark.parametrize("kind,message", BAD_SHAPES, ids=[b[0] for b in BAD_SHAPES])
@@ -276,10 +357,11 @@ def _kernel_worker() -> dict:
     for case in CASES:
         try:
             q, k, v, mask, scale = make_inputs(case)
+            latent_keys = latent_keys_for(case, mask)
             config = (DecodeConfig(block_n=16, chunk_len=case.chunk_len, prefetch=case.prefetch)
                       if case.chunk_len else None)
-            got = lowrank_attention(q, k, v, mask, scale, decode_config=config).float()
-            want = lowrank_attention_reference(q, k, v, mask, scale).float()
+            got = lowrank_attention(q, k, v, mask, scale, latent_keys=latent_keys, decode_config=config).float()
+            want = lowrank_attention_reference(q, k, v, mask, scale, latent_keys).float()
             atol, rtol = TOLERANCES[case.dtype]
             err = (got - want).abs()
             cases[case.name] = {
@@ -293,7 +375,8 @@ def _kernel_worker() -> dict:
     bad = {}
     for kind, _ in BAD_SHAPES:
         try:
-            lowrank_attention(*_bad_inputs(kind))
+            *args, latent = _bad_inputs(kind)
+            lowrank_attention(*args, latent_keys=latent)
             bad[kind] = "no error raised"
         except ValueError as exc:
             bad[kind] = str(exc)

@@ -11,7 +11,9 @@ Semantics, for q [B, H, S, r_k], k [B, H_kv, P+S, r_k], v [B, H_kv, P+S, r_v]:
 - softmax runs in fp32; masked scores take finfo(fp32).min rather than -inf (DESIGN 5);
 - a query row with no visible key (a left-padding query) outputs zeros: softmax over an
   all-masked row is uniform and meaningless, so the probabilities are zeroed explicitly.
-  Zeros keep the row finite; the row is padding, so its value is never used downstream.
+  Zeros keep the row finite; the row is padding, so its value is never used downstream;
+- with latent keys (rope_mode `pre`, latent_rope.py), k holds r_k-dim pre-RoPE key latents and q is the full
+  rotated query [B, H, S, d]: each key is rebuilt and turned by its own position before the scores.
 The output is [B, H, S, r_v] in q's dtype.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .kv_codec import Quantized
+from .latent_rope import LatentKeys
 
 # The op's identity, one definition for the ONNX node (onnx_op.py) and the TensorRT plugin (trt_plugin.py):
 # TensorRT's parser finds the creator by op_type + plugin_version + plugin_namespace.
@@ -32,10 +35,10 @@ MAX_RANK = 256
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
-                 attention_mask: torch.Tensor | None, scale: float) -> None:
+                 attention_mask: torch.Tensor | None, scale: float, latent_keys: LatentKeys | None = None) -> None:
     """Raise ValueError with a one-line message naming the tensor and the expected shape. A quantized k or v
     (kv_codec.Quantized) is checked as the [B, H_kv, P+S, rank] numbers it stands for, its codes and scales
-    against its format."""
+    against its format. With latent_keys, k holds pre-RoPE key latents of its own rank and q the full width."""
     for name, t in (("k", k), ("v", v)):
         if isinstance(t, Quantized):
             t.check(name)
@@ -46,6 +49,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor |
     batch, heads, seq, rank_k = q.shape
     _, heads_kv, total, _ = k.shape
     rank_v = v.shape[3]
+    if latent_keys is not None:
+        latent_keys.check(heads_kv, k.shape[3], rank_k, batch, total)
+        rank_k = k.shape[3]
     if k.shape[0] != batch or k.shape[3] != rank_k:
         raise ValueError(f"lowrank_attention: k must be [B={batch}, H_kv, P+S, r_k={rank_k}], "
                          f"got {tuple(k.shape)}")
@@ -90,11 +96,15 @@ def visible_keys(attention_mask: torch.Tensor | None, batch: int, seq: int, tota
 
 
 def lowrank_attention_reference(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
-                                attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                                attention_mask: torch.Tensor | None, scale: float,
+                                latent_keys: LatentKeys | None = None) -> torch.Tensor:
     """Causal GQA attention in the low-rank space; see the module docstring for the semantics. A quantized k or
-    v is decoded to q's dtype first (kv_codec), as the reference decoder reads its cache."""
-    check_inputs(q, k, v, attention_mask, scale)
+    v is decoded to q's dtype first (kv_codec), as the reference decoder reads its cache. latent_keys: k holds
+    pre-RoPE key latents, turned into rotated keys of q's width first (latent_rope.py)."""
+    check_inputs(q, k, v, attention_mask, scale, latent_keys)
     k, v = (t.values(q.dtype) if isinstance(t, Quantized) else t for t in (k, v))
+    if latent_keys is not None:
+        k = latent_keys.keys(k)
     batch, heads, seq, _ = q.shape
     heads_kv, total = k.shape[1], k.shape[2]
     group = heads // heads_kv

@@ -12,6 +12,9 @@ Ranks are padded to the next power of two (tl.arange and tl.dot need it, >= 16 f
 padding is masked on load, so ranks like 40, 56 or 77 need no copy of the cache. Every tensor is
 addressed through explicit strides: the cache may be a view into a larger preallocated buffer.
 Accumulation is fp32 for every input dtype; fp32 inputs use IEEE dots (TF32 would cost ~1e-3).
+With latent keys (rope_mode `pre`, latent_rope.py) the cache holds pre-RoPE key latents: each program loads
+its KV head's two [r_k, d] maps once and turns every key block into rotated full-width keys in registers
+(two dots and a cos / sin per feature), so only the reduced cache crosses memory.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .kv_codec import BITS, Quantized
+from .latent_rope import LatentKeys
 from .reference import check_inputs
 
 LOG2E = 1.4426950408889634
@@ -105,20 +109,50 @@ def _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, r
     return k, v  # [BLOCK_N, RK_PAD], [BLOCK_N, RV_PAD]
 
 
+@triton.jit
+def _latent_tables(cos_ptr, sin_ptr, freq_ptr, kv_head, stride_lh, stride_lr, stride_ld, offs_rk, rk_ok, offs_qk,
+                   qk_ok):
+    """One KV head's maps [RK_PAD, QK_PAD] from a key latent to the cos and sin parts of its rotated key, and the
+    features' frequencies [QK_PAD] (latent_rope.py); padding rows and columns are zeros."""
+    offs = kv_head * stride_lh + offs_rk[:, None] * stride_lr + offs_qk[None, :] * stride_ld
+    ok = rk_ok[:, None] & qk_ok[None, :]
+    basis_cos = tl.load(cos_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    basis_sin = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    freq = tl.load(freq_ptr + offs_qk, mask=qk_ok, other=0.0).to(tl.float32)
+    return basis_cos, basis_sin, freq
+
+
+@triton.jit
+def _rotated_keys(latent, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT: tl.constexpr):
+    """[BLOCK_N, QK_PAD] fp32 rotated keys of a block of key latents [BLOCK_N, RK_PAD] at their positions."""
+    latent = latent.to(tl.float32)
+    if IEEE_DOT:
+        part_cos = tl.dot(latent, basis_cos, input_precision="ieee")
+        part_sin = tl.dot(latent, basis_sin, input_precision="ieee")
+    else:
+        part_cos = tl.dot(latent, basis_cos)
+        part_sin = tl.dot(latent, basis_sin)
+    pos = tl.load(pos_base + keys * stride_pt, mask=key_ok, other=0).to(tl.float32)
+    angle = pos[:, None] * freq[None, :]
+    return part_cos * tl.cos(angle) + part_sin * tl.sin(angle)
+
+
 # Sizes and counts are not specialised on (only strides are, for vectorised loads): otherwise every
 # new cache length or split count would compile another kernel variant.
 @triton.jit(do_not_specialize=["num_heads", "seq_len", "total_len", "group_size"])
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, out_ptr, lcos_ptr, lsin_ptr, freq_ptr, pos_ptr,
     stride_qb, stride_qh, stride_qs, stride_qr,
     stride_kb, stride_kh, stride_kt, stride_kr,
     stride_vb, stride_vh, stride_vt, stride_vr,
     stride_ksb, stride_ksh, stride_kst, stride_vsb, stride_vsh, stride_vst,
     stride_mb, stride_mt,
     stride_ob, stride_oh, stride_os, stride_or,
-    num_heads, seq_len, total_len, group_size, rank_k, rank_v, qk_scale_log2,
+    stride_lh, stride_lr, stride_ld, stride_pb, stride_pt,
+    num_heads, seq_len, total_len, group_size, rank_k, rank_v, qk_dim, qk_scale_log2,
     HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
+    LATENT_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
+    RV_PAD: tl.constexpr, QK_PAD: tl.constexpr,
 ):
     block_m = tl.program_id(0)
     batch_head = tl.program_id(1)
@@ -133,17 +167,23 @@ def _prefill_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_rk = tl.arange(0, RK_PAD)
     offs_rv = tl.arange(0, RV_PAD)
+    offs_qk = tl.arange(0, QK_PAD)
     row_ok = offs_m < seq_len
     rk_ok = offs_rk < rank_k
     rv_ok = offs_rv < rank_v
+    qk_ok = offs_qk < qk_dim
 
     q = tl.load(q_ptr + b * stride_qb + head * stride_qh
-                + offs_m[:, None] * stride_qs + offs_rk[None, :] * stride_qr,
-                mask=row_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_M, RK_PAD]
+                + offs_m[:, None] * stride_qs + offs_qk[None, :] * stride_qr,
+                mask=row_ok[:, None] & qk_ok[None, :], other=0.0)  # [BLOCK_M, QK_PAD]
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
     ks_base = ks_ptr + b * stride_ksb + kv_head * stride_ksh
     vs_base = vs_ptr + b * stride_vsb + kv_head * stride_vsh
+    if LATENT_KEYS:
+        basis_cos, basis_sin, freq = _latent_tables(lcos_ptr, lsin_ptr, freq_ptr, kv_head, stride_lh, stride_lr,
+                                                    stride_ld, offs_rk, rk_ok, offs_qk, qk_ok)
+        pos_base = pos_ptr + b * stride_pb
 
     m_i = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -155,6 +195,8 @@ def _prefill_kernel(
         key_ok = keys < total_len
         k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
                         stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
+        if LATENT_KEYS:
+            k = _rotated_keys(k, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT)
         visible = key_ok[None, :] & (keys[None, :] <= past + offs_m[:, None])
         if HAS_MASK:
             real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -173,15 +215,18 @@ def _prefill_kernel(
                                "chunk_len", "num_splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+    lcos_ptr, lsin_ptr, freq_ptr, pos_ptr,
     stride_qb, stride_qh, stride_qr,
     stride_kb, stride_kh, stride_kt, stride_kr,
     stride_vb, stride_vh, stride_vt, stride_vr,
     stride_ksb, stride_ksh, stride_kst, stride_vsb, stride_vsh, stride_vst,
     stride_mb, stride_mt,
-    num_kv_heads, total_len, group_size, rank_k, rank_v, chunk_len, num_splits, qk_scale_log2,
+    stride_lh, stride_lr, stride_ld, stride_pb, stride_pt,
+    num_kv_heads, total_len, group_size, rank_k, rank_v, qk_dim, chunk_len, num_splits, qk_scale_log2,
     HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, LATENT_KEYS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
+    QK_PAD: tl.constexpr,
 ):
     split = tl.program_id(0)
     batch_kv = tl.program_id(1)
@@ -192,19 +237,25 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_rk = tl.arange(0, RK_PAD)
     offs_rv = tl.arange(0, RV_PAD)
+    offs_qk = tl.arange(0, QK_PAD)
     in_group = offs_g < group_size
     rk_ok = offs_rk < rank_k
     rv_ok = offs_rv < rank_v
+    qk_ok = offs_qk < qk_dim
     heads = (kv_head * group_size + offs_g).to(tl.int64)  # the query heads reading this KV head
     kv_head = kv_head.to(tl.int64)
 
     # The one new token of each query head; rows past the group are zero padding for tl.dot.
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_rk[None, :] * stride_qr,
-                mask=in_group[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_H, RK_PAD]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_qk[None, :] * stride_qr,
+                mask=in_group[:, None] & qk_ok[None, :], other=0.0)  # [BLOCK_H, QK_PAD]
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
     ks_base = ks_ptr + b * stride_ksb + kv_head * stride_ksh
     vs_base = vs_ptr + b * stride_vsb + kv_head * stride_vsh
+    if LATENT_KEYS:
+        basis_cos, basis_sin, freq = _latent_tables(lcos_ptr, lsin_ptr, freq_ptr, kv_head, stride_lh, stride_lr,
+                                                    stride_ld, offs_rk, rk_ok, offs_qk, qk_ok)
+        pos_base = pos_ptr + b * stride_pb
 
     m_i = tl.full([BLOCK_H], _NO_SCORE, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -225,6 +276,8 @@ def _decode_split_kernel(
             k_next, v_next = _load_kv(k_base, v_base, ks_base, vs_base, keys + BLOCK_N, keys + BLOCK_N < end,
                                       offs_rk, offs_rv, rk_ok, rv_ok, stride_kt, stride_kr, stride_vt, stride_vr,
                                       stride_kst, stride_vst, K_BITS, V_BITS)
+            if LATENT_KEYS:
+                k = _rotated_keys(k, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -238,6 +291,8 @@ def _decode_split_kernel(
             key_ok = keys < end
             k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
                             stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
+            if LATENT_KEYS:
+                k = _rotated_keys(k, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -353,6 +408,7 @@ class _Side:
 
 def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
                       attention_mask: torch.Tensor | None, scale: float, *,
+                      latent_keys: LatentKeys | None = None,
                       prefill_config: PrefillConfig | None = None,
                       decode_config: DecodeConfig | None = None) -> torch.Tensor:
     """Causal GQA attention in the low-rank space -> [B, H, S, r_v] in q's dtype.
@@ -360,14 +416,17 @@ def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Ten
     q [B, H, S, r_k]; k [B, H_kv, P+S, r_k]; v [B, H_kv, P+S, r_v]; attention_mask [B, P+S]
     (1 = real token, 0 = padding; None = no padding); scale = 1/sqrt(d_original). k and v may each be a
     quantized cache (kv_codec.Quantized: int8 or packed int4 codes + fp16 scales), dequantized on load.
-    S == 1 runs the flash-decoding kernels, S > 1 the prefill kernel.
+    latent_keys: k holds pre-RoPE key latents [B, H_kv, P+S, r_k] and q is [B, H, S, d], rotated
+    (latent_rope.py). S == 1 runs the flash-decoding kernels, S > 1 the prefill kernel.
     """
-    check_inputs(q, k, v, attention_mask, scale)
+    check_inputs(q, k, v, attention_mask, scale, latent_keys)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"lowrank_attention: dtype must be float32, float16 or bfloat16, "
                          f"got {q.dtype}")
     ks, vs = _Side.of(k), _Side.of(v)
     tensors = [q, ks.data, vs.data, ks.scale, vs.scale] + ([attention_mask] if attention_mask is not None else [])
+    if latent_keys is not None:
+        tensors += [latent_keys.basis_cos, latent_keys.basis_sin, latent_keys.freq, latent_keys.positions]
     if any(t.device != q.device for t in tensors):
         raise ValueError("lowrank_attention: q, k, v and attention_mask must be on one device, "
                          f"got {[str(t.device) for t in tensors]}")
@@ -375,34 +434,48 @@ def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Ten
         raise ValueError(f"lowrank_attention: tensors are on {q.device}; the Triton kernels need "
                          "a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter)")
 
-    batch, heads, seq, rank_k = q.shape
-    heads_kv = k.shape[1]
+    batch, heads, seq, qk_dim = q.shape
+    heads_kv, rank_k = k.shape[1], k.shape[3]
     rank_v = v.shape[3]
     out = torch.empty((batch, heads, seq, rank_v), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     mask, stride_mb, stride_mt, has_mask = _mask_for_kernel(attention_mask, q)
-    common = dict(group_size=heads // heads_kv, rank_k=rank_k, rank_v=rank_v,
+    common = dict(group_size=heads // heads_kv, rank_k=rank_k, rank_v=rank_v, qk_dim=qk_dim,
                   qk_scale_log2=float(scale) * LOG2E, HAS_MASK=has_mask,
                   IEEE_DOT=q.dtype == torch.float32, RK_PAD=_padded(rank_k),
-                  RV_PAD=_padded(rank_v), K_BITS=ks.bits, V_BITS=vs.bits)
+                  RV_PAD=_padded(rank_v), QK_PAD=_padded(qk_dim), K_BITS=ks.bits, V_BITS=vs.bits,
+                  LATENT_KEYS=latent_keys is not None)
+    tables = _latent_args(latent_keys, q)
     if seq == 1:
-        _launch_decode(q, ks, vs, mask, stride_mb, stride_mt, out, common,
+        _launch_decode(q, ks, vs, mask, stride_mb, stride_mt, tables, out, common,
                        decode_config or _default_decode_config(common))
     else:
-        _launch_prefill(q, ks, vs, mask, stride_mb, stride_mt, out, common,
+        _launch_prefill(q, ks, vs, mask, stride_mb, stride_mt, tables, out, common,
                         prefill_config or _default_prefill_config(common))
     return out
 
 
+def _latent_args(latent_keys: LatentKeys | None, fallback: torch.Tensor) -> tuple[list, list]:
+    """(pointers, strides) of the latent-key tables as the kernels take them: basis_cos, basis_sin, freq,
+    positions and the maps' (head, row, feature) and the positions' (batch, key) strides (the two maps share a
+    layout: basis_sin is made contiguous like basis_cos). Placeholders, never read, without latent keys."""
+    if latent_keys is None:
+        return [fallback] * 4, [0] * 5
+    basis_cos = latent_keys.basis_cos.contiguous()
+    basis_sin = latent_keys.basis_sin.contiguous()
+    return ([basis_cos, basis_sin, latent_keys.freq.contiguous(), latent_keys.positions],
+            [*basis_cos.stride(), *latent_keys.positions.stride()])
+
+
 def _default_prefill_config(common: dict) -> PrefillConfig:
-    if max(common["RK_PAD"], common["RV_PAD"]) > 128 or common["IEEE_DOT"]:
+    if max(common["RK_PAD"], common["RV_PAD"], common["QK_PAD"]) > 128 or common["IEEE_DOT"]:
         return PrefillConfig(block_m=64, block_n=32)  # keep the tiles within shared memory
     return PrefillConfig()
 
 
 def _default_decode_config(common: dict) -> DecodeConfig:
-    if max(common["RK_PAD"], common["RV_PAD"]) > 128 or common["IEEE_DOT"]:
+    if max(common["RK_PAD"], common["RV_PAD"], common["QK_PAD"]) > 128 or common["IEEE_DOT"]:
         return DecodeConfig(block_n=32)
     if common["rank_k"] % 16 or common["rank_v"] % 16:
         # Scalar loads (rows not 16-byte aligned) need more programs in flight: on an H200,
@@ -411,13 +484,14 @@ def _default_decode_config(common: dict) -> DecodeConfig:
     return DecodeConfig()
 
 
-def _launch_prefill(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, out, common, config: PrefillConfig):
+def _launch_prefill(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, tables, out, common,
+                    config: PrefillConfig):
     batch, heads, seq, _ = q.shape
     grid = (triton.cdiv(seq, config.block_m), batch * heads)
     _prefill_kernel[grid](
-        q, ks.data, vs.data, ks.scale, vs.scale, mask, out,
+        q, ks.data, vs.data, ks.scale, vs.scale, mask, out, *tables[0],
         *q.stride(), *ks.data.stride(), *vs.data.stride(), *ks.scale_strides, *vs.scale_strides,
-        stride_mb, stride_mt, *out.stride(),
+        stride_mb, stride_mt, *out.stride(), *tables[1],
         heads, seq, ks.data.shape[2], **common,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -428,7 +502,7 @@ def _launch_prefill(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, out, co
 _SPLIT_BLOCK = 32
 
 
-def _launch_decode(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, out, common, config: DecodeConfig):
+def _launch_decode(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, tables, out, common, config: DecodeConfig):
     batch, heads, _, _ = q.shape
     heads_kv, total = ks.data.shape[1], ks.data.shape[2]
     chunk_len, num_splits = decode_split_plan(total, batch, heads_kv, config, _num_sms(q.device))
@@ -439,15 +513,15 @@ def _launch_decode(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, out, com
     part_sum = torch.empty_like(part_max)
     block_h = max(16, triton.next_power_of_2(common["group_size"]))  # tl.dot needs M >= 16
     _decode_split_kernel[(num_splits, batch * heads_kv)](
-        q, ks.data, vs.data, ks.scale, vs.scale, mask, part_acc, part_max, part_sum,
+        q, ks.data, vs.data, ks.scale, vs.scale, mask, part_acc, part_max, part_sum, *tables[0],
         q.stride(0), q.stride(1), q.stride(3), *ks.data.stride(), *vs.data.stride(), *ks.scale_strides,
-        *vs.scale_strides, stride_mb, stride_mt,
-        heads_kv, total, common["group_size"], common["rank_k"], common["rank_v"],
+        *vs.scale_strides, stride_mb, stride_mt, *tables[1],
+        heads_kv, total, common["group_size"], common["rank_k"], common["rank_v"], common["qk_dim"],
         chunk_len, num_splits, common["qk_scale_log2"],
         HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"], PREFETCH=config.prefetch,
-        K_BITS=common["K_BITS"], V_BITS=common["V_BITS"],
+        K_BITS=common["K_BITS"], V_BITS=common["V_BITS"], LATENT_KEYS=common["LATENT_KEYS"],
         BLOCK_H=block_h,
-        BLOCK_N=config.block_n, RK_PAD=common["RK_PAD"], RV_PAD=rv_pad,
+        BLOCK_N=config.block_n, RK_PAD=common["RK_PAD"], RV_PAD=rv_pad, QK_PAD=common["QK_PAD"],
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _decode_reduce_kernel[(batch * heads,)](

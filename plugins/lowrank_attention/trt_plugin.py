@@ -238,17 +238,19 @@ def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out
                           RV_PAD: tl.constexpr):
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
     # contiguous q [B, H, S, r_k], k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], mask [B, T], out [B, H, S, r_v];
-    # a float cache: the scale pointers are placeholders the kernel never reads (K_BITS = V_BITS = 0)
+    # a float cache: the scale and latent-key pointers are placeholders the kernel never reads (K_BITS = V_BITS = 0,
+    # LATENT_KEYS False)
     _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, q_ptr, q_ptr, q_ptr, mask_ptr,
         NUM_HEADS * seq_len * RANK_K, seq_len * RANK_K, RANK_K, 1,
         NUM_KV_HEADS * total_len * RANK_K, total_len * RANK_K, RANK_K, 1,
         NUM_KV_HEADS * total_len * RANK_V, total_len * RANK_V, RANK_V, 1,
         0, 0, 0, 0, 0, 0,
         total_len, 1,
         NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
-        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, QK_SCALE_LOG2,
-        True, IEEE_DOT, 0, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD)
+        0, 0, 0, 0, 0,
+        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, RANK_K, QK_SCALE_LOG2,
+        True, IEEE_DOT, 0, 0, False, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
 
 
 @functools.lru_cache(maxsize=None)

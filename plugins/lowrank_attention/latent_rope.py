@@ -1,0 +1,82 @@
+"""Pre-RoPE key latents turned into rotated keys inside the attention op (issue 14, candidate (c)).
+
+In rope_mode `pre` the cache holds each key as its latent c = down^T k (r_k numbers per KV head), taken BEFORE
+RoPE, because a low-rank basis does not commute with the rotation. The attention scores need the rotated key
+  key = R_pos (U c)        (U [d, r_k] the key basis, R_pos RoPE at the key's own position)
+which the graph used to build in full width for every cached key at every step. The op can build it from the
+latent instead, feature by feature, with two constant maps per KV head:
+  key_j = (c @ basis_cos)_j cos(pos freq_j) + (c @ basis_sin)_j sin(pos freq_j)
+basis_cos = U^T G and basis_sin = U^T M G, where M is the layout's rotate-half map (x M = (-b, a) on each plane
+(a, b)) and G the rope attention factor on the rotated features; freq_j is the angular frequency of feature j's
+plane (0 past rope_dim: cos 1 and sin 0 leave those features as rebuilt). So the op reads only the reduced cache
+and the key positions, and the full-width keys live in registers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LatentKeys:
+    """How the op turns cached key latents [B, H_kv, P+S, r_k] into rotated keys [B, H_kv, P+S, d]:
+    basis_cos, basis_sin [H_kv, r_k, d] fp32, freq [d] fp32, positions [B, P+S] integer (each cached key's
+    position: real tokens counted, left padding not, as the model's rotary tables count them)."""
+    basis_cos: torch.Tensor
+    basis_sin: torch.Tensor
+    freq: torch.Tensor
+    positions: torch.Tensor
+
+    def keys(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent [B, H_kv, T, r_k] (any float dtype) -> rotated keys [B, H_kv, T, d] fp32."""
+        angle = self.positions.float()[:, None, :, None] * self.freq.float()            # [B, 1, T, d]
+        c = latent.float()
+        return c @ self.basis_cos.float()[None] * angle.cos() + c @ self.basis_sin.float()[None] * angle.sin()
+
+    def check(self, heads_kv: int, rank_k: int, width: int, batch: int, total: int) -> None:
+        """ValueError (one line) unless the tables fit a latent of rank_k per KV head, queries of `width` and
+        a cache of `total` keys in `batch` rows."""
+        for name in ("basis_cos", "basis_sin"):
+            t = getattr(self, name)
+            if tuple(t.shape) != (heads_kv, rank_k, width) or not t.is_floating_point():
+                raise ValueError(f"lowrank_attention: latent keys' {name} must be float [H_kv={heads_kv}, r_k={rank_k}, "
+                                 f"d={width}], got {t.dtype} {list(t.shape)}")
+        if tuple(self.freq.shape) != (width,) or not self.freq.is_floating_point():
+            raise ValueError(f"lowrank_attention: latent keys' freq must be float [d={width}], got "
+                             f"{self.freq.dtype} {list(self.freq.shape)}")
+        if tuple(self.positions.shape) != (batch, total) or self.positions.is_floating_point():
+            raise ValueError(f"lowrank_attention: latent keys' positions must be integer [B={batch}, P+S={total}], "
+                             f"got {self.positions.dtype} {list(self.positions.shape)}")
+
+
+def rotate_half_map(head_dim: int, rope_dim: int, layout: str) -> torch.Tensor:
+    """M [d, d] float64 with x @ M the layout's rotate-half of x's first rope_dim features ((-b, a) on each
+    plane (a, b): (i, i + rope_dim/2) for `half`, (2i, 2i + 1) for `interleaved`), zeros past rope_dim."""
+    half = rope_dim // 2
+    if layout == "half":
+        first, second = torch.arange(half), torch.arange(half, rope_dim)
+    elif layout == "interleaved":
+        first, second = torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)
+    else:
+        raise ValueError(f"rope layout must be 'half' or 'interleaved', got {layout!r}")
+    m = torch.zeros(head_dim, head_dim, dtype=torch.float64)
+    m[second, first] = -1.0
+    m[first, second] = 1.0
+    return m
+
+
+def latent_key_tables(basis_k: torch.Tensor, inv_freq: torch.Tensor, rope_dim: int, layout: str,
+                      gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(basis_cos, basis_sin [H_kv, r_k, d], freq [d]) fp32 from the key basis basis_k [H_kv, d, r_k] (columns
+    rebuild a key from its latent), the rotary inverse frequencies [rope_dim / 2] and the attention factor."""
+    d = basis_k.shape[-2]
+    half = rope_dim // 2
+    g = torch.ones(d, dtype=torch.float64)
+    g[:rope_dim] = gain
+    up_t = basis_k.double().transpose(-1, -2)                                             # [H_kv, r_k, d]
+    freq = torch.zeros(d, dtype=torch.float64)
+    plane_freq = inv_freq.double().cpu()[:half]
+    freq[:rope_dim] = torch.cat([plane_freq, plane_freq]) if layout == "half" else plane_freq.repeat_interleave(2)
+    return ((up_t * g).float(), (up_t @ rotate_half_map(d, rope_dim, layout).to(up_t.device) * g).float(),
+            freq.float().to(basis_k.device))
