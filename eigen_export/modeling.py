@@ -166,8 +166,14 @@ class Attention(nn.Module):
         return q, k, v
 
     def core(self, q, k, v, ctx: AttentionContext, present: tuple[torch.Tensor, ...], k_scale=None, v_scale=None):
-        """The attention core; the plugin-graph export swaps it for one custom op per layer (backends/onnx_export.py),
-        which reads a quantized cache from `present` (k, v here are then its codes, the scales k_scale, v_scale)."""
+        """The attention core on what the cache holds; the plugin-graph export swaps it for one custom op per layer
+        (backends/onnx_export.py), which reads a quantized cache from `present` (k, v here are then its codes, the
+        scales k_scale, v_scale). In `pre` mode k holds the key latents: each cached key is rebuilt and rotated by
+        ITS OWN position here (DESIGN 3.2); both are linear in the key, so a quantized key's scale still multiplies
+        its score afterwards."""
+        if self.rope_mode == "pre":
+            k = torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2))
+            k = rotate(k, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
         return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale, k_scale, v_scale)
 
     def forward(self, x, ctx: AttentionContext, past: tuple[torch.Tensor, ...] | None = None):
@@ -180,13 +186,7 @@ class Attention(nn.Module):
         # every key and value is read back from the cache, this chunk's too: a token's codes do not depend on
         # its neighbours, so a prefill, a decode step and a full recomputation read the same keys and values
         k, v, k_scale, v_scale = self._read(present, x.dtype)
-        k_att = k
-        if self.rope_mode == "pre":
-            # Reconstruct full keys and rotate each cached key by ITS OWN position (DESIGN 3.2); both are linear
-            # in the key, so a quantized key's scale still multiplies its score afterwards.
-            k_att = torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2))
-            k_att = rotate(k_att, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
-        out = self.core(q, k_att, v, ctx, present, k_scale, v_scale)      # [B, H, S, r_v]
+        out = self.core(q, k, v, ctx, present, k_scale, v_scale)      # [B, H, S, r_v]
         b, h, s, r_v = out.shape
         return self.o(out.transpose(1, 2).reshape(b, s, h * r_v)), present
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from eigen_export_plugins.lowrank_attention.kv_codec import cache_slots
+from eigen_export_plugins.lowrank_attention.latent_rope import latent_key_tables
 from eigen_export_plugins.lowrank_attention.onnx_op import lowrank_attention_op, onnx_translation
 from eigen_export_plugins.lowrank_attention.reference import MAX_RANK
 
@@ -33,7 +34,7 @@ from ..artifacts.layout import MODEL_ONNX
 from ..dtypes import dtype as dtype_of
 from ..errors import EigenExportError
 from ..method.decompose import kv_bytes_per_token, kv_ratio
-from ..modeling import Decoder
+from ..modeling import Decoder, default_position_ids
 
 log = logging.getLogger("eigen_export")
 
@@ -279,7 +280,7 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
     if model.spec.positions == "alibi":
         return ("ALiBi adds a per-head position bias to the attention scores, and the LowRankAttention plugin "
                 "has no bias input: use model.onnx")
-    # q/k reach the core at rank_k, except in rope_mode "pre", which rotates reconstructed full keys
+    # q/k reach the core at rank_k, except in rope_mode "pre", whose node turns key latents into full rotated keys
     widest = max(max(model.spec.head_dim if a.rope_mode == "pre" else a.ranks.k, a.ranks.v)
                  for a in (layer.attn for layer in model.layers))
     if widest > MAX_RANK:
@@ -289,19 +290,24 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
 
 @contextlib.contextmanager
 def plugin_cores(model: Decoder):
-    """Route every layer's attention core through the custom op that exports as one LowRankAttention node."""
+    """Route every layer's attention core through the custom op that exports as one LowRankAttention node. The node
+    reads the cache tensors as they are: codes and scales of an int8 / int4 cache (a mixed one reaches a float node
+    decoded: the kernel reads int8 / int4 only), and in `pre` mode the key latents, which it turns into rotated
+    keys from the layer's latent-key tables (latent_rope.py), computed in the graph from the stored key basis."""
     def core(attn, q, k, v, ctx, present, k_scale=None, v_scale=None):
         kv_dtype = attn.kv_dtype
-        if kv_dtype == "mixed":             # the node reads int8 / int4 codes only: a mixed cache reaches it decoded
+        if kv_dtype == "mixed":
             k, v, k_scale, v_scale, kv_dtype = k * k_scale.to(k.dtype), v * v_scale.to(v.dtype), None, None, None
-        if kv_dtype is not None:            # the node reads the codes; pre mode's keys reach it rebuilt in full
-            v, v_scale = present[1], present[3]
-            if attn.rope_mode != "pre":
-                k, k_scale = present[0], present[2]
-            else:                           # rebuilt from codes: the node takes them decoded
-                k, k_scale = k * k_scale.to(k.dtype), None
-        return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, attn.spec.softmax_scale,
-                                    attn.spec.num_heads, attn.spec.num_kv_heads, q.shape[-1], attn.ranks.v,
+        if kv_dtype is not None:
+            k, v, k_scale, v_scale = present
+        latent = [None] * 4
+        if attn.rope_mode == "pre":
+            spec = attn.spec
+            tables = latent_key_tables(attn.basis_k.to(q.dtype), model.inv_freq, spec.rope_dim, spec.rope_layout,
+                                       model.rope_scaling)
+            latent = [default_position_ids(ctx.attention_mask, 0), *tables]
+        return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, *latent, attn.spec.softmax_scale,
+                                    attn.spec.num_heads, attn.spec.num_kv_heads, attn.ranks.k, attn.ranks.v,
                                     attn.rope_mode or "none", kv_dtype or "none")
 
     attns = [layer.attn for layer in model.layers]

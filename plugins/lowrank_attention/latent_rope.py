@@ -50,9 +50,9 @@ class LatentKeys:
                              f"got {self.positions.dtype} {list(self.positions.shape)}")
 
 
-def rotate_half_map(head_dim: int, rope_dim: int, layout: str) -> torch.Tensor:
-    """M [d, d] float64 with x @ M the layout's rotate-half of x's first rope_dim features ((-b, a) on each
-    plane (a, b): (i, i + rope_dim/2) for `half`, (2i, 2i + 1) for `interleaved`), zeros past rope_dim."""
+def rope_pairs(head_dim: int, rope_dim: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partner [d] long, sign [d] float32): the layout's rotate-half of x is sign * x[partner], i.e. (-b, a) on
+    each plane (a, b) ((i, i + rope_dim/2) for `half`, (2i, 2i + 1) for `interleaved`), zeros past rope_dim."""
     half = rope_dim // 2
     if layout == "half":
         first, second = torch.arange(half), torch.arange(half, rope_dim)
@@ -60,23 +60,25 @@ def rotate_half_map(head_dim: int, rope_dim: int, layout: str) -> torch.Tensor:
         first, second = torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)
     else:
         raise ValueError(f"rope layout must be 'half' or 'interleaved', got {layout!r}")
-    m = torch.zeros(head_dim, head_dim, dtype=torch.float64)
-    m[second, first] = -1.0
-    m[first, second] = 1.0
-    return m
+    partner, sign = torch.arange(head_dim), torch.zeros(head_dim)
+    partner[first], partner[second] = second, first
+    sign[first], sign[second] = -1.0, 1.0
+    return partner, sign
 
 
 def latent_key_tables(basis_k: torch.Tensor, inv_freq: torch.Tensor, rope_dim: int, layout: str,
                       gain: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(basis_cos, basis_sin [H_kv, r_k, d], freq [d]) fp32 from the key basis basis_k [H_kv, d, r_k] (columns
-    rebuild a key from its latent), the rotary inverse frequencies [rope_dim / 2] and the attention factor."""
+    """(basis_cos, basis_sin [H_kv, r_k, d] in basis_k's dtype, freq [d] fp32) from the key basis basis_k
+    [H_kv, d, r_k] (columns rebuild a key from its latent), the rotary inverse frequencies [rope_dim / 2] and the
+    attention factor. Elementwise ops and a gather only: the plugin graph computes them from the stored basis
+    (no float64, no matmul), and TensorRT folds them into constants at build time."""
     d = basis_k.shape[-2]
-    half = rope_dim // 2
-    g = torch.ones(d, dtype=torch.float64)
-    g[:rope_dim] = gain
-    up_t = basis_k.double().transpose(-1, -2)                                             # [H_kv, r_k, d]
-    freq = torch.zeros(d, dtype=torch.float64)
-    plane_freq = inv_freq.double().cpu()[:half]
-    freq[:rope_dim] = torch.cat([plane_freq, plane_freq]) if layout == "half" else plane_freq.repeat_interleave(2)
-    return ((up_t * g).float(), (up_t @ rotate_half_map(d, rope_dim, layout).to(up_t.device) * g).float(),
-            freq.float().to(basis_k.device))
+    partner, sign = rope_pairs(d, rope_dim, layout)
+    rotated = torch.arange(d) < rope_dim
+    gain_of = torch.where(rotated, torch.tensor(float(gain)), torch.tensor(1.0)).to(basis_k.device, basis_k.dtype)
+    basis_cos = basis_k.transpose(-1, -2) * gain_of
+    basis_sin = basis_cos[..., partner.to(basis_k.device)] * sign.to(basis_k.device, basis_k.dtype)
+    plane = torch.arange(d) % (rope_dim // 2) if layout == "half" else torch.arange(d) // 2
+    plane = torch.where(rotated, plane, torch.zeros_like(plane)).to(inv_freq.device)
+    freq = inv_freq.float()[plane] * rotated.to(inv_freq.device)
+    return basis_cos, basis_sin, freq

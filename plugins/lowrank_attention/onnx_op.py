@@ -28,16 +28,19 @@ Node contract (the TensorRT plugin is written against exactly this):
 output [B, H, S, rank_v] of type T; semantics = `reference.lowrank_attention_reference` (causal, offset by
 P = k.shape[2] - S; fp32 softmax; a query row with no visible key outputs zeros). Attributes:
 plugin_namespace "eigen_export", plugin_version "1", scale (float, 1/sqrt(original head_dim)), num_heads,
-num_kv_heads, rank_k (width of q/k at the node: head_dim in rope_mode "pre", which rotates full keys
-before the core), rank_v (ints), rope_mode ("none", "pre", "post"; informational, the op is the same).
+num_kv_heads, rank_k (width of the cached keys), rank_v (ints), rope_mode ("none", "pre", "post";
+informational).
 
-A quantized cache (kv_codec: int8, or int4 packed two per uint8, with an fp16 scale per token and head) reaches
-the node as its codes, dequantized on load by the kernel, in two more op types (TensorRT plugins have fixed
-inputs, so each combination is its own op):
-- `LowRankAttentionQuantized`: q, k codes [B, H_kv, P+S, w_k], v codes [B, H_kv, P+S, w_v], attention_mask,
-  k_scale [B, H_kv, P+S, 1], v_scale [B, H_kv, P+S, 1] (non-RoPE models and rope_mode "post");
-- `LowRankAttentionQuantizedV`: q, k (T, rebuilt full keys: rope_mode "pre"), v codes, attention_mask, v_scale;
-each with one more string attribute kv_dtype ("int8" | "int4"); w = rank (int8) or ceil(rank / 2) (int4).
+TensorRT plugins have fixed inputs, so each other combination is its own op type:
+- `LowRankAttentionQuantized`: a quantized cache (kv_codec: int8, or int4 packed two per uint8, with an fp16
+  scale per token and head) as its codes, dequantized on load by the kernel: q, k codes [B, H_kv, P+S, w_k],
+  v codes [B, H_kv, P+S, w_v], attention_mask, k_scale [B, H_kv, P+S, 1], v_scale [B, H_kv, P+S, 1], one more
+  string attribute kv_dtype ("int8" | "int4"); w = rank (int8) or ceil(rank / 2) (int4);
+- `LowRankAttentionLatentK` (rope_mode "pre"): the cached keys are pre-RoPE latents, turned into rotated keys in
+  the op (latent_rope.py): q [B, H, S, head_dim] (rotated), k [B, H_kv, P+S, rank_k], v, attention_mask, then
+  key_positions [B, P+S] int64, basis_cos and basis_sin [H_kv, rank_k, head_dim] (T), freq [head_dim] fp32;
+  one more int attribute head_dim;
+- `LowRankAttentionLatentKQuantized`: both: the quantized op's inputs, then the latent-key inputs.
 """
 from __future__ import annotations
 
@@ -46,12 +49,15 @@ import torch
 from typing import Optional
 
 from .kv_codec import KV_DTYPES, Quantized
+from .latent_rope import LatentKeys
 from .reference import NAMESPACE, OP_NAME, ROPE_MODES, VERSION, lowrank_attention_reference
 
 DOMAIN = PLUGIN_NAMESPACE = NAMESPACE
 OP_TYPE = OP_NAME
-# (keys quantized, values quantized) -> the node's op type
-OP_TYPES = {(False, False): OP_NAME, (True, True): f"{OP_NAME}Quantized", (False, True): f"{OP_NAME}QuantizedV"}
+# (latent keys, cache quantized) -> the node's op type
+OP_TYPES = {(False, False): OP_NAME, (False, True): f"{OP_NAME}Quantized", (True, False): f"{OP_NAME}LatentK",
+            (True, True): f"{OP_NAME}LatentKQuantized"}
+LATENT_INPUTS = ("key_positions", "basis_cos", "basis_sin", "freq")
 OPSET_VERSION = int(VERSION)
 PLUGIN_VERSION = VERSION
 # onnxruntime-extensions registers every Python op in this one domain; it cannot be chosen per op
@@ -64,18 +70,22 @@ INT_ATTRIBUTES = ("num_heads", "num_kv_heads", "rank_k", "rank_v")
 @torch.library.custom_op("eigen_export::lowrank_attention", mutates_args=())
 def lowrank_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor,
                          k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+                         key_positions: Optional[torch.Tensor], basis_cos: Optional[torch.Tensor],
+                         basis_sin: Optional[torch.Tensor], freq: Optional[torch.Tensor],
                          scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
                          rope_mode: str, kv_dtype: str) -> torch.Tensor:
-    """The attention core as one op: [B, H, S, rank_k] x cache -> [B, H, S, rank_v]. A side with a scale
-    is a quantized cache (kv_dtype's codes). The ints and strings travel to the node's attributes; the
-    computation reads the shapes (and rank_v, which int4 codes cannot tell)."""
+    """The attention core as one op: q x cache -> [B, H, S, rank_v]. A side with a scale is a quantized cache
+    (kv_dtype's codes); with basis_cos, k holds pre-RoPE key latents (latent_rope.LatentKeys of the four latent
+    inputs). The ints and strings travel to the node's attributes; the computation reads the shapes (and the
+    ranks, which int4 codes cannot tell)."""
+    latent = None if basis_cos is None else LatentKeys(basis_cos, basis_sin, freq, key_positions)
     return lowrank_attention_reference(q, as_side(k, k_scale, kv_dtype, rank_k), as_side(v, v_scale, kv_dtype, rank_v),
-                                       attention_mask, scale)
+                                       attention_mask, scale, latent)
 
 
 @lowrank_attention_op.register_fake
-def _lowrank_attention_fake(q, k, v, attention_mask, k_scale, v_scale, scale, num_heads, num_kv_heads, rank_k, rank_v,
-                            rope_mode, kv_dtype):
+def _lowrank_attention_fake(q, k, v, attention_mask, k_scale, v_scale, key_positions, basis_cos, basis_sin, freq,
+                            scale, num_heads, num_kv_heads, rank_k, rank_v, rope_mode, kv_dtype):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], rank_v)
 
 
@@ -91,21 +101,27 @@ def onnx_translation() -> dict:
     register_onnx_schema()
     opset = values.Opset(DOMAIN, OPSET_VERSION)
 
-    def lowrank_attention(q, k, v, attention_mask, k_scale, v_scale, scale, num_heads, num_kv_heads, rank_k, rank_v,
-                          rope_mode, kv_dtype):
+    def lowrank_attention(q, k, v, attention_mask, k_scale, v_scale, key_positions, basis_cos, basis_sin, freq, scale,
+                          num_heads, num_kv_heads, rank_k, rank_v, rope_mode, kv_dtype):
         if rope_mode not in ROPE_MODES:
             raise ValueError(f"{OP_TYPE}: rope_mode {rope_mode!r} is not one of {ROPE_MODES}")
-        op_type = OP_TYPES.get((k_scale is not None, v_scale is not None))
-        if op_type is None:
-            raise ValueError(f"{OP_TYPE}: a quantized key cache needs quantized values too")
-        if op_type != OP_TYPE and kv_dtype not in KV_DTYPES:
-            raise ValueError(f"{OP_TYPE}: kv_dtype {kv_dtype!r} is not one of {KV_DTYPES}")
-        quantized = {} if op_type == OP_TYPE else {"kv_dtype": str(kv_dtype)}
-        scales = [t for t in (k_scale, v_scale) if t is not None]
+        if (k_scale is None) != (v_scale is None):
+            raise ValueError(f"{OP_TYPE}: a quantized cache quantizes both keys and values")
+        latent = basis_cos is not None
+        op_type = OP_TYPES[(latent, k_scale is not None)]
+        extra = {}
+        if k_scale is not None:
+            if kv_dtype not in KV_DTYPES:
+                raise ValueError(f"{OP_TYPE}: kv_dtype {kv_dtype!r} is not one of {KV_DTYPES}")
+            extra["kv_dtype"] = str(kv_dtype)
+        if latent:
+            extra["head_dim"] = int(q.shape[-1])
+        inputs = [t for t in (k_scale, v_scale) if t is not None]
+        inputs += [key_positions, basis_cos, basis_sin, freq] if latent else []
         return getattr(opset, op_type)(
-            q, k, v, attention_mask, *scales, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
+            q, k, v, attention_mask, *inputs, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
             scale=float(scale), num_heads=int(num_heads), num_kv_heads=int(num_kv_heads), rank_k=int(rank_k),
-            rank_v=int(rank_v), rope_mode=str(rope_mode), **quantized)
+            rank_v=int(rank_v), rope_mode=str(rope_mode), **extra)
 
     return {torch.ops.eigen_export.lowrank_attention.default: lowrank_attention}
 
@@ -127,20 +143,27 @@ def register_onnx_schema() -> None:
                   attr("rope_mode", kind.STRING, "none, pre or post")]
     mask = tensor("attention_mask", "tensor(int64)", "[B, P+S], 1 = real token, 0 = padding")
     codes = ("C", ["tensor(int8)", "tensor(uint8)"], "int8 codes, or int4 codes two per byte")
-    floats = ("T", list(FLOAT_TYPES), "q, float k / v and the output share one float type")
+    floats = ("T", list(FLOAT_TYPES), "q, float k / v, the latent-key maps and the output share one float type")
     scale = "tensor(float16)"
-    for (k_quantized, v_quantized), op_type in OP_TYPES.items():
-        inputs = [tensor("q", "T", "[B, H, S, rank_k]"),
-                  tensor("k", "C" if k_quantized else "T", "[B, H_kv, P+S, rank_k or its code width]"),
-                  tensor("v", "C" if v_quantized else "T", "[B, H_kv, P+S, rank_v or its code width]"), mask]
+    for (latent, quantized), op_type in OP_TYPES.items():
+        cache = "C" if quantized else "T"
+        inputs = [tensor("q", "T", "[B, H, S, rank_k], or [B, H, S, head_dim] rotated with latent keys"),
+                  tensor("k", cache, "[B, H_kv, P+S, rank_k or its code width]"),
+                  tensor("v", cache, "[B, H_kv, P+S, rank_v or its code width]"), mask]
         inputs += [tensor(f"{side}_scale", scale, "[B, H_kv, P+S, 1] fp16, one per cached vector")
-                   for side, quantized in (("k", k_quantized), ("v", v_quantized)) if quantized]
-        extra = [attr("kv_dtype", kind.STRING, "int8 or int4")] if v_quantized else []
+                   for side in ("k", "v") if quantized]
+        if latent:
+            inputs += [tensor("key_positions", "tensor(int64)", "[B, P+S] position of each cached key"),
+                       tensor("basis_cos", "T", "[H_kv, rank_k, head_dim] latent -> cos part of the rotated key"),
+                       tensor("basis_sin", "T", "[H_kv, rank_k, head_dim] latent -> sin part of the rotated key"),
+                       tensor("freq", "tensor(float)", "[head_dim] angular frequency of each key feature")]
+        extra = [attr("kv_dtype", kind.STRING, "int8 or int4")] if quantized else []
+        extra += [attr("head_dim", kind.INT, "width of q and of the rotated keys")] if latent else []
         schema = defs.OpSchema(
             op_type, DOMAIN, OPSET_VERSION,
             doc="Causal GQA attention in the low-rank space of Eigen Attention (plugins/lowrank_attention).",
             inputs=inputs, outputs=[tensor("output", "T", "[B, H, S, rank_v]")],
-            type_constraints=[floats] + ([codes] if v_quantized else []), attributes=attributes + extra)
+            type_constraints=[floats] + ([codes] if quantized else []), attributes=attributes + extra)
         schema.set_type_and_shape_inference_function(_infer_output)
         defs.register_schema(schema)
 
@@ -177,22 +200,26 @@ def register_ort_op() -> None:
 
     f32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64
     attrs = {"scale": f32, "rope_mode": PyCustomOpDef.dt_string, **{name: i64 for name in INT_ATTRIBUTES}}
-    _define_ort_op(onnx_op, OP_TYPE, [f32, f32, f32, i64], attrs, (False, False))
-    for kv_dtype, code in (("int8", PyCustomOpDef.dt_int8), ("int4", PyCustomOpDef.dt_uint8)):
-        quantized_attrs = dict(attrs, kv_dtype=PyCustomOpDef.dt_string)
-        # scales arrive as fp32: the Python op API has no fp16 (for_onnxruntime casts them, exactly)
-        for sides, inputs in (((True, True), [f32, code, code, i64, f32, f32]), ((False, True), [f32, f32, code, i64, f32])):
-            _define_ort_op(onnx_op, ort_op_type(OP_TYPES[sides], kv_dtype), inputs, quantized_attrs, sides)
+    latent_inputs, latent_attrs = [i64, f32, f32, f32], {"head_dim": i64}
+    for latent in (False, True):
+        more, more_attrs = (latent_inputs, latent_attrs) if latent else ([], {})
+        _define_ort_op(onnx_op, OP_TYPES[(latent, False)], [f32, f32, f32, i64] + more, attrs | more_attrs,
+                       (latent, False))
+        for kv_dtype, code in (("int8", PyCustomOpDef.dt_int8), ("int4", PyCustomOpDef.dt_uint8)):
+            # scales arrive as fp32: the Python op API has no fp16 (for_onnxruntime casts them, exactly)
+            _define_ort_op(onnx_op, ort_op_type(OP_TYPES[(latent, True)], kv_dtype),
+                           [f32, code, code, i64, f32, f32] + more,
+                           attrs | more_attrs | {"kv_dtype": PyCustomOpDef.dt_string}, (latent, True))
     _ort_registered = True
 
 
-def _define_ort_op(onnx_op, op_type: str, inputs: list, attrs: dict, sides: tuple[bool, bool]) -> None:
+def _define_ort_op(onnx_op, op_type: str, inputs: list, attrs: dict, kind: tuple[bool, bool]) -> None:
     import numpy as np
 
     @onnx_op(op_type=op_type, inputs=inputs, outputs=[inputs[0]], attrs=attrs)
-    def kernel(q, k, v, attention_mask, *scales, **attributes):
+    def kernel(q, k, v, attention_mask, *more, **attributes):
         try:
-            return _ort_kernel(q, k, v, attention_mask, scales, sides, attributes)
+            return _ort_kernel(q, k, v, attention_mask, more, kind, attributes)
         except Exception as e:      # noqa: BLE001 - anything escaping here kills the process
             _ort_errors.append(f"{type(e).__name__}: {e}")
             return np.full((*q.shape[:3], attributes["rank_v"]), np.nan, dtype=np.float32)
@@ -201,21 +228,27 @@ def _define_ort_op(onnx_op, op_type: str, inputs: list, attrs: dict, sides: tupl
 def ort_op_type(op_type: str, kv_dtype: str | None) -> str:
     """The name ORT knows a node's Python op by: the op type, with the code type where the cache is quantized
     (a Python op has one type per input)."""
-    return op_type if op_type == OP_TYPE else f"{op_type}_{kv_dtype}"
+    return op_type if kv_dtype is None else f"{op_type}_{kv_dtype}"
 
 
-def _ort_kernel(q, k, v, attention_mask, scales, sides: tuple[bool, bool], attributes):
+def _ort_kernel(q, k, v, attention_mask, more, kind: tuple[bool, bool], attributes):
+    latent, quantized = kind
     q, k, v, mask = (torch.from_numpy(a) for a in (q, k, v, attention_mask))
-    scales = iter(torch.from_numpy(s).half() for s in scales)          # fp16 values, cast to fp32 on the way in
-    kv_dtype = attributes.get("kv_dtype", "none")
-    k = Quantized(k, next(scales), kv_dtype, attributes["rank_k"]) if sides[0] else k
-    v = Quantized(v, next(scales), kv_dtype, attributes["rank_v"]) if sides[1] else v
-    shapes = {"num_heads": q.shape[1], "num_kv_heads": k.shape[1], "rank_k": q.shape[3], "rank_v": v.shape[3]}
+    more = [torch.from_numpy(a) for a in more]
+    if quantized:
+        k_scale, v_scale = (s.half() for s in more[:2])                   # fp16 values, cast to fp32 on the way in
+        kv_dtype = attributes["kv_dtype"]
+        k = Quantized(k, k_scale, kv_dtype, attributes["rank_k"])
+        v = Quantized(v, v_scale, kv_dtype, attributes["rank_v"])
+    latent_keys = LatentKeys(*more[-3:], more[-4]) if latent else None
+    shapes = {"num_heads": q.shape[1], "num_kv_heads": k.shape[1], "rank_k": k.shape[3], "rank_v": v.shape[3]}
+    if latent:
+        shapes["head_dim"] = q.shape[3]
     wrong = {name: (attributes[name], got) for name, got in shapes.items() if attributes[name] != got}
     if wrong:           # the node's attributes must describe its inputs: TensorRT's plugin trusts them
         raise ValueError(f"{OP_TYPE} attributes disagree with the input shapes (attribute, shape): {wrong}")
     with torch.no_grad():
-        return lowrank_attention_reference(q, k, v, mask, attributes["scale"]).numpy()
+        return lowrank_attention_reference(q, k, v, mask, attributes["scale"], latent_keys).numpy()
 
 
 def take_ort_error() -> str | None:
@@ -237,7 +270,7 @@ def for_onnxruntime(model) -> int:
             kv_dtype = next((a.s.decode() for a in node.attribute if a.name == "kv_dtype"), None)
             node.op_type = ort_op_type(node.op_type, kv_dtype)
             node.domain = ORT_PYOP_DOMAIN
-            for i in range(4, len(node.input)):        # fp16 scales -> fp32, which the Python op API can take
+            for i in range(4, 6 if kv_dtype else 4):        # fp16 scales -> fp32, which the Python op API can take
                 cast = f"{node.input[i]}.fp32.{count}"
                 nodes.append(helper.make_node("Cast", [node.input[i]], [cast], to=TensorProto.FLOAT))
                 node.input[i] = cast

@@ -34,7 +34,9 @@ from .reference import NAMESPACE as PLUGIN_NAMESPACE
 from .reference import OP_NAME as PLUGIN_NAME
 from .reference import VERSION as PLUGIN_VERSION
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
-QUANTIZED_OP, QUANTIZED_V_OP = f"{PLUGIN_NAME}Quantized", f"{PLUGIN_NAME}QuantizedV"     # onnx_op.OP_TYPES
+# onnx_op.OP_TYPES
+QUANTIZED_OP, LATENT_OP, LATENT_QUANTIZED_OP = (f"{PLUGIN_NAME}{kind}" for kind in ("Quantized", "LatentK",
+                                                                                   "LatentKQuantized"))
 MIN_TENSORRT = (10, 9)
 INSTALL_HINT = ("TensorRT >= 10.9 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "
                 "on a machine with an NVIDIA GPU")
@@ -124,9 +126,10 @@ def _define(trt, trtp) -> None:
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             out.copy_(lowrank_attention(*tensors, scale))
 
-    # Quantized caches (onnx_op.OP_TYPES): codes + fp16 scales per side, JIT path only (no AOT entry takes
-    # them yet; tensorrt_backend marks only the float op aot=1). The output's last dim is the rank_v
-    # attribute: int4 codes are ceil(rank_v / 2) wide. ShapeExpr takes ints as constants
+    # The other op types (onnx_op.OP_TYPES), JIT path only (no AOT entry takes them yet; tensorrt_backend marks
+    # only the float op aot=1): quantized caches (codes + fp16 scales per side) and pre-RoPE key latents (positions,
+    # two maps, frequencies). The output's last dim is the rank_v attribute: int4 codes are ceil(rank_v / 2) wide.
+    # ShapeExpr takes ints as constants
     # (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/Shape/ShapeExpr.html).
     def describe_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
                            attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
@@ -134,23 +137,39 @@ def _define(trt, trtp) -> None:
                            rope_mode: str, kv_dtype: str) -> trtp.TensorDesc:
         return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], rank_v), dtype=q.dtype)
 
-    def describe_quantized_v(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
-                             attention_mask: trtp.TensorDesc, v_scale: trtp.TensorDesc, scale: float,
-                             num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int, rope_mode: str,
-                             kv_dtype: str) -> trtp.TensorDesc:
+    def describe_latent(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, attention_mask: trtp.TensorDesc,
+                        key_positions: trtp.TensorDesc, basis_cos: trtp.TensorDesc, basis_sin: trtp.TensorDesc,
+                        freq: trtp.TensorDesc, scale: float, num_heads: int, num_kv_heads: int, rank_k: int,
+                        rank_v: int, rope_mode: str, head_dim: int) -> trtp.TensorDesc:
+        return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], rank_v), dtype=q.dtype)
+
+    def describe_latent_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                                  attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc,
+                                  v_scale: trtp.TensorDesc, key_positions: trtp.TensorDesc,
+                                  basis_cos: trtp.TensorDesc, basis_sin: trtp.TensorDesc, freq: trtp.TensorDesc,
+                                  scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
+                                  rope_mode: str, kv_dtype: str, head_dim: int) -> trtp.TensorDesc:
         return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], rank_v), dtype=q.dtype)
 
     def run_quantized(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
                       k_scale: trtp.Tensor, v_scale: trtp.Tensor, scale: float, rank_k: int, rank_v: int,
                       kv_dtype: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        _run_jit_quantized((q, k, v, attention_mask, k_scale, v_scale), scale, rank_k, rank_v, kv_dtype, outputs,
-                           stream)
+        _run_jit((q, k, v, attention_mask), (k_scale, v_scale, kv_dtype), None, scale, rank_k, rank_v, outputs,
+                 stream)
 
-    def run_quantized_v(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
-                        v_scale: trtp.Tensor, scale: float, rank_k: int, rank_v: int, kv_dtype: str,
-                        outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        _run_jit_quantized((q, k, v, attention_mask, None, v_scale), scale, rank_k, rank_v, kv_dtype, outputs,
-                           stream)
+    def run_latent(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
+                   key_positions: trtp.Tensor, basis_cos: trtp.Tensor, basis_sin: trtp.Tensor, freq: trtp.Tensor,
+                   scale: float, rank_k: int, rank_v: int, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        _run_jit((q, k, v, attention_mask), None, (key_positions, basis_cos, basis_sin, freq), scale, rank_k, rank_v,
+                 outputs, stream)
+
+    def run_latent_quantized(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
+                             k_scale: trtp.Tensor, v_scale: trtp.Tensor, key_positions: trtp.Tensor,
+                             basis_cos: trtp.Tensor, basis_sin: trtp.Tensor, freq: trtp.Tensor, scale: float,
+                             rank_k: int, rank_v: int, kv_dtype: str, outputs: Tuple[trtp.Tensor],
+                             stream: int) -> None:
+        _run_jit((q, k, v, attention_mask), (k_scale, v_scale, kv_dtype), (key_positions, basis_cos, basis_sin, freq),
+                 scale, rank_k, rank_v, outputs, stream)
 
     # This module's annotations are strings (PEP 563, which the Triton entry below relies on); tensorrt.plugin
     # validates type hints as objects, so they are resolved before the decorators see the functions.
@@ -159,25 +178,37 @@ def _define(trt, trtp) -> None:
     trtp.aot_impl(PLUGIN_ID)(_resolve_hints(compile_aot, names))
     trtp.impl(PLUGIN_ID)(_resolve_hints(run_jit, names))
     for op_type, shape, run in ((QUANTIZED_OP, describe_quantized, run_quantized),
-                                (QUANTIZED_V_OP, describe_quantized_v, run_quantized_v)):
+                                (LATENT_OP, describe_latent, run_latent),
+                                (LATENT_QUANTIZED_OP, describe_latent_quantized, run_latent_quantized)):
         trtp.register(f"{PLUGIN_NAMESPACE}::{op_type}")(_resolve_hints(shape, names))
         trtp.impl(f"{PLUGIN_NAMESPACE}::{op_type}")(_resolve_hints(run, names))
     _DTYPE_NAMES.update({trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16"})
 
 
-def _run_jit_quantized(tensors, scale: float, rank_k: int, rank_v: int, kv_dtype: str, outputs, stream: int) -> None:
-    """The JIT path of a quantized node: codes and scales wrapped as kv_codec.Quantized for the Triton entry."""
+def _run_jit(tensors, quantized, latent, scale: float, rank_k: int, rank_v: int, outputs, stream: int) -> None:
+    """The JIT path of a quantized or latent-key node: codes and scales wrapped as kv_codec.Quantized (quantized:
+    (k_scale, v_scale, kv_dtype)), the latent-key inputs as latent_rope.LatentKeys (latent: (positions,
+    basis_cos, basis_sin, freq)), for the Triton entry."""
     import torch
 
     from .kv_codec import Quantized
+    from .latent_rope import LatentKeys
     from .triton_kernels import lowrank_attention
 
-    q, k, v, mask, k_scale, v_scale = (None if t is None else torch.as_tensor(t, device="cuda") for t in tensors)
-    k = k if k_scale is None else Quantized(k, k_scale, kv_dtype, rank_k)
-    v = Quantized(v, v_scale, kv_dtype, rank_v)
-    out = torch.as_tensor(outputs[0], device="cuda")
+    def device(t):
+        return torch.as_tensor(t, device="cuda")
+
+    q, k, v, mask = (device(t) for t in tensors)
+    if quantized is not None:
+        k_scale, v_scale, kv_dtype = quantized
+        k, v = Quantized(k, device(k_scale), kv_dtype, rank_k), Quantized(v, device(v_scale), kv_dtype, rank_v)
+    latent_keys = None
+    if latent is not None:
+        positions, basis_cos, basis_sin, freq = (device(t) for t in latent)
+        latent_keys = LatentKeys(basis_cos, basis_sin, freq, positions)
+    out = device(outputs[0])
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-        out.copy_(lowrank_attention(q, k, v, mask, scale))
+        out.copy_(lowrank_attention(q, k, v, mask, scale, latent_keys=latent_keys))
 
 
 def _resolve_hints(fn, names: dict):

@@ -112,24 +112,26 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
     spec, layers = reference.spec, reference.spec.num_layers
     mode, _, kv_dtype = kind.partition("+")
     kv_dtype = kv_dtype if kv_dtype != "mixed" else ""      # a mixed cache reaches a float node decoded
-    quantized = (bool(kv_dtype) and mode != "pre", bool(kv_dtype))       # pre mode: keys reach the node rebuilt
+    latent = mode == "pre"              # pre mode: the node reads the key latents and rotates the keys itself
     assert {o.domain: o.version for o in plugin.opset_import}[DOMAIN] == 1
-    nodes = [n for n in plugin.graph.node if n.op_type == OP_TYPES[quantized]]
+    nodes = [n for n in plugin.graph.node if n.op_type == OP_TYPES[(latent, bool(kv_dtype))]]
     assert len(nodes) == layers and all(n.domain == DOMAIN for n in nodes)
     assert _count(plugin, "Softmax") == 0 and _count(standard, "Softmax") == layers
-    assert _count(standard, "MatMul") - _count(plugin, "MatMul") == 2 * layers     # q k^T and p v, per layer
+    # q k^T and p v per layer, and in pre mode the keys' rebuild from their latents: all inside the node
+    assert _count(standard, "MatMul") - _count(plugin, "MatMul") == (3 if latent else 2) * layers
     for node, attn in zip(nodes, (layer.attn for layer in reference.layers)):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs.pop("scale") == pytest.approx(spec.head_dim ** -0.5, rel=1e-6)
         assert attrs == {"plugin_namespace": b"eigen_export", "plugin_version": b"1",
                          "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads,
-                         "rank_k": spec.head_dim if mode == "pre" else attn.ranks.k, "rank_v": attn.ranks.v,
+                         "rank_k": attn.ranks.k, "rank_v": attn.ranks.v,
                          "rope_mode": (mode if mode in ("pre", "post") else "none").encode(),
-                         **({"kv_dtype": kv_dtype.encode()} if kv_dtype else {})}
-        assert len(node.input) == 4 + sum(quantized)
+                         **({"kv_dtype": kv_dtype.encode()} if kv_dtype else {}),
+                         **({"head_dim": spec.head_dim} if latent else {})}
+        assert len(node.input) == 4 + 2 * bool(kv_dtype) + 4 * latent
         if kv_dtype:                # the node reads the cache tensors themselves: codes and scales
             graph_inputs = {v.name for v in plugin.graph.input}
-            assert node.input[4 + quantized[0]].endswith("value_scale") or node.input[4 + quantized[0]] in graph_inputs
+            assert node.input[5].endswith("value_scale") or node.input[5] in graph_inputs
     for a, b in ((plugin.graph.input, standard.graph.input), (plugin.graph.output, standard.graph.output)):
         assert [(v.name, v.type) for v in a] == [(v.name, v.type) for v in b]
     assert {p.key: p.value for p in plugin.metadata_props} == {p.key: p.value for p in standard.metadata_props}
@@ -158,9 +160,10 @@ def test_a_wrong_gqa_mapping_is_caught(exports, monkeypatch):
     import eigen_export_plugins.lowrank_attention.onnx_op as onnx_op
     from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
 
-    def interleaved_heads(q, k, v, mask, scale):
+    def interleaved_heads(q, k, v, mask, scale, latent_keys=None):
         group = q.shape[1] // k.shape[1]
-        return lowrank_attention_reference(q, k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1), mask, scale)
+        return lowrank_attention_reference(q, k.repeat(1, group, 1, 1), v.repeat(1, group, 1, 1), mask, scale,
+                                           latent_keys)
 
     _, _, _, standard = exports.get("llama-gqa", "post")
     plugin = _plugin_backend(exports, "llama-gqa", "post")
@@ -178,7 +181,7 @@ def test_node_attributes_that_disagree_with_shapes_are_refused(exports, tmp_path
     copy = tmp_path / "onnx"
     shutil.copytree(onnx_dir, copy)
     model = onnx.load(str(copy / MODEL_PLUGIN_ONNX))
-    node = next(n for n in model.graph.node if n.op_type == OP_TYPE)
+    node = next(n for n in model.graph.node if n.op_type in OP_TYPES.values())
     next(a for a in node.attribute if a.name == "num_kv_heads").i = 2
     onnx.save(model, str(copy / MODEL_PLUGIN_ONNX))
     ids = ptb_like_ids(2, 4)
@@ -205,7 +208,7 @@ def test_fp16_plugin_graph_is_valid_and_ort_says_it_runs_fp32_only(exports):
     onnx.checker.check_model(str(onnx_dir / MODEL_PLUGIN_ONNX), full_check=True)
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_dir / MODEL_PLUGIN_ONNX))).graph
     typed = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.output)}
-    node = next(n for n in graph.node if n.op_type == OP_TYPE)
+    node = next(n for n in graph.node if n.op_type in OP_TYPES.values())
     assert typed[node.output[0]] == onnx.TensorProto.FLOAT16
     with pytest.raises(EigenExportError, match="ONNX Runtime runs the plugin graph in fp32 only .* this export is "
                                                "fp16: use model.onnx .* or TensorRT"):

@@ -203,9 +203,9 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     monkeypatch.setattr(trt_plugin, "driver_ptx_version", lambda: None)
     monkeypatch.setattr(trt_plugin, "_current_target", lambda: (9, 0))
     trt_plugin.register()
-    float_op, quantized = "eigen_export::LowRankAttention", ("Quantized", "QuantizedV")
+    float_op, others = "eigen_export::LowRankAttention", ("Quantized", "LatentK", "LatentKQuantized")
     assert set(recorded) == {(kind, float_op) for kind in ("register", "aot_impl", "impl")} | \
-        {(kind, float_op + q) for kind in ("register", "impl") for q in quantized}    # quantized: JIT only
+        {(kind, float_op + q) for kind in ("register", "impl") for q in others}    # the others: JIT only
     describe, compile_aot = recorded[("register", float_op)], recorded[("aot_impl", float_op)]
     # a quantized node's output width is the rank_v attribute (int4 value codes are half as wide)
     out = recorded[("register", float_op + "Quantized")](
@@ -213,7 +213,13 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
         TensorDesc((2, 5), "I64"), TensorDesc((2, 2, 5, 1), "F16"), TensorDesc((2, 2, 5, 1), "F16"),
         0.125, 4, 2, 16, 41, "post", "int4")
     assert out.shape_expr == (2, 4, 3, 41) and out.dtype == "F16"
-    assert recorded[("register", float_op + "QuantizedV")].__annotations__["v_scale"] is TensorDesc
+    # a latent-key node: q is head_dim wide, the output rank_v
+    out = recorded[("register", float_op + "LatentK")](
+        TensorDesc((2, 4, 3, 64), "F16"), TensorDesc((2, 2, 5, 24), "F16"), TensorDesc((2, 2, 5, 40), "F16"),
+        TensorDesc((2, 5), "I64"), TensorDesc((2, 5), "I64"), TensorDesc((2, 24, 64), "F16"),
+        TensorDesc((2, 24, 64), "F16"), TensorDesc((64,), "F32"), 0.125, 4, 2, 24, 40, "pre", 64)
+    assert out.shape_expr == (2, 4, 3, 40) and out.dtype == "F16"
+    assert recorded[("register", float_op + "LatentKQuantized")].__annotations__["freq"] is TensorDesc
     hints = describe.__annotations__
     assert hints["q"] is TensorDesc and hints["scale"] is float and hints["num_heads"] is int
     assert hints["rope_mode"] is str and hints["return"] is TensorDesc
