@@ -152,8 +152,9 @@ def make_inputs(case: Case, seed: int = 0):
 
 
 def latent_keys_for(case: Case, mask: torch.Tensor, seed: int = 1) -> LatentKeys | None:
-    """The latent-key tables of a case: an orthonormal key basis per KV head, Llama's frequencies, an attention
-    factor != 1, and each key's position counted over real tokens (the model's default_position_ids)."""
+    """The latent-key tables of a case: an orthonormal key basis per KV head in the case's dtype (as the exporter
+    makes them: fp16 maps take the kernels' fp16 dots), Llama's frequencies, an attention factor != 1, and each
+    key's position counted over real tokens (the model's default_position_ids)."""
     if not case.latent:
         return None
     gen = torch.Generator().manual_seed(seed)
@@ -162,7 +163,7 @@ def latent_keys_for(case: Case, mask: torch.Tensor, seed: int = 1) -> LatentKeys
     rope_dim = d // 4 if case.latent == "partial" else d
     inv_freq = 1.0 / 10000 ** (torch.arange(0, rope_dim, 2).float() / rope_dim)
     layout = "interleaved" if case.latent == "interleaved" else "half"
-    return LatentKeys(*latent_key_tables(basis, inv_freq, rope_dim, layout, gain=1.2),
+    return LatentKeys(*latent_key_tables(basis.to(getattr(torch, case.dtype)), inv_freq, rope_dim, layout, gain=1.2),
                       (mask.cumsum(-1) - 1).clamp(min=0))
 
 

@@ -112,24 +112,26 @@ def _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, r
 @triton.jit
 def _latent_tables(cos_ptr, sin_ptr, freq_ptr, kv_head, stride_lh, stride_lr, stride_ld, offs_rk, rk_ok, offs_qk,
                    qk_ok):
-    """One KV head's maps [RK_PAD, QK_PAD] from a key latent to the cos and sin parts of its rotated key, and the
-    features' frequencies [QK_PAD] (latent_rope.py); padding rows and columns are zeros."""
+    """One KV head's maps [RK_PAD, QK_PAD] (their dtype) from a key latent to the cos and sin parts of its rotated
+    key, and the features' frequencies [QK_PAD] fp32 (latent_rope.py); padding rows and columns are zeros."""
     offs = kv_head * stride_lh + offs_rk[:, None] * stride_lr + offs_qk[None, :] * stride_ld
     ok = rk_ok[:, None] & qk_ok[None, :]
-    basis_cos = tl.load(cos_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    basis_sin = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    basis_cos = tl.load(cos_ptr + offs, mask=ok, other=0.0)
+    basis_sin = tl.load(sin_ptr + offs, mask=ok, other=0.0)
     freq = tl.load(freq_ptr + offs_qk, mask=qk_ok, other=0.0).to(tl.float32)
     return basis_cos, basis_sin, freq
 
 
 @triton.jit
 def _rotated_keys(latent, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT: tl.constexpr):
-    """[BLOCK_N, QK_PAD] fp32 rotated keys of a block of key latents [BLOCK_N, RK_PAD] at their positions."""
-    latent = latent.to(tl.float32)
+    """[BLOCK_N, QK_PAD] fp32 rotated keys of a block of key latents [BLOCK_N, RK_PAD] at their positions. The
+    dots take the maps' dtype (fp16 / bf16 maps: tensor-core dots, fp32 sums, half the shared memory of fp32
+    tiles), fp32 in IEEE precision for fp32 models."""
     if IEEE_DOT:
-        part_cos = tl.dot(latent, basis_cos, input_precision="ieee")
-        part_sin = tl.dot(latent, basis_sin, input_precision="ieee")
+        part_cos = tl.dot(latent.to(tl.float32), basis_cos.to(tl.float32), input_precision="ieee")
+        part_sin = tl.dot(latent.to(tl.float32), basis_sin.to(tl.float32), input_precision="ieee")
     else:
+        latent = latent.to(basis_cos.dtype)
         part_cos = tl.dot(latent, basis_cos)
         part_sin = tl.dot(latent, basis_sin)
     pos = tl.load(pos_base + keys * stride_pt, mask=key_ok, other=0).to(tl.float32)
