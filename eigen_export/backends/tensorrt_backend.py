@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from eigen_export_plugins.lowrank_attention.trt_plugin import INSTALL_HINT, PLUGIN_NAME, register
+from eigen_export_plugins.lowrank_attention.trt_plugin import AOT_OPS, INSTALL_HINT, register
 
 from ..artifacts.engine import RuntimeEnv, check_plan_compatible, read_build
 from ..artifacts.onnx_io import read_io
@@ -238,8 +238,9 @@ def graph_for_parser(path: Path, graph: str) -> tuple[bytes, dict]:
     """The serialized graph TensorRT parses, and its node counts (build.json `graph_nodes`).
 
     The export, folded further by Polygraphy where that removes nodes (backends/onnx_sanitize.py); for the
-    plugin graph, each plugin node carries `aot=1`, the attribute that makes TensorRT's parser take the
-    plugin's AOT implementation (compiled kernel, no Python at run time) instead of its JIT one
+    plugin graph, each plugin node of a type with a compiled kernel (trt_plugin.AOT_OPS: float caches, `pre` mode's
+    latent keys included) carries `aot=1`, the attribute that makes TensorRT's parser take the plugin's AOT
+    implementation (compiled kernel, no Python at run time) instead of its JIT one
     (https://github.com/NVIDIA/TensorRT/tree/main/samples/python/quickly_deployable_plugins#onnx-model-with-an-
     aot-plugin). External weights stay where they are, read from beside `path`. The file is not changed."""
     import onnx
@@ -248,7 +249,7 @@ def graph_for_parser(path: Path, graph: str) -> tuple[bytes, dict]:
     model = sanitized.model
     if graph == "plugin":
         for node in model.graph.node:
-            if node.op_type == PLUGIN_NAME and not any(a.name == "aot" for a in node.attribute):
+            if node.op_type in AOT_OPS and not any(a.name == "aot" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("aot", 1))
     return model.SerializeToString(), sanitized.record()
 

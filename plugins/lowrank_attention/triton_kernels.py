@@ -12,9 +12,9 @@ Ranks are padded to the next power of two (tl.arange and tl.dot need it, >= 16 f
 padding is masked on load, so ranks like 40, 56 or 77 need no copy of the cache. Every tensor is
 addressed through explicit strides: the cache may be a view into a larger preallocated buffer.
 Accumulation is fp32 for every input dtype; fp32 inputs use IEEE dots (TF32 would cost ~1e-3).
-With latent keys (rope_mode `pre`, latent_rope.py) the cache holds pre-RoPE key latents: each program loads
-its KV head's two [r_k, d] maps once and turns every key block into rotated full-width keys in registers
-(two dots and a cos / sin per feature), so only the reduced cache crosses memory.
+With latent keys (rope_mode `pre`, latent_rope.py) the cache holds pre-RoPE key latents: every key block is
+turned into rotated full-width keys in registers (the latent times its KV head's two [r_k, d] maps, 16 latent
+coordinates at a time, then a cos / sin per feature), so only the reduced cache crosses memory.
 """
 from __future__ import annotations
 
@@ -110,30 +110,32 @@ def _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, r
 
 
 @triton.jit
-def _latent_tables(cos_ptr, sin_ptr, freq_ptr, kv_head, stride_lh, stride_lr, stride_ld, offs_rk, rk_ok, offs_qk,
-                   qk_ok):
-    """One KV head's maps [RK_PAD, QK_PAD] (their dtype) from a key latent to the cos and sin parts of its rotated
-    key, and the features' frequencies [QK_PAD] fp32 (latent_rope.py); padding rows and columns are zeros."""
-    offs = kv_head * stride_lh + offs_rk[:, None] * stride_lr + offs_qk[None, :] * stride_ld
-    ok = rk_ok[:, None] & qk_ok[None, :]
-    basis_cos = tl.load(cos_ptr + offs, mask=ok, other=0.0)
-    basis_sin = tl.load(sin_ptr + offs, mask=ok, other=0.0)
-    freq = tl.load(freq_ptr + offs_qk, mask=qk_ok, other=0.0).to(tl.float32)
-    return basis_cos, basis_sin, freq
-
-
-@triton.jit
-def _rotated_keys(latent, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT: tl.constexpr):
-    """[BLOCK_N, QK_PAD] fp32 rotated keys of a block of key latents [BLOCK_N, RK_PAD] at their positions. The
-    dots take the maps' dtype (fp16 / bf16 maps: tensor-core dots, fp32 sums, half the shared memory of fp32
-    tiles), fp32 in IEEE precision for fp32 models."""
-    if IEEE_DOT:
-        part_cos = tl.dot(latent.to(tl.float32), basis_cos.to(tl.float32), input_precision="ieee")
-        part_sin = tl.dot(latent.to(tl.float32), basis_sin.to(tl.float32), input_precision="ieee")
-    else:
-        latent = latent.to(basis_cos.dtype)
-        part_cos = tl.dot(latent, basis_cos)
-        part_sin = tl.dot(latent, basis_sin)
+def _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, stride_kst, cos_base, sin_base,
+                 stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, K_BITS: tl.constexpr,
+                 IEEE_DOT: tl.constexpr, RK_PAD: tl.constexpr, QK_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, QK_PAD] fp32 rotated keys of a block of cached key latents at their positions (latent_rope.py).
+    The latent times the KV head's two [r_k, d] maps is summed over chunks of 16 latent coordinates, each chunk's
+    codes and map rows loaded in turn (the maps come from L1 / L2, shared by every block and program): the whole
+    maps would take 64 KB of shared memory at r_k 128 x d 128 in fp16, past the 48 KB a TensorRT AOT launch
+    gets. The dots take the maps' dtype (fp16 / bf16: tensor cores, fp32 sums), IEEE fp32 for fp32 models."""
+    part_cos = tl.zeros([BLOCK_N, QK_PAD], tl.float32)
+    part_sin = tl.zeros([BLOCK_N, QK_PAD], tl.float32)
+    for c0 in range(0, RK_PAD, 16):
+        offs_c = c0 + tl.arange(0, 16)
+        c_ok = offs_c < rank_k
+        latent = _load_side(k_base, ks_base, keys, key_ok, offs_c, c_ok, stride_kt, stride_kr, stride_kst, K_BITS)
+        rows = offs_c[:, None] * stride_lr + offs_qk[None, :] * stride_ld
+        ok = c_ok[:, None] & qk_ok[None, :]
+        map_cos = tl.load(cos_base + rows, mask=ok, other=0.0)
+        map_sin = tl.load(sin_base + rows, mask=ok, other=0.0)
+        if IEEE_DOT:
+            latent = latent.to(tl.float32)
+            part_cos = tl.dot(latent, map_cos.to(tl.float32), part_cos, input_precision="ieee")
+            part_sin = tl.dot(latent, map_sin.to(tl.float32), part_sin, input_precision="ieee")
+        else:
+            latent = latent.to(map_cos.dtype)
+            part_cos = tl.dot(latent, map_cos, part_cos)
+            part_sin = tl.dot(latent, map_sin, part_sin)
     pos = tl.load(pos_base + keys * stride_pt, mask=key_ok, other=0).to(tl.float32)
     angle = pos[:, None] * freq[None, :]
     return part_cos * tl.cos(angle) + part_sin * tl.sin(angle)
@@ -183,8 +185,8 @@ def _prefill_kernel(
     ks_base = ks_ptr + b * stride_ksb + kv_head * stride_ksh
     vs_base = vs_ptr + b * stride_vsb + kv_head * stride_vsh
     if LATENT_KEYS:
-        basis_cos, basis_sin, freq = _latent_tables(lcos_ptr, lsin_ptr, freq_ptr, kv_head, stride_lh, stride_lr,
-                                                    stride_ld, offs_rk, rk_ok, offs_qk, qk_ok)
+        cos_base, sin_base = lcos_ptr + kv_head * stride_lh, lsin_ptr + kv_head * stride_lh
+        freq = tl.load(freq_ptr + offs_qk, mask=qk_ok, other=0.0).to(tl.float32)
         pos_base = pos_ptr + b * stride_pb
 
     m_i = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
@@ -195,10 +197,14 @@ def _prefill_kernel(
     for start_n in range(0, key_end, BLOCK_N):
         keys = start_n + offs_n
         key_ok = keys < total_len
-        k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-                        stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
         if LATENT_KEYS:
-            k = _rotated_keys(k, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT)
+            k = _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, stride_kst, cos_base,
+                             sin_base, stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, K_BITS,
+                             IEEE_DOT, RK_PAD, QK_PAD, BLOCK_N)
+            v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst, V_BITS)
+        else:
+            k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+                            stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
         visible = key_ok[None, :] & (keys[None, :] <= past + offs_m[:, None])
         if HAS_MASK:
             real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -255,8 +261,8 @@ def _decode_split_kernel(
     ks_base = ks_ptr + b * stride_ksb + kv_head * stride_ksh
     vs_base = vs_ptr + b * stride_vsb + kv_head * stride_vsh
     if LATENT_KEYS:
-        basis_cos, basis_sin, freq = _latent_tables(lcos_ptr, lsin_ptr, freq_ptr, kv_head, stride_lh, stride_lr,
-                                                    stride_ld, offs_rk, rk_ok, offs_qk, qk_ok)
+        cos_base, sin_base = lcos_ptr + kv_head * stride_lh, lsin_ptr + kv_head * stride_lh
+        freq = tl.load(freq_ptr + offs_qk, mask=qk_ok, other=0.0).to(tl.float32)
         pos_base = pos_ptr + b * stride_pb
 
     m_i = tl.full([BLOCK_H], _NO_SCORE, tl.float32)
@@ -268,7 +274,8 @@ def _decode_split_kernel(
     if PREFETCH:
         # Rows of a rank that is not a multiple of 16 are not 16-byte aligned: their loads are
         # 2-byte scalars that the compiler does not pipeline. Loading block i+1 into registers
-        # before computing block i keeps those loads in flight during the math.
+        # before computing block i keeps those loads in flight during the math. (Not with latent keys: the
+        # launcher turns it off, their chunked loads live inside the rebuild.)
         keys = start + offs_n
         k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, keys < end, offs_rk, offs_rv, rk_ok, rv_ok,
                         stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
@@ -278,8 +285,6 @@ def _decode_split_kernel(
             k_next, v_next = _load_kv(k_base, v_base, ks_base, vs_base, keys + BLOCK_N, keys + BLOCK_N < end,
                                       offs_rk, offs_rv, rk_ok, rv_ok, stride_kt, stride_kr, stride_vt, stride_vr,
                                       stride_kst, stride_vst, K_BITS, V_BITS)
-            if LATENT_KEYS:
-                k = _rotated_keys(k, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -291,10 +296,15 @@ def _decode_split_kernel(
         for start_n in range(start, end, BLOCK_N):
             keys = start_n + offs_n
             key_ok = keys < end
-            k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-                            stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
             if LATENT_KEYS:
-                k = _rotated_keys(k, basis_cos, basis_sin, freq, pos_base, keys, key_ok, stride_pt, IEEE_DOT)
+                k = _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, stride_kst, cos_base,
+                                 sin_base, stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, K_BITS,
+                                 IEEE_DOT, RK_PAD, QK_PAD, BLOCK_N)
+                v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst,
+                               V_BITS)
+            else:
+                k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
+                                stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -520,7 +530,8 @@ def _launch_decode(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, tables, 
         *vs.scale_strides, stride_mb, stride_mt, *tables[1],
         heads_kv, total, common["group_size"], common["rank_k"], common["rank_v"], common["qk_dim"],
         chunk_len, num_splits, common["qk_scale_log2"],
-        HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"], PREFETCH=config.prefetch,
+        HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"],
+        PREFETCH=config.prefetch and not common["LATENT_KEYS"],
         K_BITS=common["K_BITS"], V_BITS=common["V_BITS"], LATENT_KEYS=common["LATENT_KEYS"],
         BLOCK_H=block_h,
         BLOCK_N=config.block_n, RK_PAD=common["RK_PAD"], RV_PAD=rv_pad, QK_PAD=common["QK_PAD"],

@@ -37,6 +37,7 @@ PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 # onnx_op.OP_TYPES
 QUANTIZED_OP, LATENT_OP, LATENT_QUANTIZED_OP = (f"{PLUGIN_NAME}{kind}" for kind in ("Quantized", "LatentK",
                                                                                    "LatentKQuantized"))
+AOT_OPS = (PLUGIN_NAME, LATENT_OP)           # the op types with a compiled (AOT) kernel; the others run the JIT path
 MIN_TENSORRT = (10, 9)
 INSTALL_HINT = ("TensorRT >= 10.9 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "
                 "on a machine with an NVIDIA GPU")
@@ -101,8 +102,21 @@ def _define(trt, trtp) -> None:
         # attributes, fixed for the engine). Attributes are not serialized on this path.
         # https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/
         # trt_plugin_aot_impl/index.html
-        kernel = compile_prefill_ptx(_DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale,
-                                     target=_current_target(), ptx_version=driver_ptx_version())
+        return aot_launch(q, k, num_heads, compile_prefill_ptx(
+            _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
+            ptx_version=driver_ptx_version()))
+
+    def compile_aot_latent(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                           attention_mask: trtp.TensorDesc, key_positions: trtp.TensorDesc,
+                           basis_cos: trtp.TensorDesc, basis_sin: trtp.TensorDesc, freq: trtp.TensorDesc,
+                           scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int, head_dim: int,
+                           outputs: Tuple[trtp.TensorDesc], tactic: int):
+        # a float LowRankAttentionLatentK node (pre mode): the same kernel with the latent-key inputs
+        return aot_launch(q, k, num_heads, compile_prefill_ptx(
+            _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
+            ptx_version=driver_ptx_version(), head_dim=head_dim))
+
+    def aot_launch(q: trtp.TensorDesc, k: trtp.TensorDesc, num_heads: int, kernel: AotKernel):
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(q.shape_expr[2], kernel.block_m)        # query blocks
         launch.grid_y = q.shape_expr[0] * num_heads                       # batch x query heads
@@ -126,9 +140,9 @@ def _define(trt, trtp) -> None:
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             out.copy_(lowrank_attention(*tensors, scale))
 
-    # The other op types (onnx_op.OP_TYPES), JIT path only (no AOT entry takes them yet; tensorrt_backend marks
-    # only the float op aot=1): quantized caches (codes + fp16 scales per side) and pre-RoPE key latents (positions,
-    # two maps, frequencies). The output's last dim is the rank_v attribute: int4 codes are ceil(rank_v / 2) wide.
+    # The other op types (onnx_op.OP_TYPES): quantized caches (codes + fp16 scales per side) and pre-RoPE key
+    # latents (positions, two maps, frequencies). A float latent node also has an AOT kernel (above; tensorrt_backend
+    # marks it aot=1 like the float op); the quantized ones are JIT only (no AOT entry takes codes yet). The output's last dim is the rank_v attribute: int4 codes are ceil(rank_v / 2) wide.
     # ShapeExpr takes ints as constants
     # (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/Shape/ShapeExpr.html).
     def describe_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
@@ -177,6 +191,7 @@ def _define(trt, trtp) -> None:
     trtp.register(PLUGIN_ID)(_resolve_hints(describe, names))
     trtp.aot_impl(PLUGIN_ID)(_resolve_hints(compile_aot, names))
     trtp.impl(PLUGIN_ID)(_resolve_hints(run_jit, names))
+    trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{LATENT_OP}")(_resolve_hints(compile_aot_latent, names))
     for op_type, shape, run in ((QUANTIZED_OP, describe_quantized, run_quantized),
                                 (LATENT_OP, describe_latent, run_latent),
                                 (LATENT_QUANTIZED_OP, describe_latent_quantized, run_latent_quantized)):
@@ -284,30 +299,56 @@ def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out
         True, IEEE_DOT, 0, 0, False, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
 
 
+def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
+                                 total_len, out_ptr,
+                                 NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
+                                 RANK_V: tl.constexpr, HEAD_DIM: tl.constexpr, QK_SCALE_LOG2: tl.constexpr,
+                                 IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
+    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
+    # a LowRankAttentionLatentK node: contiguous q [B, H, S, head_dim], key latents k [B, H_kv, T, r_k], v, mask,
+    # key positions [B, T], basis_cos / basis_sin [H_kv, r_k, head_dim], freq [head_dim]
+    _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, cos_ptr, sin_ptr, freq_ptr, pos_ptr,
+        NUM_HEADS * seq_len * HEAD_DIM, seq_len * HEAD_DIM, HEAD_DIM, 1,
+        NUM_KV_HEADS * total_len * RANK_K, total_len * RANK_K, RANK_K, 1,
+        NUM_KV_HEADS * total_len * RANK_V, total_len * RANK_V, RANK_V, 1,
+        0, 0, 0, 0, 0, 0,
+        total_len, 1,
+        NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
+        RANK_K * HEAD_DIM, HEAD_DIM, 1, total_len, 1,
+        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, HEAD_DIM, QK_SCALE_LOG2,
+        True, IEEE_DOT, 0, 0, True, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+
+
 @functools.lru_cache(maxsize=None)
-def _aot_entry():
-    """`lowrank_attention_aot` as a Triton kernel. Triton resolves a kernel's names in its module's globals,
-    so `tl` and `_prefill_kernel` are bound here, on first use, rather than at import (this module must
-    import without triton, and triton_kernels must load after TRITON_INTERPRET is set)."""
+def _aot_entry(latent: bool = False):
+    """`lowrank_attention_aot` (or, latent, `lowrank_attention_latent_aot`) as a Triton kernel. Triton resolves a
+    kernel's names in its module's globals, so `tl` and `_prefill_kernel` are bound here, on first use, rather
+    than at import (this module must import without triton, and triton_kernels must load after TRITON_INTERPRET
+    is set)."""
     import triton
     import triton.language
 
     from .triton_kernels import _prefill_kernel
 
     globals().update(tl=triton.language, _prefill_kernel=_prefill_kernel)
-    return triton.jit(lowrank_attention_aot)
+    return triton.jit(lowrank_attention_latent_aot if latent else lowrank_attention_aot)
 
 
-_ENTRY_PARAMS = 7           # q, k, v, mask, seq_len, total_len, out
+# what TensorRT passes an AOT kernel: the node's inputs, the two int32 sizes, the output
+_ENTRY_PARAMS = {False: 7, True: 11}
 _TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 
 @functools.lru_cache(maxsize=None)
 def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int, scale: float,
-                        target: tuple[int, int] = DEFAULT_TARGET, ptx_version: int | None = None) -> AotKernel:
+                        target: tuple[int, int] = DEFAULT_TARGET, ptx_version: int | None = None,
+                        head_dim: int | None = None) -> AotKernel:
     """The AOT kernel for one layer's attributes, compiled to PTX for sm_<target> (no GPU needed).
 
     ptx_version: cap on the PTX ISA (e.g. 87 = 8.7), see driver_ptx_version(); None = what Triton's ptxas takes.
+    head_dim: a LowRankAttentionLatentK node's (its keys are rank_k latents turned into head_dim-wide keys).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -319,10 +360,14 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"lowrank_attention AOT: num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     rk_pad, rv_pad = _padded(rank_k), _padded(rank_v)
+    latent = head_dim is not None
+    qk_pad = _padded(head_dim) if latent else rk_pad
     ieee = dtype == "fp32"
     pointer = _TRITON_TYPES[dtype]
-    signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "mask_ptr": "*i64",
-                 "seq_len": "i32", "total_len": "i32", "out_ptr": pointer}
+    signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "mask_ptr": "*i64"}
+    if latent:
+        signature |= {"pos_ptr": "*i64", "cos_ptr": pointer, "sin_ptr": pointer, "freq_ptr": "*fp32"}
+    signature |= {"seq_len": "i32", "total_len": "i32", "out_ptr": pointer}
     arch = target[0] * 10 + target[1]
     options = {}
     if ptx_version is not None:
@@ -331,14 +376,16 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
         options["ptx_version"] = min(ptx_version, ptx_get_version(get_ptxas(arch).version))
     # Tiles from the JIT launcher's choice down to ones that fit in 48 KB of shared memory: above that a
     # launch must opt in (cuFuncSetAttribute), and the QDP documentation does not say TensorRT does.
-    configs = [PrefillConfig(block_m=64, block_n=32) if ieee or max(rk_pad, rv_pad) > 128 else PrefillConfig(),
+    configs = [PrefillConfig(block_m=64, block_n=32) if ieee or max(rk_pad, rv_pad, qk_pad) > 128 else PrefillConfig(),
                PrefillConfig(block_m=64, block_n=32), PrefillConfig(block_m=32, block_n=32),
                PrefillConfig(block_m=32, block_n=32, num_stages=1)]
     for config in configs:
         constexprs = {"NUM_HEADS": num_heads, "GROUP": num_heads // num_kv_heads, "RANK_K": rank_k,
                       "RANK_V": rank_v, "QK_SCALE_LOG2": float(scale) * LOG2E, "IEEE_DOT": ieee,
                       "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "RK_PAD": rk_pad, "RV_PAD": rv_pad}
-        source = triton.compiler.ASTSource(_aot_entry(), signature=signature, constexprs=constexprs)
+        if latent:
+            constexprs |= {"HEAD_DIM": head_dim, "QK_PAD": qk_pad}
+        source = triton.compiler.ASTSource(_aot_entry(latent), signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options=dict(options, num_warps=config.num_warps, num_stages=config.num_stages))
         if compiled.metadata.shared <= MAX_STATIC_SHARED:
@@ -350,7 +397,7 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
         raise RuntimeError("lowrank_attention AOT: the compiled kernel needs a scratch buffer, "
                            "which a TensorRT AOT launch does not pass")
-    ptx = drop_unused_entry_params(compiled.asm["ptx"], meta.name, _ENTRY_PARAMS)
+    ptx = drop_unused_entry_params(compiled.asm["ptx"], meta.name, _ENTRY_PARAMS[latent])
     return AotKernel(name=meta.name, ptx=ptx, num_warps=meta.num_warps, shared_mem=meta.shared,
                      block_m=config.block_m)
 

@@ -21,7 +21,9 @@ from eigen_export_plugins.lowrank_attention.trt_plugin import (  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-ENTRY_PARAMS = 7        # q, k, v, mask, seq_len, total_len, out: what TensorRT passes an AOT kernel
+# what TensorRT passes an AOT kernel: q, k, v, mask (a latent-key node: and key_positions, basis_cos, basis_sin,
+# freq), seq_len, total_len, out
+ENTRY_PARAMS = {None: 7, "latent": 11}
 
 
 def _entry_params(ptx: str, name: str) -> list[str]:
@@ -40,21 +42,24 @@ def _ptxas(arch: int) -> Path | None:
     return path if path.exists() else None
 
 
-@pytest.mark.parametrize("dtype,heads,kv_heads,rank_k,rank_v,target,ptx_version", [
-    ("fp16", 4, 2, 40, 56, (9, 0), None),    # GQA, ranks that are not powers of two
-    ("bf16", 8, 8, 77, 80, (9, 0), 85),      # PTX ISA capped for a CUDA 12.6 driver
-    ("fp32", 4, 1, 64, 64, (8, 0), None),    # IEEE dots, smaller tiles; an older target
+@pytest.mark.parametrize("dtype,heads,kv_heads,rank_k,rank_v,target,ptx_version,head_dim", [
+    ("fp16", 4, 2, 40, 56, (9, 0), None, None),    # GQA, ranks that are not powers of two
+    ("bf16", 8, 8, 77, 80, (9, 0), 85, None),      # PTX ISA capped for a CUDA 12.6 driver
+    ("fp32", 4, 1, 64, 64, (8, 0), None, None),    # IEEE dots, smaller tiles; an older target
+    ("fp16", 9, 3, 40, 56, (9, 0), None, 64),      # latent keys (pre mode): SmolLM2's head shape
+    ("bf16", 32, 8, 102, 80, (9, 0), None, 128),   # latent keys at a 7B head dim: within 48 KB of shared memory
 ])
 def test_aot_kernel_compiles_to_ptx_with_tensorrts_signature(dtype, heads, kv_heads, rank_k, rank_v, target,
-                                                             ptx_version):
+                                                             ptx_version, head_dim):
     kernel = compile_prefill_ptx(dtype, heads, kv_heads, rank_k, rank_v, 0.125, target=target,
-                                 ptx_version=ptx_version)
+                                 ptx_version=ptx_version, head_dim=head_dim)
     if ptx_version is not None:
         assert f".version {ptx_version // 10}.{ptx_version % 10}" in kernel.ptx
     params = _entry_params(kernel.ptx, kernel.name)
-    assert len(params) == ENTRY_PARAMS, params                         # Triton's scratch pointers dropped
+    inputs = 4 if head_dim is None else 8
+    assert len(params) == ENTRY_PARAMS[head_dim and "latent"], params   # Triton's scratch pointers dropped
     kinds = [p.split()[1] for p in params]
-    assert kinds == [".u64"] * 4 + [".u32"] * 2 + [".u64"]             # 4 inputs, 2 int32 sizes, 1 output
+    assert kinds == [".u64"] * inputs + [".u32"] * 2 + [".u64"]       # inputs, 2 int32 sizes, 1 output
     ptx_target = re.search(r"\.target (sm_\w+)", kernel.ptx).group(1)      # sm_90a: Hopper's arch-specific ISA
     assert ptx_target.startswith(f"sm_{target[0]}{target[1]}")
     assert kernel.num_warps * 32 == int(re.search(r"\.reqntid (\d+)", kernel.ptx).group(1))
@@ -110,16 +115,16 @@ import json, sys
 import torch
 import triton
 from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
+from eigen_export_plugins.lowrank_attention.latent_rope import LatentKeys, latent_key_tables
 from eigen_export_plugins.lowrank_attention.trt_plugin import _aot_entry
 from eigen_export_plugins.lowrank_attention.triton_kernels import LOG2E, _padded
 
-entry = _aot_entry()
 results = {}
-for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype in json.loads(sys.argv[2]):
+for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim in json.loads(sys.argv[2]):
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     total = past + seq
-    q = torch.randn(batch, heads, seq, rank_k, dtype=dt)
+    q = torch.randn(batch, heads, seq, head_dim or rank_k, dtype=dt)
     k = torch.randn(batch, kv_heads, total, rank_k, dtype=dt)
     v = torch.randn(batch, kv_heads, total, rank_v, dtype=dt)
     mask = torch.ones(batch, total, dtype=torch.int64)
@@ -128,22 +133,33 @@ for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype in json.loads(sys.a
     out = torch.empty(batch, heads, seq, rank_v, dtype=dt)
     scale = 0.17
     block_m = 64
-    entry[(triton.cdiv(seq, block_m), batch * heads)](
-        q, k, v, mask, seq, total, out,
-        NUM_HEADS=heads, GROUP=heads // kv_heads, RANK_K=rank_k, RANK_V=rank_v, QK_SCALE_LOG2=scale * LOG2E,
-        IEEE_DOT=dt == torch.float32, BLOCK_M=block_m, BLOCK_N=32, RK_PAD=_padded(rank_k), RV_PAD=_padded(rank_v))
-    want = lowrank_attention_reference(q, k, v, mask, scale)
-    results[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}"] = \
+    sizes = dict(NUM_HEADS=heads, GROUP=heads // kv_heads, RANK_K=rank_k, RANK_V=rank_v, QK_SCALE_LOG2=scale * LOG2E,
+                 IEEE_DOT=dt == torch.float32, BLOCK_M=block_m, BLOCK_N=32, RK_PAD=_padded(rank_k),
+                 RV_PAD=_padded(rank_v))
+    grid = (triton.cdiv(seq, block_m), batch * heads)
+    latent = None
+    if head_dim:                                          # a LowRankAttentionLatentK node's inputs, in its order
+        basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim))[0][..., :rank_k].to(dt)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        latent = LatentKeys(*latent_key_tables(basis, inv_freq, head_dim, "half"), (mask.cumsum(-1) - 1).clamp(min=0))
+        _aot_entry(True)[grid](q, k, v, mask, latent.positions, latent.basis_cos, latent.basis_sin, latent.freq, seq,
+                               total, out, HEAD_DIM=head_dim, QK_PAD=_padded(head_dim), **sizes)
+    else:
+        _aot_entry()[grid](q, k, v, mask, seq, total, out, **sizes)
+    want = lowrank_attention_reference(q, k, v, mask, scale, latent)
+    results[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}"] = \
         (out.float() - want.float()).abs().max().item()
 print(json.dumps(results))
 """
 
 INTERPRETED_CASES = [
-    # batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype
-    (2, 4, 2, 1, 37, 40, 56, "float32"),      # decode through the one-pass kernel, GQA, padded row
-    (2, 4, 2, 9, 0, 40, 56, "float32"),       # prefill
-    (1, 3, 1, 5, 70, 24, 8, "float32"),       # prefill continuing a cache, odd heads
-    (2, 4, 4, 1, 20, 32, 48, "float16"),
+    # batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim (latent keys) or None
+    (2, 4, 2, 1, 37, 40, 56, "float32", None),      # decode through the one-pass kernel, GQA, padded row
+    (2, 4, 2, 9, 0, 40, 56, "float32", None),       # prefill
+    (1, 3, 1, 5, 70, 24, 8, "float32", None),       # prefill continuing a cache, odd heads
+    (2, 4, 4, 1, 20, 32, 48, "float16", None),
+    (2, 6, 2, 1, 37, 41, 24, "float32", 64),        # latent keys (pre mode): decode, padded row
+    (2, 6, 2, 9, 5, 24, 40, "float16", 64),         # latent keys: prefill continuing a cache
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
 
@@ -159,8 +175,8 @@ def interpreted():
 
 @pytest.mark.parametrize("case", INTERPRETED_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_aot_entry_matches_the_reference_under_the_interpreter(interpreted, case):
-    batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype = case
-    err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}"]
+    batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim = case
+    err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}"]
     assert err <= TOLERANCE[dtype], f"max |out - reference| = {err:.2e}"
 
 
@@ -205,7 +221,8 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     trt_plugin.register()
     float_op, others = "eigen_export::LowRankAttention", ("Quantized", "LatentK", "LatentKQuantized")
     assert set(recorded) == {(kind, float_op) for kind in ("register", "aot_impl", "impl")} | \
-        {(kind, float_op + q) for kind in ("register", "impl") for q in others}    # the others: JIT only
+        {(kind, float_op + q) for kind in ("register", "impl") for q in others} | \
+        {("aot_impl", float_op + "LatentK")}                          # quantized ones: JIT only
     describe, compile_aot = recorded[("register", float_op)], recorded[("aot_impl", float_op)]
     # a quantized node's output width is the rank_v attribute (int4 value codes are half as wide)
     out = recorded[("register", float_op + "Quantized")](
@@ -235,4 +252,13 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     assert name == "lowrank_attention_aot" and f".entry {name}(" in ptx
     assert (launch.grid_x, launch.grid_y, launch.block_x) == (2, batch * heads, 128)   # 70 queries / 64 per block
     assert 0 < launch.shared_mem <= 48 * 1024
+    assert list(extra) == [("i32", seq), ("i32", total)]
+    # a float latent-key node (pre mode) compiles its own entry: q is head_dim wide, k the latents
+    q_full = TensorDesc((batch, heads, seq, 64), "F16")
+    positions, maps = TensorDesc((batch, total), "INT64"), TensorDesc((kv_heads, rank_k, 64), "F16")
+    name, ptx, launch, extra = recorded[("aot_impl", float_op + "LatentK")](
+        q_full, k, v, mask, positions, maps, maps, TensorDesc((64,), "F32"), 0.125, heads, kv_heads, rank_k, rank_v,
+        64, (out,), 0)
+    assert name == "lowrank_attention_latent_aot" and f".entry {name}(" in ptx
+    assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and 0 < launch.shared_mem <= 48 * 1024
     assert list(extra) == [("i32", seq), ("i32", total)]
