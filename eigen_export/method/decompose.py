@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from eigen_export_plugins.lowrank_attention.kv_codec import MIXED_WIDTHS, vector_bytes
+from eigen_export_plugins.lowrank_attention.latent_rope import feature_freq, rope_pairs
 
 # Energy thresholds tried per layer, from exact down to aggressive. The paper walks 0.98 down in
 # steps of 0.02 (1.0 for RoPE); we start at 1.0 for every family and go further so that low KV
@@ -70,16 +71,10 @@ def rotation_average(gram: torch.Tensor, inv_freq: torch.Tensor, rope_dim: int, 
     do not turn.
     """
     d = gram.shape[-1]
-    half = rope_dim // 2
-    if layout == "half":
-        first, second = torch.arange(half), torch.arange(half, rope_dim)
-    else:
-        first, second = torch.arange(0, rope_dim, 2), torch.arange(1, rope_dim, 2)
-    partner, sign = torch.arange(d), torch.zeros(d, dtype=torch.float64)
-    theta, gain = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
-    partner[first], partner[second] = second, first
-    sign[first], sign[second] = -1.0, 1.0
-    theta[first] = theta[second] = inv_freq.double().cpu()[:half]
+    partner, sign = rope_pairs(d, rope_dim, layout)
+    sign = sign.double()
+    theta = feature_freq(inv_freq.double().cpu()[:rope_dim // 2], d, rope_dim, layout)
+    gain = torch.ones(d, dtype=torch.float64)
     gain[:rope_dim] = scaling
 
     def mean_exp(omega):                       # (mean_p cos(omega p), mean_p sin(omega p))

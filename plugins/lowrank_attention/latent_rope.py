@@ -78,7 +78,12 @@ def latent_key_tables(basis_k: torch.Tensor, inv_freq: torch.Tensor, rope_dim: i
     gain_of = torch.where(rotated, torch.tensor(float(gain)), torch.tensor(1.0)).to(basis_k.device, basis_k.dtype)
     basis_cos = basis_k.transpose(-1, -2) * gain_of
     basis_sin = basis_cos[..., partner.to(basis_k.device)] * sign.to(basis_k.device, basis_k.dtype)
-    plane = torch.arange(d) % (rope_dim // 2) if layout == "half" else torch.arange(d) // 2
+    return basis_cos, basis_sin, feature_freq(inv_freq.float(), d, rope_dim, layout)
+
+
+def feature_freq(inv_freq: torch.Tensor, head_dim: int, rope_dim: int, layout: str) -> torch.Tensor:
+    """[d] in inv_freq's dtype: the angular frequency of each feature's plane, 0 past rope_dim."""
+    rotated = torch.arange(head_dim) < rope_dim
+    plane = torch.arange(head_dim) % (rope_dim // 2) if layout == "half" else torch.arange(head_dim) // 2
     plane = torch.where(rotated, plane, torch.zeros_like(plane)).to(inv_freq.device)
-    freq = inv_freq.float()[plane] * rotated.to(inv_freq.device)
-    return basis_cos, basis_sin, freq
+    return inv_freq[plane] * rotated.to(inv_freq.device, inv_freq.dtype)
