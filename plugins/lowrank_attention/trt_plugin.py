@@ -274,7 +274,7 @@ def _current_target() -> tuple[int, int]:
 # trt_plugin_autotune/index.html).
 # This entry has that signature and derives every stride from the shapes before calling the prefill kernel
 # of triton_kernels.py, so the kernel itself is shared with the JIT path and the CPU-interpreter tests.
-tl = _prefill_kernel = None        # bound on first use by _aot_entry (triton must not load at import)
+tl = _prefill_kernel = _contiguous_prefill = None   # bound on first use by _aot_entry (triton must not load at import)
 
 
 def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out_ptr,
@@ -282,21 +282,10 @@ def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out
                           RANK_V: tl.constexpr, QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
                           RV_PAD: tl.constexpr):
-    NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
-    # contiguous q [B, H, S, r_k], k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], mask [B, T], out [B, H, S, r_v];
-    # a float cache: the scale and latent-key pointers are placeholders the kernel never reads (K_BITS = V_BITS = 0,
-    # LATENT_KEYS False)
-    _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, q_ptr, q_ptr, q_ptr, mask_ptr,
-        NUM_HEADS * seq_len * RANK_K, seq_len * RANK_K, RANK_K, 1,
-        NUM_KV_HEADS * total_len * RANK_K, total_len * RANK_K, RANK_K, 1,
-        NUM_KV_HEADS * total_len * RANK_V, total_len * RANK_V, RANK_V, 1,
-        0, 0, 0, 0, 0, 0,
-        total_len, 1,
-        NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
-        0, 0, 0, 0, 0,
-        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, RANK_K, QK_SCALE_LOG2,
-        True, IEEE_DOT, 0, 0, False, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
+    # a float node: the latent-key pointers are placeholders the kernel never reads (LATENT_KEYS False)
+    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len, total_len, out_ptr,
+                        NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, QK_SCALE_LOG2, IEEE_DOT, False, BLOCK_M, BLOCK_N,
+                        RK_PAD, RV_PAD, RK_PAD)
 
 
 def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
@@ -305,34 +294,49 @@ def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr
                                  RANK_V: tl.constexpr, HEAD_DIM: tl.constexpr, QK_SCALE_LOG2: tl.constexpr,
                                  IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
+    # a LowRankAttentionLatentK node: q is head_dim wide, k holds the key latents
+    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len, total_len,
+                        out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, QK_SCALE_LOG2, IEEE_DOT, True, BLOCK_M,
+                        BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+
+
+def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len, total_len, out_ptr,
+                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
+                       QK_DIM: tl.constexpr, QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
+                       LATENT_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
+    """The prefill kernel on contiguous tensors, every stride derived from the shapes: q [B, H, S, QK_DIM],
+    k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], mask [B, T], out [B, H, S, r_v]; with latent keys, key positions
+    [B, T], basis_cos / basis_sin [H_kv, r_k, QK_DIM], freq [QK_DIM]. A float cache: the scale pointers are
+    placeholders the kernel never reads (K_BITS = V_BITS = 0)."""
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
-    # a LowRankAttentionLatentK node: contiguous q [B, H, S, head_dim], key latents k [B, H_kv, T, r_k], v, mask,
-    # key positions [B, T], basis_cos / basis_sin [H_kv, r_k, head_dim], freq [head_dim]
     _prefill_kernel(
         q_ptr, k_ptr, v_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, cos_ptr, sin_ptr, freq_ptr, pos_ptr,
-        NUM_HEADS * seq_len * HEAD_DIM, seq_len * HEAD_DIM, HEAD_DIM, 1,
+        NUM_HEADS * seq_len * QK_DIM, seq_len * QK_DIM, QK_DIM, 1,
         NUM_KV_HEADS * total_len * RANK_K, total_len * RANK_K, RANK_K, 1,
         NUM_KV_HEADS * total_len * RANK_V, total_len * RANK_V, RANK_V, 1,
         0, 0, 0, 0, 0, 0,
         total_len, 1,
         NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
-        RANK_K * HEAD_DIM, HEAD_DIM, 1, total_len, 1,
-        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, HEAD_DIM, QK_SCALE_LOG2,
-        True, IEEE_DOT, 0, 0, True, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+        RANK_K * QK_DIM, QK_DIM, 1, total_len, 1,
+        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, QK_DIM, QK_SCALE_LOG2,
+        True, IEEE_DOT, 0, 0, LATENT_KEYS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
 
 
 @functools.lru_cache(maxsize=None)
 def _aot_entry(latent: bool = False):
     """`lowrank_attention_aot` (or, latent, `lowrank_attention_latent_aot`) as a Triton kernel. Triton resolves a
-    kernel's names in its module's globals, so `tl` and `_prefill_kernel` are bound here, on first use, rather
-    than at import (this module must import without triton, and triton_kernels must load after TRITON_INTERPRET
-    is set)."""
+    kernel's names in its module's globals, so `tl`, `_prefill_kernel` and `_contiguous_prefill` are bound here,
+    on first use, rather than at import (this module must import without triton, and triton_kernels must load
+    after TRITON_INTERPRET is set)."""
     import triton
     import triton.language
 
     from .triton_kernels import _prefill_kernel
 
-    globals().update(tl=triton.language, _prefill_kernel=_prefill_kernel)
+    if _contiguous_prefill is None:
+        globals().update(tl=triton.language, _prefill_kernel=_prefill_kernel,
+                         _contiguous_prefill=triton.jit(contiguous_prefill))
     return triton.jit(lowrank_attention_latent_aot if latent else lowrank_attention_aot)
 
 
