@@ -57,7 +57,6 @@ OP_TYPE = OP_NAME
 # (latent keys, cache quantized) -> the node's op type
 OP_TYPES = {(False, False): OP_NAME, (False, True): f"{OP_NAME}Quantized", (True, False): f"{OP_NAME}LatentK",
             (True, True): f"{OP_NAME}LatentKQuantized"}
-LATENT_INPUTS = ("key_positions", "basis_cos", "basis_sin", "freq")
 OPSET_VERSION = int(VERSION)
 PLUGIN_VERSION = VERSION
 # onnxruntime-extensions registers every Python op in this one domain; it cannot be chosen per op
