@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eigen_export_plugins.lowrank_attention.kv_codec import MIXED_WIDTHS, vector_bytes
+from eigen_export_plugins.lowrank_attention.kv_codec import MIXED_WIDTHS, full_scale, vector_bytes
 from eigen_export_plugins.lowrank_attention.latent_rope import feature_freq, rope_pairs
 
 # Energy thresholds tried per layer, from exact down to aggressive. The paper walks 0.98 down in
@@ -179,10 +179,11 @@ def group_transform(eig: torch.Tensor, counts, widths=MIXED_WIDTHS, seed: int = 
     (U -> U @ up, down -> down @ down_map; the model's function is unchanged, up @ down^T = I per head).
 
     Each run of equal widths is turned by its own incoherent_rotation (rotate), then scaled by 1 / c with
-    c = sqrt(mean eigenvalue of the run) / qmax of its width, relative to the first run's: one scale per cached
-    vector then gives each run a step in proportion to its spread (kv_codec's mixed format), as a scale per run
-    would, without storing one (scale=False: all runs keep one step; RoPE post mode's keys, whose basis also
-    projects the queries, must stay orthonormal). eig: [H_kv, r] the kept spectrum."""
+    c = sqrt(mean eigenvalue of the run) / 2^(w-1) (the steps a w-bit mixed code spans each side of zero,
+    kv_codec.full_scale), relative to the first run's: one scale per cached vector then gives each run a step in
+    proportion to its spread (kv_codec's mixed format), as a scale per run would, without storing one
+    (scale=False: all runs keep one step; RoPE post mode's keys, whose basis also projects the queries, must stay
+    orthonormal). eig: [H_kv, r] the kept spectrum."""
     h, r = eig.shape
     rot = torch.zeros(r, r, dtype=torch.float64)
     c = torch.ones(h, r, dtype=torch.float64)
@@ -191,7 +192,7 @@ def group_transform(eig: torch.Tensor, counts, widths=MIXED_WIDTHS, seed: int = 
         end = start + n
         rot[start:end, start:end] = incoherent_rotation(n, seed=seed * len(widths) + i) if rotate else \
             torch.eye(n, dtype=torch.float64)
-        spread = eig[:, start:end].double().clamp_min(1e-30).mean(-1).sqrt() / (2 ** (w - 1) - 1)
+        spread = eig[:, start:end].double().clamp_min(1e-30).mean(-1).sqrt() / full_scale(w)
         first = spread if first is None else first
         if scale:
             c[:, start:end] = (spread / first)[:, None]

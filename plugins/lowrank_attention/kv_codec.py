@@ -1,35 +1,43 @@
 """The quantized latent cache: one format for the reference decoder, the ONNX graph and the plugin (issue 15).
 
-Each cached latent vector (one token of one KV head, r numbers) is quantized on its own, symmetrically:
-  scale = fp16(absmax / qmax),  code = clamp(round(x / scale), -qmax, qmax),  x ~ code * scale
-with qmax = 127 (int8) or 7 (int4). Per token, not per channel: a token's codes and scale are final when it
-is written, so a cache filled one step at a time holds exactly what a prefill of the same tokens would (no
-group of future tokens to wait for, as KIVI's per-channel keys need), and decode == recomputation stays exact.
-Per-channel spread (eigen coordinates fall off in energy) is handled by the fold instead: an orthogonal
-rotation folded into the basis spreads every direction over all coordinates (method/fold.py).
+Each cached latent vector (one token of one KV head, r numbers) is quantized on its own, with one fp16 scale.
+int8 codes are symmetric:
+  scale = fp16(absmax / 127),  code = clamp(round(x / scale), -127, 127),  x ~ code * scale
+Packed codes (int4, and each w-bit coordinate of `mixed`) are mid-rise, with h = 2^(w-1):
+  scale = fp16(absmax / h),  code = clamp(floor(x / scale), -h, h - 1),  x ~ (code + 1/2) * scale
+so all 2^w codes are levels; a symmetric code leaves one unused and spends another on zero, which at 2 bits
+is three levels instead of four: in the fold's run scaling a Gaussian coordinate kept 0.47 of its variance as
+error at 2 bits instead of 0.14, and 0.0104 instead of 0.0085 at 4 bits (tests/test_kv_codec.py). Nothing
+clips either way (the largest number takes the outer level, at most half a step off); zero is not a mid-rise
+level, so a zero vector decodes to half its scale (fp16's smallest normal). Per token, not per channel: a
+token's codes and scale are final when it is written, so a cache filled one step at a time holds exactly what
+a prefill of the same tokens would (no group of future tokens to wait for, as KIVI's per-channel keys need),
+and decode == recomputation stays exact. Per-channel spread (eigen coordinates fall off in energy) is handled
+by the fold instead: an orthogonal rotation folded into the basis spreads every direction over all
+coordinates (method/fold.py).
 
 The scale is rounded to fp16 BEFORE the codes are computed, so the stored scale is the one the codes were
-made with, and re-encoding a decoded vector gives back the same codes and scale. Scales are fp16 whatever the
-model's dtype: 2 bytes per vector, the difference between meeting and missing 0.37x of the fp16 cache at
+made with (int8: re-encoding a decoded vector gives back the same codes and scale; a mid-rise scale is first
+raised by half fp16's spacing, so that rounding never shrinks it below absmax / h). Scales are fp16 whatever
+the model's dtype: 2 bytes per vector, the difference between meeting and missing 0.37x of the fp16 cache at
 rank ratio 0.7 in int8. int4 codes are stored offset by 8 (0..15), two per byte along the last dim, the even
-element in the low nibble; an odd rank pads one code 0 (stored 8).
+element in the low nibble; an odd rank pads one stored 8.
 
 `mixed` gives each coordinate of a vector its own width, 8, 4 or 2 bits (transform coding: the fold puts the
 high-variance eigen coordinates first and gives them more bits, by water-filling on the calibrated spectrum,
-method/fold.py), with ONE scale per vector: a coordinate of width w has qmax_w = 2^(w-1) - 1 and
-  scale = fp16(max_j |x_j| / qmax_j),  code_j = round(x_j / scale)   (|code_j| <= qmax_j: nothing clips)
-so every stored coordinate is coded with the same step; the fold has scaled each run of equal widths
-(decompose.group_transform) so that this one step is, in the model's latent coordinates, a step in proportion
-to the run's spread, as a scale per run would give without storing one. `counts` (n8, n4, n2) says
-how many coordinates take each width, widest first; each width's codes are stored offset by qmax_w + 1 and
-packed 8 / w to a byte, lowest bits first, each width starting a fresh byte (a partial last byte is padded
-with code 0). int8 and int4 are the uniform cases: int4 is exactly `mixed` with counts (0, r, 0); int8 keeps
-its codes signed (int8 storage, no offset).
+method/fold.py), with ONE scale per vector: scale = fp16(max_j |x_j| / h_j), so every stored coordinate is
+coded with the same step. The fold has scaled each run of equal widths (decompose.group_transform) so that
+this one step is, in the model's latent coordinates, a step in proportion to the run's spread, as a scale per
+run would give without storing one. `counts` (n8, n4, n2) says how many coordinates take each width, widest
+first; each width's codes are stored offset by h_w (0 .. 2^w - 1) and packed 8 / w to a byte, lowest bits
+first, each width starting a fresh byte (a partial last byte is padded with stored h_w). int4 is exactly
+`mixed` with counts (0, r, 0); int8 keeps its codes signed (int8 storage, no offset).
 
-Everything here is plain torch arithmetic (div, round, clamp, casts, integer ops, a constant table lookup), so
-the exporter turns it into standard ONNX ops that make the same codes from the same inputs. (Inputs computed by
-another backend differ in the last float bits, and a value on a rounding boundary then takes the neighbouring
-code: validate's parity allows for that.) Attention need not decode: a token's scale multiplies its score and its probability.
+Everything here is plain torch arithmetic (div, round, floor, clamp, casts, integer ops, a constant table
+lookup), so the exporter turns it into standard ONNX ops that make the same codes from the same inputs.
+(Inputs computed by another backend differ in the last float bits, and a value on a rounding boundary then
+takes the neighbouring code: validate's parity allows for that.) Attention need not decode: a token's scale
+multiplies its score and its probability.
 """
 from __future__ import annotations
 
@@ -41,7 +49,6 @@ import torch
 import torch.nn.functional as F
 
 KV_DTYPES = ("int8", "int4", "mixed")
-QMAX = {"int8": 127, "int4": 7}
 BITS = {"int8": 8, "int4": 4}
 MIXED_WIDTHS = (8, 4, 2)             # the widths `mixed` chooses from, in the order its counts list them
 SCALE_DTYPE = torch.float16
@@ -92,8 +99,14 @@ class CodeFormat:
     def torch_dtype(self) -> torch.dtype:
         return torch.int8 if self.signed else torch.uint8
 
-    def qmax(self, device=None) -> torch.Tensor:
-        return torch.tensor([2.0 ** (w - 1) - 1 for w in self.widths], device=device)
+    def steps(self, device=None) -> torch.Tensor:
+        """Per coordinate, absmax / scale: how many steps its code spans each side of zero."""
+        return torch.tensor([full_scale(w, self.signed) for w in self.widths], device=device)
+
+
+def full_scale(width: int, signed: bool = False) -> float:
+    """The steps a code of `width` bits spans each side of zero: 2^(w-1) - 1 symmetric (int8), 2^(w-1) mid-rise."""
+    return 2.0 ** (width - 1) - (1 if signed else 0)
 
 
 def code_width(rank: int, kv_dtype: str, counts=None) -> int:
@@ -110,10 +123,17 @@ def vector_bytes(rank: int, kv_dtype: str, counts=None) -> int:
 def encode(x: torch.Tensor, kv_dtype: str, counts=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., r] (any float dtype) -> (codes [..., code_width], scale [..., 1] fp16)."""
     fmt = CodeFormat.of(kv_dtype, x.shape[-1], counts)
-    qmax = fmt.qmax(x.device)
+    steps = fmt.steps(x.device)
     xf = x.float()
-    scale = (xf.abs() / qmax).amax(-1, keepdim=True).clamp_min(_TINY).to(SCALE_DTYPE)
-    codes = torch.round(xf / scale.float()).clamp(-qmax, qmax)
+    need = (xf.abs() / steps).amax(-1, keepdim=True)
+    if fmt.signed:
+        scale = need.clamp_min(_TINY).to(SCALE_DTYPE)
+        codes = torch.round(xf / scale.float()).clamp(-steps, steps)
+    else:
+        # raised by half fp16's relative spacing, the scale rounds to `need` or above: never so small that the
+        # largest number lands more than half a step past the outer level
+        scale = (need * (1 + 2.0 ** -11)).clamp_min(_TINY).to(SCALE_DTYPE)
+        codes = torch.floor(xf / scale.float()).clamp(-steps, steps - 1)
     if fmt.signed:
         return codes.to(torch.int8), scale
     return _pack(codes.to(torch.int32), fmt), scale
@@ -126,8 +146,9 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, rank: int, kv_dtype: str, d
 
 
 def code_values(codes: torch.Tensor, rank: int, kv_dtype: str, dtype: torch.dtype, counts=None) -> torch.Tensor:
-    """The signed codes [..., rank] as numbers in `dtype` (exact: |code| <= 127), before their scale. Attention
-    can take a token's scale on its score and on its probability instead of on each of its r numbers."""
+    """The levels [..., rank] as numbers in `dtype` (int8 codes, mid-rise code + 1/2: exact in any float dtype),
+    before their scale. Attention can take a token's scale on its score and on its probability instead of on each
+    of its r numbers."""
     fmt = CodeFormat.of(kv_dtype, rank, counts)
     if fmt.signed:
         return codes.to(dtype)
@@ -162,10 +183,10 @@ def _pack(codes: torch.Tensor, fmt: CodeFormat) -> torch.Tensor:
 
 
 def _unpack(packed: torch.Tensor, fmt: CodeFormat, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [..., nbytes] -> the signed codes [..., r] as numbers in `dtype`, by table lookup: each width's bytes
-    index a [256, 8 / w] table of the codes a byte holds (one Gather per width in the graph, where shifting and
-    masking in int32 arithmetic took ~8 passes over the cache per step and made ONNX Runtime decode 20x slower
-    than a float cache). Indices widened to int32 (a Gather index cannot be uint8)."""
+    """uint8 [..., nbytes] -> the mid-rise levels [..., r] as numbers in `dtype`, by table lookup: each width's
+    bytes index a [256, 8 / w] table of the levels a byte holds (one Gather per width in the graph, where shifting
+    and masking in int32 arithmetic took ~8 passes over the cache per step and made ONNX Runtime decode 20x
+    slower than a float cache). Indices widened to int32 (a Gather index cannot be uint8)."""
     p = packed.to(torch.int32)
     parts, start = [], 0
     for w, n in fmt.runs:
@@ -177,15 +198,15 @@ def _unpack(packed: torch.Tensor, fmt: CodeFormat, dtype: torch.dtype) -> torch.
 
 
 def _code_table(width: int) -> torch.Tensor:
-    """[256, 8 / width] fp32: the signed codes byte b holds, lowest bits first. Made afresh on each call (a
-    tensor cached across calls would keep the fake tensor of the export that first asked for it)."""
+    """[256, 8 / width] fp32: the mid-rise levels (code + 1/2) byte b holds, lowest bits first. Made afresh on
+    each call (a tensor cached across calls would keep the fake tensor of the export that first asked for it)."""
     return torch.tensor(_code_rows(width), dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
 def _code_rows(width: int) -> tuple:
-    # Python integers, not tensor ops: built inside an export, tensor ops would be traced into the graph
-    return tuple(tuple((b >> shift) % 2 ** width - 2 ** (width - 1) for shift in range(0, 8, width))
+    # Python numbers, not tensor ops: built inside an export, tensor ops would be traced into the graph
+    return tuple(tuple((b >> shift) % 2 ** width - 2 ** (width - 1) + 0.5 for shift in range(0, 8, width))
                  for b in range(256))
 
 
@@ -222,7 +243,7 @@ class Quantized:
 
     def check(self, name: str) -> None:
         """ValueError (one line) unless codes and scales have the format's types and matching shapes."""
-        if self.kv_dtype not in QMAX:
+        if self.kv_dtype not in BITS:
             raise ValueError(f"lowrank_attention: {name} codes must be int8 or int4, got {self.kv_dtype!r} (a mixed "
                              "cache is decoded in front of the node)")
         fmt = CodeFormat.of(self.kv_dtype, self.rank)

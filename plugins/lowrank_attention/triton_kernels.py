@@ -83,7 +83,8 @@ def _attend_block(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, IEEE_DOT: tl.c
 @triton.jit
 def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r, stride_st, BITS: tl.constexpr):
     """[BLOCK_N, R_PAD] of one cache side: the stored floats (BITS 0), or int8 / packed int4 codes times each
-    token's fp16 scale, in fp32 (kv_codec's decode: int4 element j is nibble j % 2 of byte j // 2, offset 8)."""
+    token's fp16 scale, in fp32 (kv_codec's decode: int4 element j is nibble j % 2 of byte j // 2, its level
+    nibble - 8 + 1/2; masked elements are 0, as the padding past the rank must be)."""
     ok = key_ok[:, None] & r_ok[None, :]
     if BITS == 0:
         x = tl.load(base + keys[:, None] * stride_t + offs_r[None, :] * stride_r, mask=ok, other=0.0)
@@ -94,7 +95,7 @@ def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r,
         else:
             packed = tl.load(base + keys[:, None] * stride_t + (offs_r[None, :] // 2) * stride_r, mask=ok, other=8)
             codes = ((packed.to(tl.int32) >> ((offs_r[None, :] % 2) * 4)) & 15) - 8
-            codes = codes.to(tl.float32)
+            codes = tl.where(ok, codes.to(tl.float32) + 0.5, 0.0)
         s = tl.load(scale_base + keys * stride_st, mask=key_ok, other=0.0).to(tl.float32)
         x = codes * s[:, None]
     return x
