@@ -110,6 +110,10 @@ class FoldSettings:
         if self.kv_bits is not None and self.kv_dtype != "mixed":
             raise EigenExportError(f"kv_bits applies to a mixed cache only, not to kv_dtype {self.kv_dtype}: pass "
                                    "--kv-dtype mixed or drop --kv-bits")
+        if self.kv_dtype in ("int4", "mixed") and not self.kv_rotation:
+            raise EigenExportError(f"--no-kv-rotation works with --kv-dtype int8 only: {self.kv_dtype} codes are "
+                                   "mid-rise (no zero level) and need the rotation to spread each vector's energy "
+                                   "(unrotated int4 at KV 0.7 took SmolLM2 to perplexity 67349); drop the flag")
         if not (isinstance(self.mean_bits, (int, float)) and 2 <= self.mean_bits <= 8):
             raise EigenExportError(f"kv_bits {self.kv_bits} is outside [2, 8]: the mean bits per cached number of a "
                                    "mixed cache, e.g. 4")

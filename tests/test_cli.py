@@ -141,15 +141,23 @@ def test_fold_with_a_mixed_width_cache(tiny_llama_dir, tmp_path, capsys):
 
 
 def test_fold_with_a_quantized_cache(tiny_llama_dir, tmp_path, capsys):
-    """`fold --kv-dtype int4 --no-kv-rotation`: recorded in eigen.json, and the folded model runs with codes."""
+    """`fold --kv-dtype int4`: recorded in eigen.json, and the folded model runs with codes; int4 without the
+    rotation is refused before anything is written (its mid-rise codes need it), int8 takes --no-kv-rotation."""
     calib = tmp_path / "calib"
     assert _run(capsys, "calibrate", tiny_llama_dir, "--out", calib, "--nsamples", 2, "--seqlen", 16)[0] == 0
     folded = tmp_path / "folded"
+    assert "works with --kv-dtype int8 only" in _error(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out",
+                                                       folded, "--kv-ratio", 0.6, "--kv-dtype", "int4",
+                                                       "--no-kv-rotation")
+    assert not folded.exists()
+    code, stdout, _ = _run(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", tmp_path / "int8",
+                           "--kv-ratio", 0.6, "--kv-dtype", "int8", "--no-kv-rotation")
+    assert code == 0 and json.loads((tmp_path / "int8" / MANIFEST).read_text())["kv_rotation"] is False, stdout
     code, stdout, _ = _run(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", folded, "--kv-ratio", 0.6,
-                           "--kv-dtype", "int4", "--no-kv-rotation")
+                           "--kv-dtype", "int4")
     assert code == 0, stdout
     manifest = json.loads((folded / MANIFEST).read_text())
-    assert (manifest["kv_dtype"], manifest["kv_rotation"]) == ("int4", False)
+    assert (manifest["kv_dtype"], manifest["kv_rotation"]) == ("int4", True)
     assert manifest["calibration"]["allocation"]["kv_dtype"] == "int4"
     code, stdout, _ = _run(capsys, "perplexity", folded, "--seqlen", 16, "--max-windows", 2)
     assert code == 0 and json.loads(stdout)["perplexity"] > 1

@@ -21,6 +21,7 @@ from eigen_export.settings import (BuildSettings, CalibrationSettings, ExportSet
     ("[compress]\nkv_dtype = \"int3\"\n", "kv_dtype 'int3' is not one of None, int8, int4, mixed"),
     ("[compress]\nkv_dtype = \"mixed\"\nkv_bits = 9\n", r"kv_bits 9 is outside \[2, 8\]"),
     ("[compress]\nkv_dtype = \"int8\"\nkv_bits = 4\n", "kv_bits applies to a mixed cache only"),
+    ("[compress]\nkv_dtype = \"mixed\"\nkv_rotation = false\n", "--no-kv-rotation works with --kv-dtype int8 only"),
     ("[valdate]\nwindows = 2\n", r"unknown table \[valdate\]"),
 ])
 def test_recipe_typos_and_ranges_are_one_line_errors(tmp_path, text, message):

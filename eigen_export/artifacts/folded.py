@@ -25,7 +25,7 @@ from .records import atomic_dir, read_json_record, sha256_file
 log = logging.getLogger("eigen_export")
 
 FORMAT = "eigen_export.folded"
-VERSION = 1
+VERSION = 2        # 2: int4 / mixed caches use mid-rise codes (kv_codec), with run ratios folded for them
 
 
 @dataclass(frozen=True)

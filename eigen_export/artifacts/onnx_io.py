@@ -18,7 +18,7 @@ from .layout import IO_JSON
 from .records import check_format, read_json_record
 
 IO_FORMAT = "eigen_export.onnx"
-IO_VERSION = 1
+IO_VERSION = 2       # 2: the graphs encode and decode int4 / mixed caches with mid-rise codes
 REMAKE = "re-run `eigen-export export --force`"
 
 
