@@ -9,7 +9,7 @@ a change of basis, so the quantizer sees the latents a full-rank fold stores); C
   int8    int8 codes, per-token fp16 scale, incoherent rotation folded into the bases (the --kv-dtype default)
   int8n   int8 without the rotation (--no-kv-rotation)
   int4    int4 codes with the rotation (the --kv-dtype int4 default)
-  int4n   int4 without the rotation
+  int4n   int4 without the rotation (made in memory: the pipeline refuses it, its mid-rise codes need the rotation)
   mixedB  8, 4 or 2 bits per number by the calibrated spectrum, B bits on average (e.g. mixed4, mixed4.2;
           --kv-dtype mixed --kv-bits B), one fp16 scale per vector, each width's run rotated
 `baseline` is the unfolded model. Calibration: `eigen-export calibrate` defaults (32 x 512 PTB train, pre mode,

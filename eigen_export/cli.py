@@ -80,7 +80,8 @@ def _fold_flags(p):
     p.add_argument("--kv-bits", type=float, default=UNSET,
                    help="with --kv-dtype mixed: mean bits per cached number (default: 4, the bytes of int4)")
     p.add_argument("--no-kv-rotation", dest="kv_rotation", action="store_false", default=UNSET,
-                   help="with --kv-dtype: do not fold the outlier-spreading rotation into the bases")
+                   help="with --kv-dtype int8: do not fold the outlier-spreading rotation into the bases (int4 and "
+                        "mixed codes need it)")
 
 
 def _run_flags(p):
