@@ -128,14 +128,11 @@ def encode(x: torch.Tensor, kv_dtype: str, counts=None) -> tuple[torch.Tensor, t
     need = (xf.abs() / steps).amax(-1, keepdim=True)
     if fmt.signed:
         scale = need.clamp_min(_TINY).to(SCALE_DTYPE)
-        codes = torch.round(xf / scale.float()).clamp(-steps, steps)
-    else:
-        # raised by half fp16's relative spacing, the scale rounds to `need` or above: never so small that the
-        # largest number lands more than half a step past the outer level
-        scale = (need * (1 + 2.0 ** -11)).clamp_min(_TINY).to(SCALE_DTYPE)
-        codes = torch.floor(xf / scale.float()).clamp(-steps, steps - 1)
-    if fmt.signed:
-        return codes.to(torch.int8), scale
+        return torch.round(xf / scale.float()).clamp(-steps, steps).to(torch.int8), scale
+    # raised by half fp16's relative spacing, the scale rounds to `need` or above: never so small that the largest
+    # number lands more than half a step past the outer level
+    scale = (need * (1 + 2.0 ** -11)).clamp_min(_TINY).to(SCALE_DTYPE)
+    codes = torch.floor(xf / scale.float()).clamp(-steps, steps - 1)
     return _pack(codes.to(torch.int32), fmt), scale
 
 
