@@ -18,8 +18,8 @@ Configurations (the levers of issue 13, alone and combined):
   alloc       --basis energy --allocation loss     lever 4 alone: ranks by calibrated loss cost
   basis       --basis loss   --allocation energy   lever 1 alone: loss-keeping bases, one threshold
   default     --basis loss   --allocation loss     both (the default of `eigen-export compress`)
-Each (basis, calibration text) is calibrated once, in its own process (its CPU time and peak RSS are its own); jobs run in
---workers processes of one thread each. Writes bench/results/kv-accuracy-<host>.json.
+Each (basis, calibration text) is calibrated once, in its own process (its CPU time and peak RSS are its own);
+jobs run in --workers processes of one thread each. Writes bench/results/kv-accuracy-<host>.json.
 """
 from __future__ import annotations
 

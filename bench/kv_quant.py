@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.kv_accuracy import calibrate_in_child, evaluate, folded_model, texts  # noqa: E402
+from bench.kv_accuracy import DEFAULT_TEXTS, TEXTS, calibrate_in_child, evaluate, folded_model, texts  # noqa: E402
 from bench.rope_modes import run_jobs  # noqa: E402
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
@@ -54,7 +54,7 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
     torch.set_num_threads(1)
     model = eigen_export.load(source)
     spec = model.spec
-    windows = {name: ids for name, ids in texts(AutoTokenizer.from_pretrained(source), step).items() if name in names}
+    windows = texts(AutoTokenizer.from_pretrained(source), step, names=names)
     row = {"job": job}
     ranks = [(spec.head_dim, spec.head_dim)] * spec.num_layers
     kv_dtype = None
@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS,
                         help="baseline and/or ratio:cache, cache one of " + ", ".join(CACHES) + " or mixedB")
-    parser.add_argument("--texts", nargs="+", default=["ptb_test", "python_reference"])
+    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
     parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "build" / "bench-kv-quant"))

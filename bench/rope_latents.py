@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.kv_accuracy import token_ids, windows_of  # noqa: E402
+from bench.kv_accuracy import DEFAULT_TEXTS, TEXTS, token_ids, windows_of  # noqa: E402
 from bench.rope_modes import run_jobs, write  # noqa: E402
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
@@ -191,11 +191,10 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
         row |= {"family": family, "statistic": statistic, "key_fraction": float(fraction),
                 "key_numbers_per_layer": [k * cost for k in keep]}
     started = time.perf_counter()
-    for name, ids in token_ids(AutoTokenizer.from_pretrained(source)).items():
-        if name in names:
-            windows = windows_of(ids, step, SEQLEN)
-            row[f"ppl_{name}_{SEQLEN}"] = perplexity(TorchBackend(model), windows, batch_size=4)
-            row[f"windows_{name}_{SEQLEN}"] = int(windows.shape[0])
+    for name, ids in token_ids(AutoTokenizer.from_pretrained(source), names).items():
+        windows = windows_of(ids, step, SEQLEN)
+        row[f"ppl_{name}_{SEQLEN}"] = perplexity(TorchBackend(model), windows, batch_size=4)
+        row[f"windows_{name}_{SEQLEN}"] = int(windows.shape[0])
     row["eval_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps({k: v for k, v in row.items() if k != "key_numbers_per_layer"}), flush=True)
     return row
@@ -206,7 +205,7 @@ def main() -> None:
     parser.add_argument("--jobs", nargs="+", default=["baseline"] + [f"{f}:{s}:{r}" for r in FRACTIONS for f in FAMILIES
                                                                       for s in STATISTICS if f == "pre" or s != "loss"],
                         help="baseline and/or family:statistic:key_fraction")
-    parser.add_argument("--texts", nargs="+", default=["ptb_test", "python_reference"])
+    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
     parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default=str(ROOT / "build" / "bench-rope-latents"))

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.kv_accuracy import calibrate_in_child, folded_model, token_ids, windows_of  # noqa: E402
+from bench.kv_accuracy import (DEFAULT_TEXTS, TEXTS, calibrate_in_child, folded_model, token_ids,  # noqa: E402
+                               windows_of)
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
 MODES = {"pre": ("--rope-mode", "pre"), "post": ("--rope-mode", "post"),
@@ -52,7 +53,7 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
 
     torch.set_num_threads(1)
     model = eigen_export.load(source)
-    ids_of = {name: ids for name, ids in token_ids(AutoTokenizer.from_pretrained(source)).items() if name in names}
+    ids_of = token_ids(AutoTokenizer.from_pretrained(source), names)
     row = {"job": job}
     if job != "baseline":
         mode, ratio = job.split(":")
@@ -86,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS,
                         help="baseline and/or mode:kv_ratio, mode one of " + ", ".join(MODES))
-    parser.add_argument("--texts", nargs="+", default=["ptb_test", "python_reference"])
+    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
     parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--recalibrate", action="store_true", help="calibrate even where work/calib-<mode> exists")

@@ -39,8 +39,9 @@ def _default(cls, name: str) -> str:
 
 def _calib_flags(p):
     c = CalibrationSettings
-    p.add_argument("--dataset", default=UNSET, help="ptb | pycode (Python's stdlib source) | wikitext2 | c4 | path/to/file.txt, or a mix "
-                        f"with equal shares, e.g. ptb+pycode {_default(c, 'dataset')}")
+    p.add_argument("--dataset", default=UNSET,
+                   help="ptb | pycode (Python's stdlib source) | wikitext2 | c4 | path/to/file.txt, or a mix with "
+                        f"equal shares, e.g. ptb+pycode {_default(c, 'dataset')}")
     p.add_argument("--nsamples", type=int, default=UNSET, help=_default(c, "nsamples"))
     p.add_argument("--seqlen", type=int, default=UNSET, help=_default(c, "seqlen"))
     p.add_argument("--seed", type=int, default=UNSET, help=_default(c, "seed"))
