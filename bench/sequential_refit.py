@@ -6,7 +6,8 @@ The fold (default calibration, loss bases, loss allocation, pre mode) cuts each 
 numbers per head; W_O' = W_O P then maps them back. GPTQ-style calibration instead fits W_O' to what the layer
 should output, on the inputs it really sees: the calibration windows run through layers 0..i-1 already
 compressed (and refitted), and W_O' of layer i solves min ||A W - T||^2 + ridge, A = the attention core's output
-[tokens, H x r_v], T = a target attention output. Two targets:
+[tokens, H x r_v], T = a target attention output; the ridge (job's third field, relative to the mean of
+diag A^T A) pulls W toward the fold's own W_O'. Two targets:
   teacher  the uncompressed model's attention output on the uncompressed stream (also undoes upstream error)
   local    the uncompressed layer's attention output on the compressed stream (only this layer's own error)
 `none` is the fold as it is. Jobs run in --workers one-thread processes, each refitting on its own; every row
@@ -32,15 +33,17 @@ from bench.rope_modes import run_jobs, write  # noqa: E402
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
 TARGETS = ("none", "teacher", "local")
+DEFAULT_RIDGE = 1e-3
 BATCH = 4
 
 
-def solve_ridge(gram, cross, ridge: float):
-    """argmin_W ||A W - T||^2 + ridge * mean(diag A^T A) ||W||^2 from gram = A^T A, cross = A^T T."""
+def solve_ridge(gram, cross, ridge: float, anchor):
+    """argmin_W ||A W - T||^2 + ridge * mean(diag A^T A) ||W - anchor||^2 from gram = A^T A, cross = A^T T: a
+    large ridge keeps the fold's own W_O' (anchor), a small one fits the calibration windows alone."""
     import torch
 
     damp = ridge * gram.diagonal().mean()
-    return torch.linalg.solve(gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype), cross)
+    return torch.linalg.solve(gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype), cross + damp * anchor)
 
 
 def refit_outputs(original, folded, ids, target: str, ridge: float) -> list:
@@ -73,8 +76,9 @@ def refit_outputs(original, folded, ids, target: str, ridge: float) -> list:
         def error(w):                  # ||A W - T||^2 / ||T||^2 from the accumulated products
             return (float((w * (gram @ w)).sum()) - 2 * float((w * cross).sum()) + total) / total
 
-        before = error(attn.o.weight.double().T)
-        w = solve_ridge(gram, cross, ridge)
+        folded_w = attn.o.weight.double().T
+        before = error(folded_w)
+        w = solve_ridge(gram, cross, ridge, folded_w)
         attn.o.weight.copy_(w.T.to(attn.o.weight.dtype))
         errors.append((round(before, 5), round(error(w), 5)))
         stream_o = [block_o(x, ctx_o)[0] for x in stream_o]
@@ -82,7 +86,7 @@ def refit_outputs(original, folded, ids, target: str, ridge: float) -> list:
     return errors
 
 
-def run_job(job: str, source: str, work: str, step: int, names: list[str], ridge: float = 1e-3) -> dict:
+def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> dict:
     import torch
     from transformers import AutoTokenizer
 
@@ -96,10 +100,11 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str], ridge
     model = eigen_export.load(source).eval()
     row = {"job": job}
     if job != "baseline":
-        target, ratio = job.split(":")
+        target, ratio, *rest = job.split(":")
+        ridge = float(rest[0]) if rest else DEFAULT_RIDGE
         layers, record = read_calibration(Path(work))
         folded, fields = folded_model(eigen_export.load(source), layers, "pre", float(ratio))
-        row |= {"target": target, "ridge": ridge, **fields}
+        row |= {"refit": target, "ridge": ridge, **fields}
         if target != "none":
             ids = calibration_batch(tokenizer, record.dataset, record.nsamples, record.seqlen, record.seed)
             started = time.process_time()
@@ -113,7 +118,7 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str], ridge
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", nargs="+", required=True, help="baseline and/or target:ratio, target one of "
+    parser.add_argument("--jobs", nargs="+", required=True, help="baseline and/or target:ratio[:ridge, default 1e-3], target one of "
                         + ", ".join(TARGETS))
     parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
     parser.add_argument("--window-step", type=int, default=1)
