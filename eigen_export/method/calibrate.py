@@ -113,6 +113,11 @@ def _bases(grams: dict[str, torch.Tensor], basis: str, rope_mode: str | None) ->
     return out
 
 
+def _joined(x: torch.Tensor) -> torch.Tensor:
+    """[B, H_kv, S, d] -> [B, 1, S, H_kv d]: a token's vectors of all KV heads as one."""
+    return x.transpose(1, 2).flatten(2).unsqueeze(1)
+
+
 def _loss_gradient(model: Decoder, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """d(mean next-token loss over all rows)/d(last hidden states x [N, L, D]), LOGIT_CHUNK positions of one row
     at a time: the head works per position, and a whole batch's logits would be the largest tensor of the pass."""
@@ -134,7 +139,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
               grad_samples: int | None = None, eps_grid=EPS_GRID, error_samples: int = 0, batch_size: int = 4,
               rank_multiple: int = 1, progress: bool = True, layer: Callable[[int], torch.nn.Module] | None = None,
               stored_dtype: torch.dtype | None = torch.bfloat16, rope_positions: int | None = None,
-              activations: str | torch.device | None = None) -> list[LayerCalibration]:
+              activations: str | torch.device | None = None, joint_heads: bool = False) -> list[LayerCalibration]:
     """Bases, costs and (error_samples > 0) error curves for every layer of an uncompressed model on calib_ids
     [N, L].
 
@@ -151,6 +156,9 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     depend on the calibration length; 0: fitted to the rotated vectors of the calibration windows as they are.
     activations: where the kept layer inputs live (default: the model's device while they fit in
     ACTIVATION_SHARE of its free memory, else host memory; each layer's comes back to the device for its turn).
+    joint_heads: one basis per layer over the H_kv x d features of all its KV heads (results shaped [1, H_kv d,
+    ...]), for issue 13's measurement of joint latents (bench/joint_latents.py); fold does not take them. Loss
+    basis, pre or no RoPE, no error curves.
     """
     spec = model.spec
     rope = spec.positions == "rope"
@@ -159,6 +167,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     if basis not in BASES:
         raise EigenExportError(f"basis must be one of {BASES}, got {basis!r}")
     rope_mode = rope_mode if rope else None
+    if joint_heads and (basis != "loss" or rope_mode == "post" or error_samples):
+        raise EigenExportError("joint_heads takes the loss basis, pre (or no) RoPE and no error curves")
     span = _rotation_span(model, rope_mode, rope_positions)
     fit_mode = "pre" if span else rope_mode      # averaged post: gather pre-RoPE statistics, rotate them after
     layer = layer or (lambda i: model.layers[i])
@@ -170,16 +180,18 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     d, h_kv, n_layers = spec.head_dim, spec.num_kv_heads, spec.num_layers
     kept_bytes = n_layers * data.x[:n_grad].numel() * _kept_dtype(data.dtype, stored_dtype).itemsize
     home = torch.device(activations) if activations is not None else activation_home(device, kept_bytes)
-    joint_kq = rope_mode != "pre"          # the paper's K+Q basis preserves q.k where keys and queries share it
+    # the paper's K+Q basis preserves q.k where keys and queries share it (the loss basis never reads it)
+    joint_kq = rope_mode != "pre" and not joint_heads
+    width, groups = (h_kv * d, 1) if joint_heads else (d, h_kv)
     grams, inputs = [], []
     bar = tqdm(range(n_layers), desc="calibrate: forward", unit="layer", disable=not progress)
     for i in bar:
-        acc = {name: torch.zeros(h_kv, d, d, dtype=torch.float64, device=device) for name in "kqv"}
+        acc = {name: torch.zeros(groups, width, width, dtype=torch.float64, device=device) for name in "kqv"}
 
         def accumulate(s, raw):
             q, k, v = fit_targets(model, raw["q"], raw["k"], raw["v"], data.ctx(s), fit_mode)
-            _gram_update(acc["k"], k)
-            _gram_update(acc["v"], v)
+            _gram_update(acc["k"], _joined(k) if joint_heads else k)
+            _gram_update(acc["v"], _joined(v) if joint_heads else v)
             if joint_kq:
                 b, _, length_, _ = q.shape
                 _gram_update(acc["q"], q.reshape(b, h_kv, spec.group_size, length_, d))
@@ -211,8 +223,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
                 raw = capture.outputs
                 g_x, g_k, g_v = torch.autograd.grad(out, [x_in, raw["k"], raw["v"]], grad[s])
             _, g_k, g_v = fit_targets(model, None, g_k, g_v, ctx, fit_mode)
-            _gram_update(acc["gk"], g_k)
-            _gram_update(acc["gv"], g_v)
+            _gram_update(acc["gk"], _joined(g_k) if joint_heads else g_k)
+            _gram_update(acc["gv"], _joined(g_v) if joint_heads else g_v)
             grad[s] = g_x
         if span:
             acc |= _rotated_grams(model, acc, span)

@@ -1,6 +1,8 @@
 """The calibration pass on tiny models: deterministic, the shared layer-by-layer pass, and the backward pass."""
+import pytest
 import torch
 
+from eigen_export.errors import EigenExportError
 from eigen_export.loading import decoder_from_hf_model
 from eigen_export.method.calibrate import calibrate
 from eigen_export.method.decompose import direction_costs, eigenbasis, loss_basis, rotation_average
@@ -52,9 +54,10 @@ def _projections(model, ids, names):
     return logits, outputs
 
 
-def _autograd_grams(model, ids):
+def _autograd_grams(model, ids, joint_heads=False):
     """Per layer the Grams of the k and v projections and of the mean next-token loss's gradient at them, from
-    one autograd pass through the whole model (what the layer-by-layer backward pass must reproduce)."""
+    one autograd pass through the whole model (what the layer-by-layer backward pass must reproduce); per KV head,
+    or over all of a layer's KV heads at once (joint_heads)."""
     spec = model.spec
     logits, outputs = _projections(model, ids, "kv")
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
@@ -62,7 +65,7 @@ def _autograd_grams(model, ids):
     grads = dict(zip(keys, torch.autograd.grad(loss, [outputs[k] for k in keys])))
 
     def gram(x):
-        x = x.detach().double().view(*x.shape[:2], spec.num_kv_heads, spec.head_dim)
+        x = x.detach().double().view(*x.shape[:2], *((1, -1) if joint_heads else (spec.num_kv_heads, spec.head_dim)))
         return torch.einsum("bshd,bshe->hde", x, x)
     return [{kind: (gram(outputs[(i, kind)]), gram(grads[(i, kind)])) for kind in "kv"}
             for i in range(spec.num_layers)]
@@ -90,6 +93,31 @@ def test_the_backward_pass_measures_the_gradients_of_the_whole_models_loss():
             top = spectrum[..., :4]
             assert torch.allclose(getattr(n, f"eig_{kind}")[..., :4], top, rtol=0.05, atol=1e-6 * top.max().item())
     assert not any(block.attn.k._forward_hooks for block in model.layers)
+
+
+def test_joint_heads_fits_one_loss_basis_over_all_kv_heads_of_a_layer():
+    """Issue 13's joint latents: the spectrum is the loss basis of the Grams of whole [H_kv x d] key / value
+    vectors, which hold the per-head Grams on their diagonal blocks and the cross-head terms off them."""
+    model = decoder_from_hf_model(tiny_hf_model("llama-gqa"))
+    spec = model.spec
+    ids = ptb_like_ids(5, 12)
+    reference = _autograd_grams(model, ids, joint_heads=True)
+    joint = calibrate(model, ids, "pre", "loss", batch_size=2, progress=False, stored_dtype=None, joint_heads=True)
+    width = spec.num_kv_heads * spec.head_dim
+    for want, layer in zip(reference, joint):
+        assert layer.basis_k.shape == layer.down_v.shape == (1, width, width)
+        for kind in "kv":
+            gram, grad_gram = want[kind]
+            assert gram[0, :spec.head_dim, spec.head_dim:2 * spec.head_dim].abs().max() > 0    # heads correlate
+            spectrum, down, _ = loss_basis(gram, grad_gram)
+            assert torch.allclose(getattr(layer, f"eig_{kind}"), spectrum, rtol=1e-4, atol=1e-12)
+            # the features in the raw projection's order (head-major), not just the same spectrum
+            got = getattr(layer, f"down_{kind}")[0, :, :3].double()
+            assert torch.allclose(torch.nn.functional.cosine_similarity(got, down[0, :, :3], dim=0).abs(),
+                                  torch.ones(3, dtype=torch.float64), atol=1e-4)
+    for wrong in ({"rope_mode": "post"}, {"basis": "energy"}, {"error_samples": 2}):
+        with pytest.raises(EigenExportError, match="joint_heads"):
+            calibrate(model, ids, **({"rope_mode": "pre"} | wrong), progress=False, joint_heads=True)
 
 
 def test_the_loss_basis_folds_exactly_at_full_rank():
