@@ -183,6 +183,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     # the paper's K+Q basis preserves q.k where keys and queries share it (the loss basis never reads it)
     joint_kq = rope_mode != "pre" and not joint_heads
     width, groups = (h_kv * d, 1) if joint_heads else (d, h_kv)
+    fitted = _joined if joint_heads else (lambda x: x)        # the vectors one basis spans
     grams, inputs = [], []
     bar = tqdm(range(n_layers), desc="calibrate: forward", unit="layer", disable=not progress)
     for i in bar:
@@ -190,8 +191,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
 
         def accumulate(s, raw):
             q, k, v = fit_targets(model, raw["q"], raw["k"], raw["v"], data.ctx(s), fit_mode)
-            _gram_update(acc["k"], _joined(k) if joint_heads else k)
-            _gram_update(acc["v"], _joined(v) if joint_heads else v)
+            _gram_update(acc["k"], fitted(k))
+            _gram_update(acc["v"], fitted(v))
             if joint_kq:
                 b, _, length_, _ = q.shape
                 _gram_update(acc["q"], q.reshape(b, h_kv, spec.group_size, length_, d))
@@ -223,8 +224,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
                 raw = capture.outputs
                 g_x, g_k, g_v = torch.autograd.grad(out, [x_in, raw["k"], raw["v"]], grad[s])
             _, g_k, g_v = fit_targets(model, None, g_k, g_v, ctx, fit_mode)
-            _gram_update(acc["gk"], _joined(g_k) if joint_heads else g_k)
-            _gram_update(acc["gv"], _joined(g_v) if joint_heads else g_v)
+            _gram_update(acc["gk"], fitted(g_k))
+            _gram_update(acc["gv"], fitted(g_v))
             grad[s] = g_x
         if span:
             acc |= _rotated_grams(model, acc, span)
