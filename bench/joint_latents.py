@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.kv_accuracy import DEFAULT_TEXTS, TEXTS, calib_dir, calibrate_in_child, evaluate, texts  # noqa: E402
-from bench.rope_modes import run_jobs, write  # noqa: E402
-from eigen_export.machine import git_commit, machine  # noqa: E402
+from bench.kv_accuracy import calib_dir, calibrate_in_child, evaluate, texts  # noqa: E402
+from bench.rope_modes import job_arguments, new_record, run_jobs, write  # noqa: E402
 
 ARMS = ("heads", "joint")
 JOINT_FILE = "joint-calibration.pt"
@@ -96,6 +95,7 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
     import eigen_export
     from eigen_export.artifacts.calib import read_calibration
     from eigen_export.method.calibrate import LayerCalibration
+    from eigen_export.method.decompose import kv_ratio
 
     torch.set_num_threads(1)
     model = eigen_export.load(source).eval()
@@ -109,10 +109,8 @@ def run_job(job: str, source: str, work: str, step: int, names: list[str]) -> di
             layers, _ = read_calibration(calib_dir(Path(work), "loss", "ptb"))
         maps, ranks = projections(layers, float(ratio))
         project_outputs(model, maps)
-        width = layers[0].cost_k.shape[-1] * layers[0].cost_k.shape[0]
         row |= {"arm": arm, "target": float(ratio),
-                "kv_ratio": round(sum(k + v for k, v in ranks) * layers[0].cost_k.shape[0]
-                                  / (len(ranks) * 2 * width), 4),
+                "kv_ratio": round(kv_ratio(ranks, layers[0].cost_k.shape[-1]), 4),
                 "latent_dims_per_layer": [[k, v] for k, v in ranks]}
     with torch.no_grad():
         return evaluate(row, model, windows)
@@ -122,22 +120,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", required=True, help="baseline and/or arm:ratio, arm one of "
                         + ", ".join(ARMS))
-    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
-    parser.add_argument("--window-step", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--work", default=str(ROOT / "build" / "bench-joint-latents"),
-                        help="holds calib-loss-ptb (the per-head calibration) and the joint one; each is made "
-                        "where missing")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = job_arguments(parser, "bench-joint-latents").parse_args()     # --work holds calib-loss-ptb (per head)
+    # and the joint calibration; each is made where missing
 
     from eigen_export.assets import smollm2_dir
 
     source, work = str(smollm2_dir()), Path(args.work)
     out = Path(args.out or ROOT / "bench" / "results" / f"joint-latents-{platform.node() or 'host'}.json")
-    record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "machine": machine(),
-              "python": sys.version.split()[0], "settings": vars(args),
-              "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, fp32)", "calibration": {}, "rows": []}
+    record = new_record(args)
     arms = {job.split(":")[0] for job in args.jobs if job != "baseline"}
     work.mkdir(parents=True, exist_ok=True)
     heads = calib_dir(work, "loss", "ptb")

@@ -87,26 +87,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", default=DEFAULT_JOBS,
                         help="baseline and/or mode:kv_ratio, mode one of " + ", ".join(MODES))
-    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
-    parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--recalibrate", action="store_true", help="calibrate even where work/calib-<mode> exists")
-    parser.add_argument("--work", default=str(ROOT / "build" / "bench-rope-modes"))
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = job_arguments(parser, "bench-rope-modes").parse_args()
 
     from eigen_export.assets import smollm2_dir
 
     source, work = str(smollm2_dir()), Path(args.work)
     out = Path(args.out or ROOT / "bench" / "results" / f"rope-modes-{platform.node() or 'host'}.json")
-    record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "machine": machine(),
-              "python": sys.version.split()[0], "settings": vars(args) | {"lengths": LENGTHS, "modes": MODES},
-              "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, fp32)", "calibration": {}, "rows": []}
+    record = new_record(args, lengths=LENGTHS, modes=MODES)
     for mode in sorted({job.split(":")[0] for job in args.jobs if job != "baseline"}):
         if args.recalibrate or not (work / f"calib-{mode}" / "calib.json").exists():
             record["calibration"][mode] = calibrate_in_child(source, work / f"calib-{mode}", *MODES[mode])
             print(mode, record["calibration"][mode], flush=True)
     run_jobs(run_job, args, source, work, record, out)
+
+
+def job_arguments(parser: argparse.ArgumentParser, work: str) -> argparse.ArgumentParser:
+    """The options every job-running accuracy bench takes besides --jobs: texts, window step, workers, the work
+    directory (build/<work> by default) and the results file."""
+    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
+    parser.add_argument("--window-step", type=int, default=1, help="every n-th window (default 1: all of them)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--work", default=str(ROOT / "build" / work))
+    parser.add_argument("--out", default=None)
+    return parser
+
+
+def new_record(args, **settings) -> dict:
+    """A results record before its rows: the command, commit, machine, every setting (args and `settings`)."""
+    return {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "machine": machine(),
+            "python": sys.version.split()[0], "settings": vars(args) | settings,
+            "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, fp32)", "calibration": {}, "rows": []}
 
 
 def run_jobs(run_job, args, source: str, work: Path, record: dict, out: Path) -> None:

@@ -27,10 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.kv_accuracy import (DEFAULT_TEXTS, TEXTS, calib_dir, calibrate_in_child, evaluate,  # noqa: E402
-                               folded_model, texts)
-from bench.rope_modes import run_jobs, write  # noqa: E402
-from eigen_export.machine import git_commit, machine  # noqa: E402
+from bench.kv_accuracy import calib_dir, calibrate_in_child, evaluate, folded_model, texts  # noqa: E402
+from bench.rope_modes import job_arguments, new_record, run_jobs, write  # noqa: E402
 
 TARGETS = ("none", "teacher", "local")
 DEFAULT_RIDGE = 1e-3
@@ -120,22 +118,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", required=True, help="baseline and/or target:ratio[:ridge, default 1e-3], target one of "
                         + ", ".join(TARGETS))
-    parser.add_argument("--texts", nargs="+", default=list(DEFAULT_TEXTS), choices=list(TEXTS))
-    parser.add_argument("--window-step", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--calib", default=None, help="an existing calibration directory (default: calibrate one "
                         "with the defaults under --work)")
-    parser.add_argument("--work", default=str(ROOT / "build" / "bench-sequential-refit"))
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = job_arguments(parser, "bench-sequential-refit").parse_args()
 
     from eigen_export.assets import smollm2_dir
 
     source = str(smollm2_dir())
     out = Path(args.out or ROOT / "bench" / "results" / f"sequential-refit-{platform.node() or 'host'}.json")
-    record = {"command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(), "machine": machine(),
-              "python": sys.version.split()[0], "settings": vars(args) | {"batch": BATCH},
-              "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, fp32)", "calibration": {}, "rows": []}
+    record = new_record(args, batch=BATCH)
     calib = Path(args.calib) if args.calib else calib_dir(Path(args.work), "loss", "ptb")
     if not args.calib:
         record["calibration"] = calibrate_in_child(source, calib)
