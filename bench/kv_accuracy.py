@@ -18,6 +18,7 @@ Configurations (the levers of issue 13, alone and combined):
   alloc       --basis energy --allocation loss     lever 4 alone: ranks by calibrated loss cost
   basis       --basis loss   --allocation energy   lever 1 alone: loss-keeping bases, one threshold
   default     --basis loss   --allocation loss     both (the default of `eigen-export compress`)
+  joint       default + --latents joint            lever 3: one latent per layer side over all KV heads
 Each (basis, calibration text) is calibrated once, in its own process (its CPU time and peak RSS are its own);
 jobs run in --workers processes of one thread each. Writes bench/results/kv-accuracy-<host>.json.
 """
@@ -42,8 +43,9 @@ if str(ROOT) not in sys.path:
 
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
-CONFIGS = {"paper": ("energy", "energy"), "alloc": ("energy", "loss"), "basis": ("loss", "energy"),
-           "default": ("loss", "loss")}
+# name: (basis, allocation, latents)
+CONFIGS = {"paper": ("energy", "energy", "heads"), "alloc": ("energy", "loss", "heads"),
+           "basis": ("loss", "energy", "heads"), "default": ("loss", "loss", "heads"), "joint": ("loss", "loss", "joint")}
 RATIOS = (0.87, 0.74, 0.63, 0.57, 0.5)
 DEFAULT_JOBS = ["baseline"] + [f"default:{r}" for r in RATIOS] + [f"paper:{r}" for r in (0.87, 0.74, 0.57)] + \
     ["alloc:0.74", "basis:0.74"]
@@ -105,19 +107,20 @@ def texts(tokenizer, step: int, seqlen: int = SEQLEN, names=DEFAULT_TEXTS) -> di
 
 
 def folded_model(model, layers, rope_mode, ratio: float, allocation: str = "loss", rotate: bool = False,
-                 kv_dtype: str | None = None, kv_bits: float = 4.0):
+                 kv_dtype: str | None = None, kv_bits: float = 4.0, latents: str = "heads"):
     """(the model folded in memory at a KV ratio, the row fields describing its ranks); rotate, kv_dtype,
-    kv_bits: the fold's rotation and the quantized cache (FoldSettings.kv_rotation / kv_dtype / kv_bits)."""
+    kv_bits: the fold's rotation and the quantized cache (FoldSettings.kv_rotation / kv_dtype / kv_bits);
+    latents: the calibration's."""
     from eigen_export.method.fold import fold_to_target
     from eigen_export.modeling import Decoder
 
     ranks, _, found, state = fold_to_target(model, layers, rope_mode, ratio, allocation=allocation, rotate=rotate,
-                                            kv_bits=kv_bits if kv_dtype == "mixed" else None)
-    spec = model.spec
+                                            kv_bits=kv_bits if kv_dtype == "mixed" else None, latents=latents)
+    spec = model.spec.replace(joint_latents=latents == "joint")
     folded = Decoder(spec, ranks, rope_mode, state, inv_freq=model.inv_freq, rope_scaling=model.rope_scaling,
                      kv_dtype=kv_dtype, kv_layout=found.get("kv_layout")).eval()
     return folded, {"target": ratio,
-                    "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.head_dim), 4),
+                    "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.latent_width), 4),
                     "key_dims": sum(r.k for r in ranks), "value_dims": sum(r.v for r in ranks),
                     "ranks": [[r.k, r.v] for r in ranks], "found": found}
 
@@ -143,8 +146,9 @@ def parse_job(job: str) -> tuple[str, float, str]:
     return name, float(ratio), dataset or "ptb"
 
 
-def calib_dir(work: Path, basis: str, dataset: str) -> Path:
-    return work / f"calib-{basis}-{re.sub(r'[^A-Za-z0-9]+', '-', dataset)}"
+def calib_dir(work: Path, basis: str, dataset: str, latents: str = "heads") -> Path:
+    joint = "-joint" if latents == "joint" else ""
+    return work / f"calib-{basis}{joint}-{re.sub(r'[^A-Za-z0-9]+', '-', dataset)}"
 
 
 def run_job(job: str, source: str, work: str, step: int, names=DEFAULT_TEXTS) -> dict:
@@ -161,10 +165,11 @@ def run_job(job: str, source: str, work: str, step: int, names=DEFAULT_TEXTS) ->
     row = {"job": job}
     if job != "baseline":
         name, ratio, dataset = parse_job(job)
-        basis, allocation = CONFIGS[name]
-        layers, _ = read_calibration(calib_dir(Path(work), basis, dataset))
-        model, fields = folded_model(model, layers, "pre", ratio, allocation)
-        row |= {"config": name, "basis": basis, "allocation": allocation, "calibration_dataset": dataset, **fields}
+        basis, allocation, latents = CONFIGS[name]
+        layers, _ = read_calibration(calib_dir(Path(work), basis, dataset, latents))
+        model, fields = folded_model(model, layers, "pre", ratio, allocation, latents=latents)
+        row |= {"config": name, "basis": basis, "allocation": allocation, "latents": latents,
+                "calibration_dataset": dataset, **fields}
     return evaluate(row, model, windows)
 
 
@@ -201,12 +206,12 @@ def main() -> None:
               "python": sys.version.split()[0], "settings": vars(args) | {"seqlen": SEQLEN, "configs": CONFIGS},
               "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF, fp32)", "reference_ptb": REFERENCE_PTB,
               "calibration": {}, "rows": []}
-    calibrations = {(CONFIGS[name][0], dataset)
+    calibrations = {(CONFIGS[name][0], dataset, CONFIGS[name][2])
                     for name, _, dataset in map(parse_job, (job for job in args.jobs if job != "baseline"))}
-    for basis, dataset in sorted(calibrations, reverse=True):     # loss first: its peak RSS is the larger
-        key = f"{basis}@{dataset}"
-        record["calibration"][key] = calibrate_in_child(source, calib_dir(work, basis, dataset), "--basis", basis,
-                                                        "--dataset", dataset)
+    for basis, dataset, latents in sorted(calibrations, reverse=True):     # loss first: its peak RSS is the larger
+        key = f"{basis}@{dataset}" + ("+joint" if latents == "joint" else "")
+        record["calibration"][key] = calibrate_in_child(source, calib_dir(work, basis, dataset, latents), "--basis",
+                                                        basis, "--dataset", dataset, "--latents", latents)
         print(key, record["calibration"][key], flush=True)
     os.environ["OMP_NUM_THREADS"] = "1"
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:

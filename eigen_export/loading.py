@@ -11,7 +11,7 @@ import torch
 from .dtypes import resolve_dtype
 from .errors import EigenExportError
 from .families import get_adapter, spec_from_config
-from .modeling import Decoder, alibi_slopes
+from .modeling import LATENTS, Decoder, alibi_slopes
 
 log = logging.getLogger("eigen_export")
 
@@ -43,13 +43,22 @@ def decoder_from_hf_model(hf_model, dtype=torch.float32, device="cpu") -> Decode
     return build_decoder(config, state, ranks=None, rope_mode=None, dtype=dtype, device=device)
 
 
-def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="cpu",
-                  num_kv_heads: int | None = None, kv_dtype: str | None = None, kv_layout=None) -> Decoder:
-    """num_kv_heads: the manifest's count where it differs from the config (KV heads merged in a family whose
-    transformers config cannot state it). kv_dtype, kv_layout: the manifest's quantized cache, if any."""
+def folded_spec(config, num_kv_heads: int | None = None, latents: str = "heads"):
+    """The ModelSpec a folded model runs: num_kv_heads, the manifest's count where it differs from the config (KV
+    heads merged in a family whose transformers config cannot state it); latents, heads | joint."""
     spec = spec_from_config(config)
     if num_kv_heads is not None:
         spec = spec.replace(num_kv_heads=num_kv_heads)
+    if latents not in LATENTS:
+        raise EigenExportError(f"latents must be one of {LATENTS}, got {latents!r}")
+    return spec.replace(joint_latents=latents == "joint")
+
+
+def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="cpu",
+                  num_kv_heads: int | None = None, kv_dtype: str | None = None, kv_layout=None,
+                  latents: str = "heads") -> Decoder:
+    """num_kv_heads, latents: see folded_spec. kv_dtype, kv_layout: the manifest's quantized cache, if any."""
+    spec = folded_spec(config, num_kv_heads, latents)
     adapter = get_adapter(config.model_type)
     inv_freq, scaling = adapter.rope_inv_freq(config) if adapter.rope_inv_freq else (None, 1.0)
     model = Decoder(spec, ranks, rope_mode, state, inv_freq=inv_freq, rope_scaling=scaling, kv_dtype=kv_dtype,
@@ -58,16 +67,15 @@ def build_decoder(config, state, ranks, rope_mode, dtype=torch.float32, device="
 
 
 def fake_decoder(config, shapes: dict[str, torch.Tensor], dtype: torch.dtype, ranks, rope_mode,
-                 num_kv_heads: int | None = None, kv_dtype: str | None = None, kv_layout=None) -> Decoder:
+                 num_kv_heads: int | None = None, kv_dtype: str | None = None, kv_layout=None,
+                 latents: str = "heads") -> Decoder:
     """The Decoder of these weight shapes (canonical names -> meta tensors) with fake weights in `dtype`: a
     graph capture traces it without one byte of weights; ONNXProgram initializers are then pointed at the
     real ones. RoPE frequencies and ALiBi slopes are real (computed from the config) and stay fp32: rounding
     inv_freq to fp16 turns into radians of angle error at positions in the thousands."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    spec = spec_from_config(config)
-    if num_kv_heads is not None:
-        spec = spec.replace(num_kv_heads=num_kv_heads)
+    spec = folded_spec(config, num_kv_heads, latents)
     adapter = get_adapter(config.model_type)
     inv_freq, scaling = adapter.rope_inv_freq(config) if adapter.rope_inv_freq else (None, 1.0)
     with FakeTensorMode(allow_non_fake_inputs=True):

@@ -21,6 +21,8 @@ from .errors import EigenExportError
 from .families import ModelSpec
 
 ROPE_MODES = ("pre", "post")
+# heads: a cached latent per KV head; joint: one per layer side over all its KV heads (ModelSpec.joint_latents)
+LATENTS = ("heads", "joint")
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,13 @@ class Attention(nn.Module):
                  kv_dtype: str | None = None, kv_layout=None):
         super().__init__()
         d, h, h_kv, dim = spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.hidden_size
-        if not (1 <= ranks.k <= d and 1 <= ranks.v <= d):
-            raise EigenExportError(f"ranks {ranks} must lie in [1, head_dim={d}]")
+        width, cached = spec.latent_width, spec.cache_heads
+        if not (1 <= ranks.k <= width and 1 <= ranks.v <= width):
+            raise EigenExportError(f"ranks {ranks} must lie in [1, {width}] (head_dim {d}"
+                                   f"{f' x {h_kv} KV heads of a joint latent' if spec.joint_latents else ''})")
+        if spec.joint_latents and spec.positions == "rope" and rope_mode == "post":
+            raise EigenExportError("joint latents need rope_mode pre: a post-RoPE basis cannot mix the KV heads "
+                                   "of a layer (calibrate with --rope-mode pre)")
         self.spec, self.ranks, self.kv_dtype = spec, ranks, kv_dtype
         # a mixed cache's (key counts, value counts) of its 8/4/2-bit coordinates (kv_codec.CodeFormat)
         self.kv_layout = tuple(tuple(int(n) for n in side) for side in kv_layout) if kv_layout else None
@@ -137,11 +144,12 @@ class Attention(nn.Module):
         else:
             q_width, k_width = d, (ranks.k if self.rope_mode == "pre" else d)
         self.q = nn.Linear(dim, h * q_width, bias="q" in biases)
-        self.k = nn.Linear(dim, h_kv * k_width, bias="k" in biases)
-        self.v = nn.Linear(dim, h_kv * ranks.v, bias="v" in biases)
+        self.k = nn.Linear(dim, (h_kv if self.rope_mode == "post" else cached) * k_width, bias="k" in biases)
+        self.v = nn.Linear(dim, cached * ranks.v, bias="v" in biases)
         self.o = nn.Linear(h * ranks.v, dim, bias="o" in biases)
         if self.rope_mode is not None:
-            self.register_buffer("basis_k", torch.zeros(h_kv, d, ranks.k))    # U per KV head: [H_kv, d, r_k]
+            # U per KV head: [H_kv, d, r_k]; a joint latent's U is its H_kv blocks, all reading the one latent
+            self.register_buffer("basis_k", torch.zeros(h_kv, d, ranks.k))
 
     def _heads(self, x, linear, heads):
         b, s, _ = x.shape
@@ -151,8 +159,8 @@ class Attention(nn.Module):
         """q [B, H, S, *], k [B, H_kv, S, *], v [B, H_kv, S, r_v] as the model uses them before the cache."""
         spec = self.spec
         q = self._heads(x, self.q, spec.num_heads)
-        k = self._heads(x, self.k, spec.num_kv_heads)
-        v = self._heads(x, self.v, spec.num_kv_heads)
+        k = self._heads(x, self.k, spec.num_kv_heads if self.rope_mode == "post" else spec.cache_heads)
+        v = self._heads(x, self.v, spec.cache_heads)
         if spec.positions == "rope":
             q = rotate(q, ctx.q_cos, ctx.q_sin, spec.rope_dim, spec.rope_layout)
             if self.rope_mode != "pre":
@@ -170,7 +178,8 @@ class Attention(nn.Module):
         (backends/onnx_export.py), which reads a quantized cache from `present` (k, v here are then its codes, the
         scales k_scale, v_scale). In `pre` mode k holds the key latents: each cached key is rebuilt and rotated by
         ITS OWN position here (DESIGN 3.2); both are linear in the key, so a quantized key's scale still multiplies
-        its score afterwards."""
+        its score afterwards. A joint latent (one cache head) rebuilds every KV head's keys by broadcasting; its
+        one value head serves all query heads."""
         if self.rope_mode == "pre":
             k = torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2))
             k = rotate(k, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)

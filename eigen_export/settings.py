@@ -21,7 +21,7 @@ from .families import REGISTRY
 from .method.calibrate import BASES
 from .method.fold import ALLOCATIONS
 from .method.merge import check_method
-from .modeling import ROPE_MODES
+from .modeling import LATENTS, ROPE_MODES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "models"
@@ -66,9 +66,15 @@ class CalibrationSettings:
     batch_size: int = 4
     error_samples: int = 0                 # samples for the block-error curves (--allocation error needs them)
     rank_multiple: int = 1                 # GPU recipes: 16, so cache rows stay 16-byte aligned for the kernel
+    latents: str = "heads"                 # heads: a basis per KV head; joint: one per layer over all KV heads
 
     def __post_init__(self):
         _at_least(self, 1, "nsamples", "batch_size", "rank_multiple", "grad_samples")
+        _one_of(self, "latents", LATENTS)
+        if self.latents == "joint" and (self.basis != "loss" or self.rope_mode != "pre" or self.error_samples):
+            raise EigenExportError("--latents joint takes the loss basis, --rope-mode pre and no error curves "
+                                   f"(got basis {self.basis}, rope mode {self.rope_mode}, {self.error_samples} "
+                                   "error samples)")
         _at_least(self, 0, "error_samples")
         if self.rope_positions is not None:
             _at_least(self, 0, "rope_positions", why=" (0: the calibration positions; unset: the max context)")

@@ -4,8 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers as tf
 
+from eigen_export import load
 from eigen_export.cli import main
 from eigen_export.artifacts.layout import MANIFEST
 from tests.helpers.tiny_models import tiny_hf_model
@@ -136,6 +138,34 @@ def test_fold_with_a_mixed_width_cache(tiny_llama_dir, tmp_path, capsys):
     counts = [side for layer in manifest["kv_layout"] for side in layer]
     assert [[sum(c) for c in layer] for layer in manifest["kv_layout"]] == manifest["ranks"]
     assert sum(8 * a + 4 * b + 2 * c for a, b, c in counts) <= 3 * sum(map(sum, counts))
+    code, stdout, _ = _run(capsys, "perplexity", folded, "--seqlen", 16, "--max-windows", 2)
+    assert code == 0 and json.loads(stdout)["perplexity"] > 1
+
+
+def test_calibrate_and_fold_with_joint_latents(tiny_llama_dir, tmp_path, capsys):
+    """`calibrate --latents joint` then `fold`: one basis per layer side over both KV heads, ranks up to 2 x
+    head_dim, recorded in calib.json and eigen.json; the folded model loads with a one-head cache of those widths
+    and runs. Combinations it cannot take are refused before anything is written."""
+    calib = tmp_path / "calib"
+    assert "--latents joint takes the loss basis, --rope-mode pre" in _error(
+        capsys, "calibrate", tiny_llama_dir, "--out", calib, "--latents", "joint", "--rope-mode", "post")
+    assert not calib.exists()
+    assert _run(capsys, "calibrate", tiny_llama_dir, "--out", calib, "--nsamples", 2, "--seqlen", 16,
+                "--latents", "joint")[0] == 0
+    assert json.loads((calib / "calib.json").read_text())["latents"] == "joint"
+    folded = tmp_path / "folded"
+    code, stdout, _ = _run(capsys, "fold", tiny_llama_dir, "--calib", calib, "--out", folded, "--kv-ratio", 0.6)
+    assert code == 0, stdout
+    manifest = json.loads((folded / MANIFEST).read_text())
+    d, h_kv = manifest["head_dim"], manifest["num_kv_heads"]
+    assert manifest["latents"] == "joint" and h_kv == 2
+    cached = sum(map(sum, manifest["ranks"]))
+    assert manifest["kv_ratio"] == pytest.approx(cached / (len(manifest["ranks"]) * 2 * h_kv * d), abs=1e-6)
+    assert manifest["kv_ratio"] <= 0.6 and all(1 <= r <= h_kv * d for pair in manifest["ranks"] for r in pair)
+    model = load(folded)
+    with torch.no_grad():
+        _, presents = model(torch.ones(1, 5, dtype=torch.long))
+    assert [tuple(t.shape) for t in presents[0]] == [(1, 1, 5, r) for r in manifest["ranks"][0]]
     code, stdout, _ = _run(capsys, "perplexity", folded, "--seqlen", 16, "--max-windows", 2)
     assert code == 0 and json.loads(stdout)["perplexity"] > 1
 

@@ -98,6 +98,11 @@ CASES = [
     Case(3, 6, 2, 5, 1, 24, 56, "float32", left_pad=(3, 0, 1), latent="half"),
     Case(1, 12, 4, 9, 300, 33, 64, "float16", view=True, latent="interleaved"),
     Case(1, 4, 2, 33, 17, 48, 40, "float32", kv="int8", latent="partial"),
+    # joint latents (issue 13): one cache head read by all 9 query heads, latents wider than a head (SmolLM2 at
+    # KV 0.63 keeps ~120 of 192 features per side)
+    Case(2, 9, 1, 1, 300, 120, 184, "float16", left_pad=(0, 40), chunk_len=64),
+    Case(2, 9, 1, 5, 17, 184, 120, "float32", left_pad=(2, 0)),
+    Case(1, 9, 1, 1, 70, 117, 131, "float32", kv="int8"),
 ]
 LATENT_HEAD_DIM = 64
 

@@ -4,7 +4,7 @@ calib.json (the settings it was measured with, the error curves if measured, a s
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import EigenExportError
@@ -37,6 +37,7 @@ class CalibRecord:
     error_samples: int
     rank_multiple: int
     wall_time_s: float
+    latents: str = "heads"                # joint: one basis per layer over all KV heads ([1, H_kv d, H_kv d] tensors)
     format: str = CALIB_FORMAT
     version: int = CALIB_VERSION
 
@@ -65,7 +66,7 @@ def _read(calib_dir: Path) -> tuple[CalibRecord, list[dict]]:
     data = read_json_record(path, "run `eigen-export calibrate` first", REMAKE)
     check_format(data, path, CALIB_FORMAT, CALIB_VERSION, REMAKE)
     known = {f.name for f in fields(CalibRecord)}
-    missing = sorted(known - set(data) - {"format", "version"})
+    missing = sorted({f.name for f in fields(CalibRecord) if f.default is MISSING} - set(data))
     if missing or not isinstance(data.get("layers"), list):
         raise EigenExportError(f"{path} is missing {missing or ['layers']}: {REMAKE}")
     return CalibRecord(**{k: v for k, v in data.items() if k in known}), data["layers"]

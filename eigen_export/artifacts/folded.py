@@ -18,7 +18,7 @@ from ..dtypes import resolve_dtype
 from ..errors import EigenExportError
 from ..families import spec_from_config
 from ..loading import Checkpoint, StreamedModel, build_decoder, fake_decoder, load_hf, load_hf_config, load_tokenizer
-from ..modeling import Decoder, LayerRanks
+from ..modeling import LATENTS, Decoder, LayerRanks
 from .layout import GENERATION_CONFIG, MANIFEST, WEIGHTS, WEIGHTS_INDEX, is_folded, weights_shard
 from .records import atomic_dir, read_json_record, sha256_file
 
@@ -48,6 +48,7 @@ class Manifest:
     kv_dtype: str | None = None          # int8 | int4 | mixed: the cache is quantized (kv_codec); None: in `dtype`
     kv_rotation: bool = False            # an incoherent rotation was folded into the bases (method/fold.py)
     kv_layout: list | None = None        # mixed: per layer [key counts, value counts] of 8/4/2-bit coordinates
+    latents: str = "heads"               # heads: a latent per KV head; joint: one per layer side (ranks <= H_kv d)
     format: str = FORMAT
     version: int = VERSION
     extra: dict = field(default_factory=dict)
@@ -62,15 +63,29 @@ class Manifest:
             raise EigenExportError(f"eigen.json lists {len(self.ranks)} layer ranks for {self.num_layers} layers")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise EigenExportError(f"eigen.json has kv_dtype {self.kv_dtype!r}, not one of {KV_DTYPES}: re-run the fold")
+        if self.latents not in LATENTS:
+            raise EigenExportError(f"eigen.json has latents {self.latents!r}, not one of {LATENTS}: re-run the fold")
+        width = self.latent_width
         for i, (rk, rv) in enumerate(self.ranks):
-            if not (1 <= rk <= self.head_dim and 1 <= rv <= self.head_dim):
-                raise EigenExportError(f"eigen.json layer {i} ranks ({rk}, {rv}) outside [1, head_dim={self.head_dim}]")
+            if not (1 <= rk <= width and 1 <= rv <= width):
+                raise EigenExportError(f"eigen.json layer {i} ranks ({rk}, {rv}) outside [1, {width}] ({self.latents} "
+                                       f"latents of head_dim {self.head_dim})")
         if (self.kv_dtype == "mixed") != (self.kv_layout is not None):
             raise EigenExportError("eigen.json's kv_layout must be given exactly for a mixed cache: re-run the fold")
         for i, (ranks, counts) in enumerate(zip(self.ranks, self.kv_layout or [])):
             if [sum(c) for c in counts] != list(ranks):
                 raise EigenExportError(f"eigen.json layer {i} kv_layout {counts} does not add up to its ranks "
                                        f"{ranks}: re-run the fold")
+
+    @property
+    def cache_heads(self) -> int:
+        """Heads of the cache (ModelSpec.cache_heads)."""
+        return 1 if self.latents == "joint" else self.num_kv_heads
+
+    @property
+    def latent_width(self) -> int:
+        """Widest a cached vector can be (ModelSpec.latent_width): what kv_ratio divides a rank by."""
+        return self.head_dim * (self.num_kv_heads if self.latents == "joint" else 1)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
@@ -187,7 +202,7 @@ def load_folded(path: str | Path, dtype="float32", device="cpu", verify: bool = 
     state = checkpoint.read(checkpoint.names())
     return build_decoder(config, state, [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode,
                          dtype=dtype, device=device, num_kv_heads=manifest.num_kv_heads, kv_dtype=manifest.kv_dtype,
-                         kv_layout=manifest.kv_layout)
+                         kv_layout=manifest.kv_layout, latents=manifest.latents)
 
 
 def open_folded(path: str | Path, verify: bool = True) -> tuple[object, Manifest, Checkpoint]:
@@ -227,7 +242,7 @@ def model_of_shapes(path: str | Path, dtype) -> tuple[Decoder, Callable[[str], t
         config, manifest, checkpoint = open_folded(path)
         model = fake_decoder(config, checkpoint.placeholders(checkpoint.names()), dtype,
                              [LayerRanks(k, v) for k, v in manifest.ranks], manifest.rope_mode, manifest.num_kv_heads,
-                             manifest.kv_dtype, manifest.kv_layout)
+                             manifest.kv_dtype, manifest.kv_layout, manifest.latents)
         return model, lambda name: checkpoint.read([name])[name].to(dtype)
     streamed = StreamedModel(path, dtype=dtype)
     return fake_decoder(streamed.config, streamed.placeholders(), dtype, None, None), streamed.read
@@ -248,7 +263,7 @@ def load_uncompressed(source: str | Path, dtype="float32", device="cpu"):
         return load_hf(source, dtype=dtype, device=device)
     model = load_folded(source, dtype=dtype, device=device)
     d = model.spec.head_dim
-    if model.rope_mode is not None or any((r.k, r.v) != (d, d) for r in model.ranks):
+    if model.rope_mode is not None or model.spec.joint_latents or any((r.k, r.v) != (d, d) for r in model.ranks):
         raise EigenExportError(f"{source} is already folded to low rank: calibrate and fold the model it came from")
     return load_hf_config(source), model
 

@@ -40,7 +40,7 @@ class OnnxIO:
     max_positions: int | None           # learned positions: the position table's length; else None
     num_layers: int
     num_heads: int
-    num_kv_heads: int
+    num_kv_heads: int                   # heads of the cache: the model's KV heads, or 1 for joint latents
     head_dim: int
     softmax_scale: float
     vocab_size: int

@@ -89,9 +89,9 @@ def io_contract(model: Decoder, dtype: torch.dtype) -> tuple[list[dict], list[di
     for i, slots in enumerate(cache_layout(model, dtype)):
         for name, width, element in slots:
             inputs.append({"name": f"past_key_values.{i}.{name}", "dtype": dtype_of(element).name,
-                           "shape": ["batch", spec.num_kv_heads, "past", width]})
+                           "shape": ["batch", spec.cache_heads, "past", width]})
             outputs.append({"name": f"present.{i}.{name}", "dtype": dtype_of(element).name,
-                            "shape": ["batch", spec.num_kv_heads, "past + seq", width]})
+                            "shape": ["batch", spec.cache_heads, "past + seq", width]})
     return inputs, outputs
 
 
@@ -100,7 +100,7 @@ def _example_inputs(model: Decoder, dtype: torch.dtype):
     ids = torch.zeros(b, s, dtype=torch.long)
     mask = torch.ones(b, p + s, dtype=torch.long)
     positions = torch.arange(p, p + s).expand(b, s).contiguous()
-    past = [torch.zeros(b, model.spec.num_kv_heads, p, width, dtype=element)
+    past = [torch.zeros(b, model.spec.cache_heads, p, width, dtype=element)
             for slots in cache_layout(model, dtype) for _, width, element in slots]
     # Names become Dim.DYNAMIC: the exporter may then record relations between dims (mask width =
     # past + seq) instead of failing on them. Only the names are ours; FlatDecoder ties the symbols.
@@ -171,10 +171,10 @@ def model_metadata(model: Decoder, dtype_name: str) -> dict:
         "model_type": spec.model_type, "family": spec.family, "rope_mode": model.rope_mode,
         "positions": spec.positions, "max_positions": spec.max_positions if spec.positions == "learned" else None,
         "num_layers": spec.num_layers, "num_heads": spec.num_heads,
-        "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "softmax_scale": spec.softmax_scale,
+        "num_kv_heads": spec.cache_heads, "head_dim": spec.head_dim, "softmax_scale": spec.softmax_scale,
         "vocab_size": spec.vocab_size, "ranks": [list(r) for r in ranks],
-        "kv_ratio": round(kv_ratio(ranks, spec.head_dim), 6),
-        "kv_bytes_per_token": kv_bytes_per_token(ranks, spec.num_kv_heads, dtype_of(dtype_name).torch.itemsize,
+        "kv_ratio": round(kv_ratio(ranks, spec.latent_width), 6),
+        "kv_bytes_per_token": kv_bytes_per_token(ranks, spec.cache_heads, dtype_of(dtype_name).torch.itemsize,
                                                  model.kv_dtype, layout),
         "dtype": dtype_name, "kv_dtype": model.kv_dtype, "kv_layout": layout,
     }
@@ -280,6 +280,9 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
     if model.spec.positions == "alibi":
         return ("ALiBi adds a per-head position bias to the attention scores, and the LowRankAttention plugin "
                 "has no bias input: use model.onnx")
+    if model.spec.joint_latents and model.rope_mode == "pre":
+        return ("the plugin rebuilds pre-RoPE keys from one latent per KV head, and joint latents share one over "
+                "all KV heads: use model.onnx")
     # q/k reach the core at rank_k, except in rope_mode "pre", whose node turns key latents into full rotated keys
     widest = max(max(model.spec.head_dim if a.rope_mode == "pre" else a.ranks.k, a.ranks.v)
                  for a in (layer.attn for layer in model.layers))
@@ -307,7 +310,7 @@ def plugin_cores(model: Decoder):
                                        model.rope_scaling)
             latent = [default_position_ids(ctx.attention_mask, 0), *tables]
         return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, *latent, attn.spec.softmax_scale,
-                                    attn.spec.num_heads, attn.spec.num_kv_heads, attn.ranks.k, attn.ranks.v,
+                                    attn.spec.num_heads, attn.spec.cache_heads, attn.ranks.k, attn.ranks.v,
                                     attn.rope_mode or "none", kv_dtype or "none")
 
     attns = [layer.attn for layer in model.layers]

@@ -47,6 +47,7 @@ class ModelSpec:
     rope_layout: str = "half"           # half: pairs (i, i + n/2) | interleaved: pairs (2i, 2i+1)
     alibi_bias_max: float = 8.0
     max_positions: int = 0
+    joint_latents: bool = False         # folded: one cached latent per layer side spans all KV heads (issue 13)
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -57,6 +58,16 @@ class ModelSpec:
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def cache_heads(self) -> int:
+        """Heads of the cache: one joint latent, or one latent (or full vector) per KV head."""
+        return 1 if self.joint_latents else self.num_kv_heads
+
+    @property
+    def latent_width(self) -> int:
+        """Widest a cached vector can be: the features its basis spans (H_kv d for a joint latent)."""
+        return self.head_dim * (self.num_kv_heads if self.joint_latents else 1)
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)

@@ -157,8 +157,8 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     activations: where the kept layer inputs live (default: the model's device while they fit in
     ACTIVATION_SHARE of its free memory, else host memory; each layer's comes back to the device for its turn).
     joint_heads: one basis per layer over the H_kv x d features of all its KV heads (results shaped [1, H_kv d,
-    ...]), for issue 13's measurement of joint latents (bench/joint_latents.py); fold does not take them. Loss
-    basis, pre or no RoPE, no error curves.
+    ...]): what a fold with joint latents takes (`calibrate --latents joint`). Loss basis, pre or no RoPE, no
+    error curves.
     """
     spec = model.spec
     rope = spec.positions == "rope"

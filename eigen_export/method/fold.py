@@ -7,6 +7,8 @@ eigenbases have A = U^T; the loss bases (decompose.loss_basis) do not, and nothi
   RoPE post: W_Q, W_K unchanged; U (orthonormal) is kept and applied after rotation (cache = U^T rope(k))
   RoPE pre:  W_K'[g] = A W_K[g] (pre-RoPE keys); W_Q unchanged; U kept to rebuild keys
   all:       W_V'[g] = B W_V[g],  W_O'[:, h] = W_O[:, h] P
+A joint latent (spec.joint_latents, issue 13) is the case of one group spanning the H_kv d features of all KV heads:
+A and B read the whole key / value row, and U, P split into H_kv blocks of d rows, block g serving g's query heads.
 """
 from __future__ import annotations
 
@@ -39,19 +41,25 @@ def fold_layer(weights: dict[str, torch.Tensor], basis_k: torch.Tensor, basis_v:
     basis_* [H_kv, d, r] rebuild a head's vector from its cached latent (B); down_* [H_kv, d, r] make the latent
     (A = down^T), default the basis itself (an orthonormal basis projects with its transpose). Only pre mode
     and non-RoPE models can take a separate down projection: post mode applies one matrix to keys and queries.
+    Joint latents: every one of them [1, H_kv d, r].
     """
     down_k = basis_k if down_k is None else down_k
     down_v = basis_v if down_v is None else down_v
     if spec.positions == "rope" and rope_mode == "post" and not torch.equal(down_k, basis_k):
         raise EigenExportError("post RoPE mode needs an orthonormal key basis (no separate down projection)")
     out = dict(weights)
-    h, h_kv = spec.num_heads, spec.num_kv_heads
+    h, h_kv, cached = spec.num_heads, spec.num_kv_heads, spec.cache_heads
+    if basis_k.shape[:2] != (cached, spec.latent_width) or basis_v.shape[:2] != (cached, spec.latent_width):
+        raise EigenExportError(f"bases of shape {tuple(basis_k.shape)} do not fit {cached} cached heads of "
+                               f"{spec.latent_width} features: the calibration's latents differ from the fold's")
+    # per KV head: U's blocks of d rows ([H_kv, d, r]), what queries and W_O are folded with
+    basis_k, basis_v = (b.reshape(h_kv, spec.head_dim, b.shape[-1]) for b in (basis_k, basis_v))
     rope = spec.positions == "rope"
     for part in ("weight", "bias"):
         if f"attn.v.{part}" in weights:
-            out[f"attn.v.{part}"] = _rows(weights[f"attn.v.{part}"], down_v, h_kv)
+            out[f"attn.v.{part}"] = _rows(weights[f"attn.v.{part}"], down_v, cached)
         if f"attn.k.{part}" in weights and (not rope or rope_mode == "pre"):
-            out[f"attn.k.{part}"] = _rows(weights[f"attn.k.{part}"], down_k, h_kv)
+            out[f"attn.k.{part}"] = _rows(weights[f"attn.k.{part}"], down_k, cached)
         if f"attn.q.{part}" in weights and not rope:
             out[f"attn.q.{part}"] = _rows(weights[f"attn.q.{part}"], _per_query_head(basis_k, spec), h)
     o = weights["attn.o.weight"].double()
@@ -168,15 +176,17 @@ def mixed_layout(layers, ranks: list[LayerRanks], kv_bits: float):
 
 def fold_to_target(model: Decoder, layers, rope_mode: str | None, kv_ratio_target: float | None,
                    error_budget: float | None = None, allocation: str = "loss", rank_multiple: int = 1,
-                   rotate: bool = False, kv_bits: float | None = None):
+                   rotate: bool = False, kv_bits: float | None = None, latents: str = "heads"):
     """(ranks, layer errors, what the rule found, folded canonical state) for one target, in memory. kv_bits: a
-    mixed cache of that many mean bits (its kv_layout is then in what the rule found, "kv_layout")."""
-    (ranks, layer_errors), found = decide_ranks(layers, model.spec.head_dim, kv_ratio_target,
+    mixed cache of that many mean bits (its kv_layout is then in what the rule found, "kv_layout"). latents: the
+    calibration's (joint: layers hold one basis per layer side)."""
+    spec = model.spec.replace(joint_latents=latents == "joint")
+    (ranks, layer_errors), found = decide_ranks(layers, spec.latent_width, kv_ratio_target,
                                                             error_budget, allocation, rank_multiple)
     mixed = mixed_layout(layers, ranks, kv_bits) if kv_bits is not None else None
     if mixed is not None:
         found = {**found, "kv_layout": mixed[0]}
-    state = fold_state(model.state_dict(), [layer.projections() for layer in layers], ranks, model.spec, rope_mode,
+    state = fold_state(model.state_dict(), [layer.projections() for layer in layers], ranks, spec, rope_mode,
                        rotate, mixed)
     return ranks, layer_errors, found, state
 

@@ -51,13 +51,15 @@ def run_calibrate(source: str, out_dir: str | Path, settings: CalibrationSetting
     layers = calibrate(model, ids, settings.rope_mode, settings.basis, settings.grad_samples,
                        error_samples=settings.error_samples,
                        batch_size=settings.batch_size, rank_multiple=settings.rank_multiple, progress=progress,
-                       layer=streamed.block, rope_positions=settings.rope_positions)
+                       layer=streamed.block, rope_positions=settings.rope_positions,
+                       joint_heads=settings.latents == "joint")
     record = CalibRecord(
         source=str(source), model_type=config.model_type,
         rope_mode=settings.rope_mode if model.spec.positions == "rope" else None, basis=settings.basis,
         grad_samples=settings.grad_samples, rope_positions=settings.rope_positions,
         dataset=settings.dataset, nsamples=settings.nsamples, seqlen=settings.seqlen, seed=settings.seed,
         dtype=settings.dtype, eps_grid=list(EPS_GRID), error_samples=settings.error_samples,
-        rank_multiple=settings.rank_multiple, wall_time_s=round(time.perf_counter() - started, 2))
+        rank_multiple=settings.rank_multiple, latents=settings.latents,
+        wall_time_s=round(time.perf_counter() - started, 2))
     write_calibration(out_dir, layers, record, force=True)
     return out_dir

@@ -39,12 +39,13 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
         return Manifest.read(out_dir)
     layers, calib = read_calibration(calib_dir)
     source_model = stream_uncompressed(source, dtype="float32")
-    config, spec = source_model.config, source_model.spec
+    config = source_model.config
+    spec = source_model.spec.replace(joint_latents=calib.latents == "joint")
     if calib.model_type != config.model_type or len(layers) != spec.num_layers or \
-            layers[0].basis_k.shape[-1] != spec.head_dim:
+            layers[0].basis_k.shape[-1] != spec.latent_width:
         raise EigenExportError(f"calibration in {calib_dir} was made for {calib.source!r}, not {source!r}: "
                                "re-run `eigen-export calibrate` for this model")
-    (ranks, layer_errors), found = decide_ranks(layers, spec.head_dim, settings.kv_ratio, settings.error_budget,
+    (ranks, layer_errors), found = decide_ranks(layers, spec.latent_width, settings.kv_ratio, settings.error_budget,
                                                 settings.allocation, calib.rank_multiple)
     dtype = resolve_dtype(settings.dtype)
     mixed = mixed_layout(layers, ranks, settings.mean_bits) if settings.kv_dtype == "mixed" else None
@@ -65,11 +66,11 @@ def run_fold(source: str, calib_dir: str | Path, out_dir: str | Path, settings: 
         model_type=config.model_type, family=spec.family, source=str(source), rope_mode=calib.rope_mode,
         num_layers=spec.num_layers, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
         head_dim=spec.head_dim, softmax_scale=spec.softmax_scale, ranks=[list(p) for p in pairs],
-        kv_ratio=round(kv_ratio(pairs, spec.head_dim), 6), layer_errors=layer_errors,
+        kv_ratio=round(kv_ratio(pairs, spec.latent_width), 6), layer_errors=layer_errors,
         calibration={**calibration, "calib_sha256": calib_sha256(calib_dir),
                      "allocation": settings.allocation_record() | found},
         dtype=settings.dtype, kv_dtype=settings.kv_dtype, kv_rotation=settings.rotated,
-        kv_layout=mixed[0] if mixed else None,
+        kv_layout=mixed[0] if mixed else None, latents=calib.latents,
         extra={"merge": merge} if merge else {},
     )
     manifest = write_folded(out_dir, config, parts(), fields, tokenizer_source=source, force=True)

@@ -488,11 +488,11 @@ def _sweep(manifest, original, windows, ratios, calib_dir: Path, device: str) ->
         kv_bits = manifest.calibration.get("allocation", {}).get("kv_bits") if manifest.kv_dtype == "mixed" else None
         ranks, _, found, state = fold_to_target(original, layers, calib.rope_mode, target,
                                                 rank_multiple=calib.rank_multiple, rotate=manifest.kv_rotation,
-                                                kv_bits=kv_bits)
+                                                kv_bits=kv_bits, latents=calib.latents)
         model = build_decoder(config, state, ranks, calib.rope_mode, device=device, kv_dtype=manifest.kv_dtype,
-                              kv_layout=found.get("kv_layout"))
+                              kv_layout=found.get("kv_layout"), latents=calib.latents)
         ppl = perplexity(TorchBackend(model), windows, batch_size=2)
-        points.append({"target": target, "kv_ratio": kv_ratio([(r.k, r.v) for r in ranks], manifest.head_dim),
+        points.append({"target": target, "kv_ratio": kv_ratio([(r.k, r.v) for r in ranks], manifest.latent_width),
                        "perplexity": ppl})
         log.info("[validate] sweep: KV ratio %.3f -> perplexity %.2f", points[-1]["kv_ratio"], ppl)
     return points
@@ -507,7 +507,8 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
     itemsize = dtype_of(io.dtype).torch.itemsize
     h_kv, d = manifest.num_kv_heads, manifest.head_dim
     memory = {"kv_bytes_per_token_original": kv_bytes_per_token([(d, d)] * manifest.num_layers, h_kv, itemsize),
-              "kv_bytes_per_token_compressed": kv_bytes_per_token([tuple(r) for r in manifest.ranks], h_kv, itemsize,
+              "kv_bytes_per_token_compressed": kv_bytes_per_token([tuple(r) for r in manifest.ranks],
+                                                                  manifest.cache_heads, itemsize,
                                                                   manifest.kv_dtype, manifest.kv_layout),
               # the original's cache is in the export dtype; the compressed one's codes + fp16 scales if quantized
               "kv_dtype": io.dtype if manifest.kv_dtype is None else f"{manifest.kv_dtype} + fp16 scales", "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -522,7 +523,7 @@ def _assemble(layout, manifest, io, build, settings, accuracy, sweep, backends, 
         "settings": dataclasses.asdict(settings),
         "compression": {"kv_ratio": manifest.kv_ratio, "rope_mode": manifest.rope_mode, "ranks": manifest.ranks,
                         "kv_dtype": manifest.kv_dtype, "kv_rotation": manifest.kv_rotation,
-                        "kv_layout": manifest.kv_layout,
+                        "kv_layout": manifest.kv_layout, "latents": manifest.latents,
                         "num_layers": manifest.num_layers, "num_heads": manifest.num_heads,
                         "num_kv_heads": h_kv, "head_dim": d},
         "engine": {"backend": build["backend"], "dir": str(layout.engine), "note": _engine_note(build),

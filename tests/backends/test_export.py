@@ -27,9 +27,11 @@ NON_ROPE = ("opt", "opt-postnorm", "mpt")
 # (family, what is exported): the original uncompressed model, and folds with r_k != r_v in each RoPE mode
 CASES = [(name, kind) for name in TINY
          for kind in (("original", "folded") if name in NON_ROPE else ("original", "pre", "post"))]
+# joint latents (issue 13): one cache head per layer side, wider than head_dim
+CASES += [("llama-gqa", "joint-pre"), ("opt", "joint-folded")]
 # quantized caches (issue 15): codes + fp16 scales in and out of the graph, in both RoPE modes and without RoPE
 QUANTIZED = [("llama-gqa", "pre+int8"), ("llama-gqa", "post+int4"), ("opt", "folded+int4"), ("gpt_neox", "pre+int4"),
-             ("mpt", "folded+int8"), ("llama-gqa", "pre+mixed"), ("opt", "folded+mixed")]
+             ("mpt", "folded+int8"), ("llama-gqa", "pre+mixed"), ("opt", "folded+mixed"), ("opt", "joint-folded+int4")]
 ATOL = 1e-4
 QUANT_ATOL = 2e-3
 
@@ -133,7 +135,7 @@ def test_graph_follows_the_contract(exports, name, kind):
 
     inputs = {v.name: dims(v) for v in model.graph.input}
     outputs = {v.name: dims(v) for v in model.graph.output}
-    h_kv = reference.spec.num_kv_heads
+    h_kv = reference.spec.cache_heads
     assert inputs["input_ids"] == ["batch", "seq"] and inputs["position_ids"] == ["batch", "seq"]
     assert inputs["attention_mask"] == ["batch", "total"]
     assert outputs["logits"] == ["batch", "seq", VOCAB]
@@ -159,13 +161,17 @@ def test_graph_follows_the_contract(exports, name, kind):
         else:
             assert not any(n in types for n in scales)
     if kind != "original":
-        assert any(r.k != r.v for r in reference.ranks) and all(r.k < reference.spec.head_dim for r in reference.ranks)
+        assert any(r.k != r.v for r in reference.ranks) and \
+            all(r.k < reference.spec.latent_width for r in reference.ranks)
+    if kind.startswith("joint-"):      # one cache head, values wider than a head (the tiny fold keeps 3/4 of H_kv d)
+        assert h_kv == 1 and any(r.v > reference.spec.head_dim for r in reference.ranks)
     meta = {p.key: json.loads(p.value) for p in model.metadata_props}
     io = json.loads((onnx_dir / IO_JSON).read_text())
     for key in ("ranks", "num_heads", "num_kv_heads", "rope_mode", "softmax_scale"):
         assert meta[f"eigen_export.{key}"] == io[key]
     assert io["ranks"] == [[r.k, r.v] for r in reference.ranks]
-    assert io["rope_mode"] == (None if kind.partition("+")[0] in ("original", "folded") else kind.partition("+")[0])
+    mode = kind.partition("+")[0].removeprefix("joint-")
+    assert io["rope_mode"] == (None if mode in ("original", "folded") else mode)
     assert io["kv_dtype"] == kv_dtype
     assert io["kv_layout"] == (None if kv_dtype != "mixed" else [[list(c) for c in layer.attn.counts]
                                                                  for layer in reference.layers])

@@ -27,7 +27,8 @@ from eigen_export_plugins.lowrank_attention.onnx_op import DOMAIN, OP_TYPE, OP_T
 from tests.backends.test_export import CASES, QUANT_ATOL, QUANTIZED, _left_padded, one_torch_thread  # noqa: E402,F401
 from tests.helpers.tiny_models import ptb_like_ids  # noqa: E402
 
-PLUGIN_CASES = [(name, kind) for name, kind in CASES + QUANTIZED if name != "mpt"]     # MPT: ALiBi, no plugin graph
+# MPT: ALiBi, and joint latents in pre mode: no plugin graph (each test says why)
+PLUGIN_CASES = [(name, kind) for name, kind in CASES + QUANTIZED if name != "mpt" and not kind.startswith("joint-pre")]
 ATOL = 1e-4
 
 
@@ -110,7 +111,7 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
     plugin = onnx.load(str(onnx_dir / MODEL_PLUGIN_ONNX), load_external_data=False)
     standard = onnx.load(str(onnx_dir / MODEL_ONNX), load_external_data=False)
     spec, layers = reference.spec, reference.spec.num_layers
-    mode, _, kv_dtype = kind.partition("+")
+    mode, _, kv_dtype = kind.removeprefix("joint-").partition("+")
     kv_dtype = kv_dtype if kv_dtype != "mixed" else ""      # a mixed cache reaches a float node decoded
     latent = mode == "pre"              # pre mode: the node reads the key latents and rotates the keys itself
     assert {o.domain: o.version for o in plugin.opset_import}[DOMAIN] == 1
@@ -123,7 +124,7 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs.pop("scale") == pytest.approx(spec.head_dim ** -0.5, rel=1e-6)
         assert attrs == {"plugin_namespace": b"eigen_export", "plugin_version": b"1",
-                         "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads,
+                         "num_heads": spec.num_heads, "num_kv_heads": spec.cache_heads,
                          "rank_k": attn.ranks.k, "rank_v": attn.ranks.v,
                          "rope_mode": (mode if mode in ("pre", "post") else "none").encode(),
                          **({"kv_dtype": kv_dtype.encode()} if kv_dtype else {}),
@@ -200,6 +201,13 @@ def test_alibi_model_has_no_plugin_graph_and_says_why(exports):
         OnnxRuntimeBackend(onnx_dir, plugin=True)
     assert "\n" not in str(err.value)
     assert "has no plugin graph (model_plugin.onnx): ALiBi adds a per-head position bias" in str(err.value)
+
+
+def test_joint_latents_in_pre_mode_have_no_plugin_graph_and_say_why(exports):
+    _, onnx_dir, _, _ = exports.get("llama-gqa", "joint-pre")
+    io = json.loads((onnx_dir / IO_JSON).read_text())
+    assert io["plugin_model"] is None and "joint latents" in io["plugin_model_reason"]
+    assert not (onnx_dir / MODEL_PLUGIN_ONNX).exists()
 
 
 def test_fp16_plugin_graph_is_valid_and_ort_says_it_runs_fp32_only(exports):

@@ -24,9 +24,13 @@ class Exports:
         if kind == "original":
             model_dir = base / "hf"
             tiny_hf_model(name).save_pretrained(model_dir)
-        else:       # "pre", "post", "folded" (non-RoPE), each optionally "+int8" / "+int4": a quantized cache
+        else:       # "pre", "post", "folded" (non-RoPE), each optionally "+int8" / "+int4": a quantized cache, and
+            # "joint-" before the mode: one latent per layer side (issue 13)
             mode, _, kv_dtype = kind.partition("+")
-            model_dir, _ = write_tiny_folded(base, name, None if mode == "folded" else mode, kv_dtype or None)
+            joint = mode.startswith("joint-")
+            mode = mode.removeprefix("joint-")
+            model_dir, _ = write_tiny_folded(base, name, None if mode == "folded" else mode, kv_dtype or None,
+                                             latents="joint" if joint else "heads")
         # one case also exercises the external-data layout, which large models need
         onnx_dir = export(model_dir, dtype=dtype, external_data=(name, kind) == ("opt", "original"))
         reference = load(model_dir)

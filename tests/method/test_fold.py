@@ -7,13 +7,13 @@ from eigen_export.loading import build_decoder
 from eigen_export.method.fold import fold_state
 from eigen_export.modeling import LayerRanks, default_position_ids
 from eigen_export_plugins.lowrank_attention.kv_codec import code_width
-from tests.helpers.folds import CASES, tiny_fold
+from tests.helpers.folds import ALL_CASES, CASES, tiny_fold
 from tests.helpers.tiny_models import ptb_like_ids, tiny_hf_model
 
 
-@pytest.mark.parametrize("name,mode", CASES)
-def test_full_rank_fold_reproduces_original_logits(name, mode):
-    _, model, folded, *_ = tiny_fold(name, mode, 1.0)
+@pytest.mark.parametrize("name,mode,latents", ALL_CASES)
+def test_full_rank_fold_reproduces_original_logits(name, mode, latents):
+    _, model, folded, *_ = tiny_fold(name, mode, 1.0, latents=latents)
     ids = ptb_like_ids(2, 20, seed=7)
     with torch.no_grad():
         assert (model(ids)[0] - folded(ids)[0]).abs().max().item() <= 1e-4
@@ -37,10 +37,10 @@ def test_error_grows_as_rank_shrinks(name, mode):
         assert layer.curve[0].error < 1e-5 and layer.curve[-1].error > layer.curve[0].error
 
 
-@pytest.mark.parametrize("name,mode", CASES)
-def test_cached_generation_equals_full_recompute(name, mode):
+@pytest.mark.parametrize("name,mode,latents", ALL_CASES)
+def test_cached_generation_equals_full_recompute(name, mode, latents):
     """16 greedy steps with the low-rank cache == recomputing the whole sequence each step (DESIGN 3.2)."""
-    _, _, folded, _, ranks, _ = tiny_fold(name, mode, 0.5, 0.75)   # r_k != r_v
+    _, _, folded, _, ranks, _ = tiny_fold(name, mode, 0.5, 0.75, latents=latents)   # r_k != r_v
     backend = TorchBackend(folded)
     prompt = ptb_like_ids(2, 7, seed=3)
     mask = torch.ones_like(prompt)
@@ -67,14 +67,15 @@ def test_cached_generation_equals_full_recompute(name, mode):
             full = folded(full_ids, full_mask)[0][:, -1]
             assert (full - cached_logits[t]).abs().max().item() <= 1e-4, f"step {t}"
             assert torch.equal(full.argmax(-1), tokens[:, t])
-    # the cache really is r_k / r_v wide
+    # the cache really is r_k / r_v wide, one head for a joint latent
+    heads = 1 if latents == "joint" else folded.spec.num_kv_heads
     for (k, v), r in zip(past, ranks):
-        assert k.shape[-1] == r.k and v.shape[-1] == r.v
+        assert k.shape[-1] == r.k and v.shape[-1] == r.v and k.shape[1] == v.shape[1] == heads
         assert k.shape[2] == prompt.shape[1] + 15
 
 
-@pytest.mark.parametrize("mode", ["pre", "post"])
-def test_cached_decoding_equals_recompute_past_2048_positions(mode):
+@pytest.mark.parametrize("mode,latents", [("pre", "heads"), ("post", "heads"), ("pre", "joint")])
+def test_cached_decoding_equals_recompute_past_2048_positions(mode, latents):
     """A tiny Llama with a 4096-token context, decoding at positions 2090..2097: the cached steps equal a full
     recompute there too (the post basis is fitted to every position up to the max context, not to where the
     calibration windows sat)."""
@@ -83,10 +84,12 @@ def test_cached_decoding_equals_recompute_past_2048_positions(mode):
 
     hf = tiny_hf_model("llama-gqa", max_position_embeddings=4096)
     model = decoder_from_hf_model(hf)
-    layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False)
+    joint = latents == "joint"
+    layers = calibrate(model, ptb_like_ids(4, 24), mode, progress=False, joint_heads=joint)
     ranks = [LayerRanks(8, 12)] * model.spec.num_layers
+    spec = model.spec.replace(joint_latents=joint)
     folded = build_decoder(hf.config, fold_state(model.state_dict(), [c.projections() for c in layers], ranks,
-                                              model.spec, mode), ranks, mode)
+                                              spec, mode), ranks, mode, latents=latents)
     ids = ptb_like_ids(1, 2098, seed=5)
     with torch.no_grad():
         full = folded(ids)[0]
@@ -96,20 +99,22 @@ def test_cached_decoding_equals_recompute_past_2048_positions(mode):
             mask = torch.ones(1, t + 1, dtype=torch.long)
             logits, past = folded(ids[:, t:t + 1], mask, torch.tensor([[t]]), past)
             steps.append(logits[:, -1])
-    assert past[0][0].shape == (1, 2, 2097, 8)
+    assert past[0][0].shape == (1, 1 if joint else 2, 2097, 8)
     for t, step in zip(range(2089, 2097), steps):
         assert (full[:, t] - step).abs().max().item() <= 1e-4, f"position {t}"
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4", "mixed"])
-@pytest.mark.parametrize("name,mode", [("llama-gqa", "pre"), ("llama-gqa", "post"), ("opt", None),
-                                       ("gpt_neox", "pre"), ("mpt", None)])
-def test_quantized_cache_decoding_equals_recompute(name, mode, kv_dtype):
+@pytest.mark.parametrize("name,mode,latents", [("llama-gqa", "pre", "heads"), ("llama-gqa", "post", "heads"),
+                                               ("opt", None, "heads"), ("gpt_neox", "pre", "heads"),
+                                               ("mpt", None, "heads"), ("llama-gqa", "pre", "joint"),
+                                               ("opt", None, "joint")])
+def test_quantized_cache_decoding_equals_recompute(name, mode, latents, kv_dtype):
     """Prefill + cached steps == recomputing everything, with the cache stored as codes + scales: every key and
     value is read through the quantized cache, the prefill's own chunk too, and a token's codes do not depend
     on its neighbours. In float64, so that no rounding boundary can sit between the two computations of a
     projection (in fp32 a code flips by one step once in ~10^5 values: the rule holds, the arithmetic wobbles)."""
-    _, _, folded, _, ranks, _ = tiny_fold(name, mode, 0.5, 0.75, kv_dtype=kv_dtype, rotate=True)
+    _, _, folded, _, ranks, _ = tiny_fold(name, mode, 0.5, 0.75, kv_dtype=kv_dtype, rotate=True, latents=latents)
     folded = folded.double()
     ids = ptb_like_ids(2, 14, seed=4)
     mask = torch.ones_like(ids)
@@ -126,7 +131,7 @@ def test_quantized_cache_decoding_equals_recompute(name, mode, kv_dtype):
     key, value, key_scale, value_scale = past[0]
     width = code_width(ranks[0].k, kv_dtype, folded.layers[0].attn.counts[0])
     assert width == {"int8": ranks[0].k, "int4": (ranks[0].k + 1) // 2}.get(kv_dtype, width)
-    assert key.shape == (2, folded.spec.num_kv_heads, 13, width) and key_scale.shape == (2, key.shape[1], 13, 1)
+    assert key.shape == (2, folded.spec.cache_heads, 13, width) and key_scale.shape == (2, key.shape[1], 13, 1)
     assert key.dtype == (torch.int8 if kv_dtype == "int8" else torch.uint8) and value_scale.dtype == torch.float16
     if kv_dtype == "mixed":         # the tiny spectra give more than one width somewhere
         assert any(sum(n > 0 for n in side) > 1 for layer in folded.kv_layout for side in layer), folded.kv_layout
