@@ -1,7 +1,7 @@
 """Perplexity per cache byte on SmolLM2-135M: the issue-13 protocol, every window of two held-out texts.
 
-    .venv/bin/python bench/kv_accuracy.py                 # the default table (about an hour on 2 cores)
-    .venv/bin/python bench/kv_accuracy.py --jobs default:0.74 paper:0.74 --window-step 4   # a quick look
+    .venv/bin/python bench/kv_accuracy.py                 # the default table (16 jobs of 15-50 CPU minutes each)
+    .venv/bin/python bench/kv_accuracy.py --jobs joint:0.74 heads:0.74 --window-step 4   # a quick look
 
 Protocol (the one the reference implementation was measured with): calibration 32 x 512 tokens of PTB train
 (`eigen-export calibrate` defaults); evaluation on every non-overlapping 512-token window of
@@ -9,7 +9,7 @@ Protocol (the one the reference implementation was measured with): calibration 3
 - a held-out text of another domain: the Python language reference's topics as CPython ships them
   (pydoc_data.topics, the text of `help("if")`...: technical prose with code; installed with Python itself),
 - with --texts ... kjv_gospels, a third: Matthew to John in the King James Version (Debian's bible-kjv-text), for
-  calibration texts that hold code (lever 5: `default:0.74@ptb+pycode` calibrates on PTB train + Python source),
+  calibration texts that hold code (lever 5: `heads:0.74@ptb+pycode` calibrates on PTB train + Python source),
 no BOS, fp32, no cache; ppl = exp(mean NLL over all predicted tokens) (= the mean over windows of the per-window
 mean, as every window has the same length).
 
@@ -17,8 +17,9 @@ Configurations (the levers of issue 13, alone and combined):
   paper       --basis energy --allocation energy   the paper's eigenbases, one energy threshold (old default)
   alloc       --basis energy --allocation loss     lever 4 alone: ranks by calibrated loss cost
   basis       --basis loss   --allocation energy   lever 1 alone: loss-keeping bases, one threshold
-  default     --basis loss   --allocation loss     both (the default of `eigen-export compress`)
-  joint       default + --latents joint            lever 3: one latent per layer side over all KV heads
+  heads       --basis loss   --allocation loss     both, a latent per KV head (job name `default` before 2026-12-03)
+  joint       heads + --latents joint              lever 3: one latent per layer side over all KV heads (the
+                                                   default of `eigen-export compress` on SmolLM2: --latents auto)
 Each (basis, calibration text) is calibrated once, in its own process (its CPU time and peak RSS are its own);
 jobs run in --workers processes of one thread each. Writes bench/results/kv-accuracy-<host>.json.
 """
@@ -45,10 +46,10 @@ from eigen_export.machine import git_commit, machine  # noqa: E402
 
 # name: (basis, allocation, latents)
 CONFIGS = {"paper": ("energy", "energy", "heads"), "alloc": ("energy", "loss", "heads"),
-           "basis": ("loss", "energy", "heads"), "default": ("loss", "loss", "heads"), "joint": ("loss", "loss", "joint")}
+           "basis": ("loss", "energy", "heads"), "heads": ("loss", "loss", "heads"), "joint": ("loss", "loss", "joint")}
 RATIOS = (0.87, 0.74, 0.63, 0.57, 0.5)
-DEFAULT_JOBS = ["baseline"] + [f"default:{r}" for r in RATIOS] + [f"paper:{r}" for r in (0.87, 0.74, 0.57)] + \
-    ["alloc:0.74", "basis:0.74"]
+DEFAULT_JOBS = ["baseline"] + [f"{config}:{r}" for config in ("joint", "heads") for r in RATIOS] + \
+    [f"paper:{r}" for r in (0.87, 0.74, 0.57)] + ["alloc:0.74", "basis:0.74"]
 # the reference implementation (UtkarshSaxena1/EigenAttn, patched to run on CPU) on this protocol, PTB (issue 13)
 REFERENCE_PTB = {1.0: 60.04, 0.87: 62.94, 0.737: 71.22, 0.633: 80.02, 0.572: 86.50}
 SEQLEN = 512
@@ -107,12 +108,14 @@ def texts(tokenizer, step: int, seqlen: int = SEQLEN, names=DEFAULT_TEXTS) -> di
 
 
 def folded_model(model, layers, rope_mode, ratio: float, allocation: str = "loss", rotate: bool = False,
-                 kv_dtype: str | None = None, kv_bits: float = 4.0, latents: str = "heads"):
+                 kv_dtype: str | None = None, kv_bits: float = 4.0):
     """(the model folded in memory at a KV ratio, the row fields describing its ranks); rotate, kv_dtype,
-    kv_bits: the fold's rotation and the quantized cache (FoldSettings.kv_rotation / kv_dtype / kv_bits);
-    latents: the calibration's."""
+    kv_bits: the fold's rotation and the quantized cache (FoldSettings.kv_rotation / kv_dtype / kv_bits).
+    Joint latents where the calibration's bases span more than a head (`calibrate --latents`, auto by default)."""
     from eigen_export.method.fold import fold_to_target
     from eigen_export.modeling import Decoder
+
+    latents = "joint" if layers[0].basis_k.shape[-1] != model.spec.head_dim else "heads"
 
     ranks, _, found, state = fold_to_target(model, layers, rope_mode, ratio, allocation=allocation, rotate=rotate,
                                             kv_bits=kv_bits if kv_dtype == "mixed" else None, latents=latents)
@@ -122,7 +125,7 @@ def folded_model(model, layers, rope_mode, ratio: float, allocation: str = "loss
     return folded, {"target": ratio,
                     "kv_ratio": round(sum(r.k + r.v for r in ranks) / (spec.num_layers * 2 * spec.latent_width), 4),
                     "key_dims": sum(r.k for r in ranks), "value_dims": sum(r.v for r in ranks),
-                    "ranks": [[r.k, r.v] for r in ranks], "found": found}
+                    "ranks": [[r.k, r.v] for r in ranks], "found": found, "latents": latents}
 
 
 def calibrate_in_child(source: str, out: Path, *flags: str) -> dict:
@@ -167,9 +170,8 @@ def run_job(job: str, source: str, work: str, step: int, names=DEFAULT_TEXTS) ->
         name, ratio, dataset = parse_job(job)
         basis, allocation, latents = CONFIGS[name]
         layers, _ = read_calibration(calib_dir(Path(work), basis, dataset, latents))
-        model, fields = folded_model(model, layers, "pre", ratio, allocation, latents=latents)
-        row |= {"config": name, "basis": basis, "allocation": allocation, "latents": latents,
-                "calibration_dataset": dataset, **fields}
+        model, fields = folded_model(model, layers, "pre", ratio, allocation)
+        row |= {"config": name, "basis": basis, "allocation": allocation, "calibration_dataset": dataset, **fields}
     return evaluate(row, model, windows)
 
 

@@ -7,8 +7,9 @@
     python bench/onnx_decode.py --threads 1 --repeats 2 --steps 3
 
 The folds are made from the calibrations of bench/rope_modes.py (build/bench-rope-modes/calib-<mode>: run that
-bench first, or `eigen-export calibrate smollm2-135m --rope-mode <mode> --out build/bench-rope-modes/calib-<mode>`)
-into build/bench-rope-modes/fold-<mode>-<ratio>[-<kv dtype>] when absent.
+bench first, or `eigen-export calibrate smollm2-135m --rope-mode <mode> --latents heads --out
+build/bench-rope-modes/calib-<mode>`; the joint variants from `... --rope-mode pre --latents joint --out
+build/bench-rope-modes/calib-pre-joint`) into build/bench-rope-modes/fold-<mode>-<ratio>[-<kv dtype>] when absent.
 Exports (cached, skipped when current): the original into build/bench-onnx/original, the folds into <dir>/onnx.
 
 Per thread count, all variants are loaded at once and measured interleaved (round-robin, the order rotating
@@ -41,10 +42,15 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 FOLDS = REPO / "build/bench-rope-modes"
-FOLDED = {f"ours-r{ratio.replace('.', '')}-{mode}": (mode, float(ratio), FOLDS / f"fold-{mode}-{ratio}", None)
+# name: (rope mode, KV ratio, fold dir, cache dtype, calibration dir)
+FOLDED = {f"ours-r{ratio.replace('.', '')}-{mode}": (mode, float(ratio), FOLDS / f"fold-{mode}-{ratio}", None,
+                                                    FOLDS / f"calib-{mode}")
           for ratio in ("0.7", "0.5") for mode in ("pre", "post")}
+# joint latents (issue 13: one cache head per layer side, what `--latents auto` picks for SmolLM2)
+FOLDED |= {f"ours-r{ratio.replace('.', '')}-pre-joint": ("pre", float(ratio), FOLDS / f"fold-pre-joint-{ratio}", None,
+                                                        FOLDS / "calib-pre-joint") for ratio in ("0.7", "0.5")}
 # quantized caches at the same ranks (issue 15): `fold --kv-dtype`, the rotation folded in (mixed: --kv-bits 4)
-FOLDED |= {f"ours-r07-{mode}-{kv}": (mode, 0.7, FOLDS / f"fold-{mode}-0.7-{kv}", kv)
+FOLDED |= {f"ours-r07-{mode}-{kv}": (mode, 0.7, FOLDS / f"fold-{mode}-0.7-{kv}", kv, FOLDS / f"calib-{mode}")
            for mode in ("pre", "post") for kv in ("int8", "int4", "mixed")}
 ORIGINAL_ONNX = REPO / "build/bench-onnx/original"
 OPTIMUM_ONNX = REPO / "build/bench-onnx/optimum"
@@ -239,10 +245,9 @@ def prepare_exports(names) -> dict:
         if name == "ours-original":
             source, out = smollm2_dir(), ORIGINAL_ONNX
         else:
-            mode, ratio, source, kv_dtype = FOLDED[name]
+            mode, ratio, source, kv_dtype, calib = FOLDED[name]
             out = None
             if not is_folded(source):
-                calib = FOLDS / f"calib-{mode}"
                 if not (calib / "calib.json").exists():
                     sys.exit(f"{calib} is missing: run bench/rope_modes.py first (see the docstring of {__file__})")
                 run_fold(str(smollm2_dir()), calib, source, FoldSettings(kv_ratio=ratio, kv_dtype=kv_dtype))

@@ -65,9 +65,10 @@ def _calib_flags(p):
     p.add_argument("--rank-multiple", type=int, default=UNSET,
                    help=f"round ranks up to a multiple (kernel efficiency) {_default(c, 'rank_multiple')}")
     p.add_argument("--latents", default=UNSET,
-                   help="heads (a latent per KV head) or joint (one latent per layer side over all its KV heads, "
+                   help="heads (a latent per KV head), joint (one latent per layer side over all its KV heads, "
                         "ranks up to H_kv x head_dim: half the perplexity cost on SmolLM2, attention FLOPs grow "
-                        f"with the latent width; pre mode / no RoPE, loss basis) {_default(c, 'latents')}")
+                        "with the latent width; pre mode / no RoPE, loss basis) or auto (joint where H_kv x "
+                        f"head_dim <= 256 and the other settings allow it) {_default(c, 'latents')}")
 
 
 def _fold_flags(p):

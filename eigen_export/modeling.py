@@ -121,8 +121,8 @@ class Attention(nn.Module):
         d, h, h_kv, dim = spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.hidden_size
         width, cached = spec.latent_width, spec.cache_heads
         if not (1 <= ranks.k <= width and 1 <= ranks.v <= width):
-            raise EigenExportError(f"ranks {ranks} must lie in [1, {width}] (head_dim {d}"
-                                   f"{f' x {h_kv} KV heads of a joint latent' if spec.joint_latents else ''})")
+            bound = f"{h_kv} KV heads x head_dim {d} = {width}" if spec.joint_latents else f"head_dim={d}"
+            raise EigenExportError(f"ranks {ranks} must lie in [1, {bound}]")
         if spec.joint_latents and spec.positions == "rope" and rope_mode == "post":
             raise EigenExportError("joint latents need rope_mode pre: a post-RoPE basis cannot mix the KV heads "
                                    "of a layer (calibrate with --rope-mode pre)")

@@ -66,11 +66,12 @@ class CalibrationSettings:
     batch_size: int = 4
     error_samples: int = 0                 # samples for the block-error curves (--allocation error needs them)
     rank_multiple: int = 1                 # GPU recipes: 16, so cache rows stay 16-byte aligned for the kernel
-    latents: str = "heads"                 # heads: a basis per KV head; joint: one per layer over all KV heads
+    latents: str = "auto"                  # heads: a basis per KV head; joint: one per layer over all KV heads;
+                                           # auto: joint where it fits (method.calibrate.choose_latents)
 
     def __post_init__(self):
         _at_least(self, 1, "nsamples", "batch_size", "rank_multiple", "grad_samples")
-        _one_of(self, "latents", LATENTS)
+        _one_of(self, "latents", ("auto", *LATENTS))
         if self.latents == "joint" and (self.basis != "loss" or self.rope_mode != "pre" or self.error_samples):
             raise EigenExportError("--latents joint takes the loss basis, --rope-mode pre and no error curves "
                                    f"(got basis {self.basis}, rope mode {self.rope_mode}, {self.error_samples} "
@@ -301,6 +302,7 @@ _TABLES = {
     "calibration": ("calibration", {"dataset": "dataset", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed",
                                     "rank_multiple": "rank_multiple"}),
     "compress": (None, {"kv_ratio": "kv_ratio", "error_budget": "error_budget", "rope_mode": "rope_mode",
+                        "latents": "latents",
                         "allocation": "allocation", "kv_dtype": "kv_dtype", "kv_rotation": "kv_rotation",
                         "kv_bits": "kv_bits"}),
     "engine": (None, {"max_batch": "max_batch", "max_context": "max_context", "onnx_dtype": "onnx_dtype",
@@ -326,7 +328,7 @@ def recipe_from_tables(name: str, data: dict) -> Recipe:
             raise EigenExportError(f"[model] needs '{required}'")
     dtype = model.get("dtype", "float32")
     calibration = {**values.get("calibration", {}), "dtype": dtype,
-                   **{k: compress[k] for k in ("rope_mode",) if k in compress}}
+                   **{k: compress[k] for k in ("rope_mode", "latents") if k in compress}}
     validation = {k: tuple(v) if isinstance(v, list) else v for k, v in values.get("validate", {}).items()}
     try:
         return Recipe(

@@ -147,7 +147,7 @@ def test_engine_with_a_quantized_cache_from_the_recipe(tiny_llama_dir, tmp_path,
     assert io["kv_dtype"] == kv_dtype and {e["dtype"] for e in io["inputs"][3:]} == {codes, "float16"}
     assert io["kv_layout"] == manifest["kv_layout"] and (manifest["kv_layout"] is None) == (kv_dtype == "int8")
     report = json.loads((root / "report" / "report.json").read_text())
-    h_kv = manifest["num_kv_heads"]
+    h_kv = 1 if manifest["latents"] == "joint" else manifest["num_kv_heads"]      # the cache's heads
     layout = manifest["kv_layout"] or [[None, None]] * len(manifest["ranks"])
     assert report["memory"]["kv_bytes_per_token_compressed"] == sum(
         h_kv * (code_width(k, kv_dtype, ck) + code_width(v, kv_dtype, cv) + 4)

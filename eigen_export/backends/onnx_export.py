@@ -280,9 +280,6 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
     if model.spec.positions == "alibi":
         return ("ALiBi adds a per-head position bias to the attention scores, and the LowRankAttention plugin "
                 "has no bias input: use model.onnx")
-    if model.spec.joint_latents and model.rope_mode == "pre":
-        return ("the plugin rebuilds pre-RoPE keys from one latent per KV head, and joint latents share one over "
-                "all KV heads: use model.onnx")
     # q/k reach the core at rank_k, except in rope_mode "pre", whose node turns key latents into full rotated keys
     widest = max(max(model.spec.head_dim if a.rope_mode == "pre" else a.ranks.k, a.ranks.v)
                  for a in (layer.attn for layer in model.layers))
@@ -303,15 +300,20 @@ def plugin_cores(model: Decoder):
             k, v, k_scale, v_scale, kv_dtype = k * k_scale.to(k.dtype), v * v_scale.to(v.dtype), None, None, None
         if kv_dtype is not None:
             k, v, k_scale, v_scale = present
-        latent = [None] * 4
+        latent, spec, heads = [None] * 4, attn.spec, attn.spec.cache_heads
         if attn.rope_mode == "pre":
-            spec = attn.spec
             tables = latent_key_tables(attn.basis_k.to(q.dtype), model.inv_freq, spec.rope_dim, spec.rope_layout,
                                        model.rope_scaling)
             latent = [default_position_ids(ctx.attention_mask, 0), *tables]
-        return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, *latent, attn.spec.softmax_scale,
-                                    attn.spec.num_heads, attn.spec.cache_heads, attn.ranks.k, attn.ranks.v,
-                                    attn.rope_mode or "none", kv_dtype or "none")
+            if spec.joint_latents:
+                # the node rebuilds each KV head's keys from that head's latent: the one joint latent is handed to
+                # every KV head (an Expand, i.e. a copy per step; a kernel reading it once is not written yet)
+                heads = spec.num_kv_heads
+                k, v, k_scale, v_scale = (None if t is None else t.expand(t.shape[0], heads, *t.shape[2:])
+                                          for t in (k, v, k_scale, v_scale))
+        return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, *latent, spec.softmax_scale,
+                                    spec.num_heads, heads, attn.ranks.k, attn.ranks.v, attn.rope_mode or "none",
+                                    kv_dtype or "none")
 
     attns = [layer.attn for layer in model.layers]
     for attn in attns:

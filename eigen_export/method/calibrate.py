@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from eigen_export_plugins.lowrank_attention.reference import MAX_RANK
+
 from ..errors import EigenExportError
+from ..families import ModelSpec
 from ..modeling import ROPE_MODES, Decoder, LayerRanks, rotate
 from .capture import Capture, LayerPass, chunks
 from .decompose import EPS_GRID, CurvePoint, direction_costs, eigenbasis, layer_rank, loss_basis, rotation_average
@@ -46,6 +49,21 @@ class LayerCalibration:
     def projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(basis_k, basis_v, down_k, down_v): what fold.fold_layers takes per layer."""
         return self.basis_k, self.basis_v, self.down_k, self.down_v
+
+
+def choose_latents(latents: str, spec: ModelSpec, rope_mode: str | None, basis: str, error_samples: int) -> str:
+    """heads | joint for a calibration asked for `latents` (auto | heads | joint).
+
+    auto takes joint latents where they can be fitted (loss basis, pre or no RoPE, no error curves) and the
+    layer's whole key or value row, H_kv x head_dim, fits the attention plugin (MAX_RANK): on SmolLM2 they halve
+    the perplexity cost of per-head latents at the same cache bytes (issue 13), and each query head then attends
+    over up to H_kv times more latent dimensions, which a wide MHA layer (OPT-6.7b: 4096) would pay 30-fold. A
+    single KV head is the same either way: heads."""
+    if latents != "auto":
+        return latents
+    rope_ok = spec.positions != "rope" or rope_mode == "pre"
+    fits = 1 < spec.num_kv_heads and spec.num_kv_heads * spec.head_dim <= MAX_RANK
+    return "joint" if fits and rope_ok and basis == "loss" and not error_samples else "heads"
 
 
 def _gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ from ..data import calibration_batch
 from ..errors import EigenExportError
 from ..loading import load_tokenizer
 from ..machine import return_freed_memory
-from ..method.calibrate import calibrate
+from ..method.calibrate import calibrate, choose_latents
 from ..method.decompose import EPS_GRID
 from ..settings import CalibrationSettings, resolve_device
 from .common import must_make
@@ -26,8 +26,9 @@ def is_current(calib_dir: Path, source: str, settings: CalibrationSettings) -> b
     except EigenExportError:
         return False
     wanted = {"source": str(source), **settings.record()}
-    rope_mode = wanted.pop("rope_mode")
-    return all(record.get(k) == v for k, v in wanted.items()) and record.get("rope_mode") in (None, rope_mode)
+    rope_mode, latents = wanted.pop("rope_mode"), wanted.pop("latents")
+    return all(record.get(k) == v for k, v in wanted.items()) and record.get("rope_mode") in (None, rope_mode) and \
+        latents in ("auto", record.get("latents"))
 
 
 def run_calibrate(source: str, out_dir: str | Path, settings: CalibrationSettings = CalibrationSettings(),
@@ -48,18 +49,19 @@ def run_calibrate(source: str, out_dir: str | Path, settings: CalibrationSetting
     ids = calibration_batch(load_tokenizer(source), settings.dataset, settings.nsamples, settings.seqlen,
                             settings.seed)
     streamed.load_head()
+    latents = choose_latents(settings.latents, model.spec, settings.rope_mode, settings.basis, settings.error_samples)
     layers = calibrate(model, ids, settings.rope_mode, settings.basis, settings.grad_samples,
                        error_samples=settings.error_samples,
                        batch_size=settings.batch_size, rank_multiple=settings.rank_multiple, progress=progress,
                        layer=streamed.block, rope_positions=settings.rope_positions,
-                       joint_heads=settings.latents == "joint")
+                       joint_heads=latents == "joint")
     record = CalibRecord(
         source=str(source), model_type=config.model_type,
         rope_mode=settings.rope_mode if model.spec.positions == "rope" else None, basis=settings.basis,
         grad_samples=settings.grad_samples, rope_positions=settings.rope_positions,
         dataset=settings.dataset, nsamples=settings.nsamples, seqlen=settings.seqlen, seed=settings.seed,
         dtype=settings.dtype, eps_grid=list(EPS_GRID), error_samples=settings.error_samples,
-        rank_multiple=settings.rank_multiple, latents=settings.latents,
+        rank_multiple=settings.rank_multiple, latents=latents,
         wall_time_s=round(time.perf_counter() - started, 2))
     write_calibration(out_dir, layers, record, force=True)
     return out_dir

@@ -31,7 +31,8 @@ CASES = [(name, kind) for name in TINY
 CASES += [("llama-gqa", "joint-pre"), ("opt", "joint-folded")]
 # quantized caches (issue 15): codes + fp16 scales in and out of the graph, in both RoPE modes and without RoPE
 QUANTIZED = [("llama-gqa", "pre+int8"), ("llama-gqa", "post+int4"), ("opt", "folded+int4"), ("gpt_neox", "pre+int4"),
-             ("mpt", "folded+int8"), ("llama-gqa", "pre+mixed"), ("opt", "folded+mixed"), ("opt", "joint-folded+int4")]
+             ("mpt", "folded+int8"), ("llama-gqa", "pre+mixed"), ("opt", "folded+mixed"), ("opt", "joint-folded+int4"),
+             ("llama-gqa", "joint-pre+int8")]
 ATOL = 1e-4
 QUANT_ATOL = 2e-3
 

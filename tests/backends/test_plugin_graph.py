@@ -27,8 +27,7 @@ from eigen_export_plugins.lowrank_attention.onnx_op import DOMAIN, OP_TYPE, OP_T
 from tests.backends.test_export import CASES, QUANT_ATOL, QUANTIZED, _left_padded, one_torch_thread  # noqa: E402,F401
 from tests.helpers.tiny_models import ptb_like_ids  # noqa: E402
 
-# MPT: ALiBi, and joint latents in pre mode: no plugin graph (each test says why)
-PLUGIN_CASES = [(name, kind) for name, kind in CASES + QUANTIZED if name != "mpt" and not kind.startswith("joint-pre")]
+PLUGIN_CASES = [(name, kind) for name, kind in CASES + QUANTIZED if name != "mpt"]     # MPT: ALiBi, no plugin graph
 ATOL = 1e-4
 
 
@@ -114,6 +113,8 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
     mode, _, kv_dtype = kind.removeprefix("joint-").partition("+")
     kv_dtype = kv_dtype if kv_dtype != "mixed" else ""      # a mixed cache reaches a float node decoded
     latent = mode == "pre"              # pre mode: the node reads the key latents and rotates the keys itself
+    # a joint latent reaches the node once per KV head in pre mode (the node rebuilds keys per KV head)
+    heads = spec.num_kv_heads if latent else spec.cache_heads
     assert {o.domain: o.version for o in plugin.opset_import}[DOMAIN] == 1
     nodes = [n for n in plugin.graph.node if n.op_type == OP_TYPES[(latent, bool(kv_dtype))]]
     assert len(nodes) == layers and all(n.domain == DOMAIN for n in nodes)
@@ -124,7 +125,7 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs.pop("scale") == pytest.approx(spec.head_dim ** -0.5, rel=1e-6)
         assert attrs == {"plugin_namespace": b"eigen_export", "plugin_version": b"1",
-                         "num_heads": spec.num_heads, "num_kv_heads": spec.cache_heads,
+                         "num_heads": spec.num_heads, "num_kv_heads": heads,
                          "rank_k": attn.ranks.k, "rank_v": attn.ranks.v,
                          "rope_mode": (mode if mode in ("pre", "post") else "none").encode(),
                          **({"kv_dtype": kv_dtype.encode()} if kv_dtype else {}),
@@ -132,7 +133,10 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
         assert len(node.input) == 4 + 2 * bool(kv_dtype) + 4 * latent
         if kv_dtype:                # the node reads the cache tensors themselves: codes and scales
             graph_inputs = {v.name for v in plugin.graph.input}
-            assert node.input[5].endswith("value_scale") or node.input[5] in graph_inputs
+            scale = node.input[5]
+            if heads != spec.cache_heads:           # a joint latent's, handed to each KV head by an Expand
+                scale = next(n for n in plugin.graph.node if scale in n.output and n.op_type == "Expand").input[0]
+            assert scale.endswith("value_scale") or scale in graph_inputs
     for a, b in ((plugin.graph.input, standard.graph.input), (plugin.graph.output, standard.graph.output)):
         assert [(v.name, v.type) for v in a] == [(v.name, v.type) for v in b]
     assert {p.key: p.value for p in plugin.metadata_props} == {p.key: p.value for p in standard.metadata_props}
@@ -201,13 +205,6 @@ def test_alibi_model_has_no_plugin_graph_and_says_why(exports):
         OnnxRuntimeBackend(onnx_dir, plugin=True)
     assert "\n" not in str(err.value)
     assert "has no plugin graph (model_plugin.onnx): ALiBi adds a per-head position bias" in str(err.value)
-
-
-def test_joint_latents_in_pre_mode_have_no_plugin_graph_and_say_why(exports):
-    _, onnx_dir, _, _ = exports.get("llama-gqa", "joint-pre")
-    io = json.loads((onnx_dir / IO_JSON).read_text())
-    assert io["plugin_model"] is None and "joint latents" in io["plugin_model_reason"]
-    assert not (onnx_dir / MODEL_PLUGIN_ONNX).exists()
 
 
 def test_fp16_plugin_graph_is_valid_and_ort_says_it_runs_fp32_only(exports):

@@ -166,3 +166,30 @@ def test_the_kept_layer_inputs_leave_the_gpu_only_when_they_do_not_fit():
     assert activation_home(gpu, 10**9, free_bytes=int(10**9 / ACTIVATION_SHARE)) == gpu
     assert activation_home(gpu, 10**9 + 1, free_bytes=int(10**9 / ACTIVATION_SHARE)) == cpu
 
+
+
+def test_auto_latents_are_joint_where_they_fit_and_can_be_fitted():
+    """auto: joint for a GQA layer whose H_kv x head_dim fits the plugin (SmolLM2: 3 x 64), per head where the
+    settings cannot fit a joint basis, for one KV head (the same thing) and for wide MHA layers (OPT-6.7b: 32 x
+    128 = 4096 features per latent would cost every query head 32 times the attention work)."""
+    import transformers as tf
+
+    from eigen_export.families import spec_from_config
+    from eigen_export.method.calibrate import choose_latents
+
+    smollm2 = spec_from_config(tf.LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                                              num_hidden_layers=2, intermediate_size=64, vocab_size=32))
+    opt = spec_from_config(tf.OPTConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=2, ffn_dim=64,
+                                        vocab_size=32, word_embed_proj_dim=4096))
+    mqa = smollm2.replace(num_kv_heads=1)
+    small_mha = spec_from_config(tf.OPTConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, ffn_dim=64,
+                                              vocab_size=32, word_embed_proj_dim=64))
+    assert choose_latents("auto", smollm2, "pre", "loss", 0) == "joint"
+    assert choose_latents("auto", small_mha, "pre", "loss", 0) == "joint"      # 4 x 16: no RoPE, fits
+    assert choose_latents("auto", smollm2, "post", "loss", 0) == "heads"
+    assert choose_latents("auto", smollm2, "pre", "energy", 0) == "heads"
+    assert choose_latents("auto", smollm2, "pre", "loss", 2) == "heads"
+    assert choose_latents("auto", opt, "pre", "loss", 0) == "heads"
+    assert choose_latents("auto", mqa, "pre", "loss", 0) == "heads"
+    assert choose_latents("heads", smollm2, "pre", "loss", 0) == "heads"
+    assert choose_latents("joint", opt, "pre", "loss", 0) == "joint"           # asked for: the user's call
