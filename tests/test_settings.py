@@ -18,6 +18,8 @@ from eigen_export.settings import (BuildSettings, CalibrationSettings, ExportSet
     ("[calibration]\nnsamples = 0\n", "nsamples must be an integer >= 1, got 0"),
     ("[compress]\nkv_ratio = 0\n", r"kv_ratio 0 is outside \(0, 1\]"),
     ("[compress]\nrope_mode = \"mid\"\n", "rope_mode 'mid' is not one of pre, post"),
+    ("[compress]\nlatents = \"shared\"\n", "latents 'shared' is not one of auto, heads, joint"),
+    ("[compress]\nlatents = \"joint\"\nrope_mode = \"post\"\n", "--latents joint takes the loss basis, --rope-mode pre"),
     ("[compress]\nkv_dtype = \"int3\"\n", "kv_dtype 'int3' is not one of None, int8, int4, mixed"),
     ("[compress]\nkv_dtype = \"mixed\"\nkv_bits = 9\n", r"kv_bits 9 is outside \[2, 8\]"),
     ("[compress]\nkv_dtype = \"int8\"\nkv_bits = 4\n", "kv_bits applies to a mixed cache only"),
