@@ -144,7 +144,7 @@ class Attention(nn.Module):
         else:
             q_width, k_width = d, (ranks.k if self.rope_mode == "pre" else d)
         self.q = nn.Linear(dim, h * q_width, bias="q" in biases)
-        self.k = nn.Linear(dim, (h_kv if self.rope_mode == "post" else cached) * k_width, bias="k" in biases)
+        self.k = nn.Linear(dim, cached * k_width, bias="k" in biases)
         self.v = nn.Linear(dim, cached * ranks.v, bias="v" in biases)
         self.o = nn.Linear(h * ranks.v, dim, bias="o" in biases)
         if self.rope_mode is not None:
@@ -159,7 +159,7 @@ class Attention(nn.Module):
         """q [B, H, S, *], k [B, H_kv, S, *], v [B, H_kv, S, r_v] as the model uses them before the cache."""
         spec = self.spec
         q = self._heads(x, self.q, spec.num_heads)
-        k = self._heads(x, self.k, spec.num_kv_heads if self.rope_mode == "post" else spec.cache_heads)
+        k = self._heads(x, self.k, spec.cache_heads)
         v = self._heads(x, self.v, spec.cache_heads)
         if spec.positions == "rope":
             q = rotate(q, ctx.q_cos, ctx.q_sin, spec.rope_dim, spec.rope_layout)

@@ -18,7 +18,7 @@ from .assets import smollm2_dir
 from .dtypes import EXPORT_NAMES, FLOAT_NAMES
 from .errors import EigenExportError
 from .families import REGISTRY
-from .method.calibrate import BASES
+from .method.calibrate import BASES, joint_fittable
 from .method.fold import ALLOCATIONS
 from .method.merge import check_method
 from .modeling import LATENTS, ROPE_MODES
@@ -72,7 +72,7 @@ class CalibrationSettings:
     def __post_init__(self):
         _at_least(self, 1, "nsamples", "batch_size", "rank_multiple", "grad_samples")
         _one_of(self, "latents", ("auto", *LATENTS))
-        if self.latents == "joint" and (self.basis != "loss" or self.rope_mode != "pre" or self.error_samples):
+        if self.latents == "joint" and not joint_fittable(self.rope_mode, self.basis, self.error_samples):
             raise EigenExportError("--latents joint takes the loss basis, --rope-mode pre and no error curves "
                                    f"(got basis {self.basis}, rope mode {self.rope_mode}, {self.error_samples} "
                                    "error samples)")

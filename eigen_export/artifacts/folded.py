@@ -16,7 +16,7 @@ from eigen_export_plugins.lowrank_attention.kv_codec import KV_DTYPES
 
 from ..dtypes import resolve_dtype
 from ..errors import EigenExportError
-from ..families import spec_from_config
+from ..families import latent_layout, spec_from_config
 from ..loading import Checkpoint, StreamedModel, build_decoder, fake_decoder, load_hf, load_hf_config, load_tokenizer
 from ..modeling import LATENTS, Decoder, LayerRanks
 from .layout import GENERATION_CONFIG, MANIFEST, WEIGHTS, WEIGHTS_INDEX, is_folded, weights_shard
@@ -80,12 +80,12 @@ class Manifest:
     @property
     def cache_heads(self) -> int:
         """Heads of the cache (ModelSpec.cache_heads)."""
-        return 1 if self.latents == "joint" else self.num_kv_heads
+        return latent_layout(self.num_kv_heads, self.head_dim, self.latents == "joint")[0]
 
     @property
     def latent_width(self) -> int:
         """Widest a cached vector can be (ModelSpec.latent_width): what kv_ratio divides a rank by."""
-        return self.head_dim * (self.num_kv_heads if self.latents == "joint" else 1)
+        return latent_layout(self.num_kv_heads, self.head_dim, self.latents == "joint")[1]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2) + "\n"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import EigenExportError
-from .base import Adapter, ModelSpec
+from .base import Adapter, ModelSpec, latent_layout
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA_LIKE
 from .mpt import MPT
@@ -29,4 +29,4 @@ def spec_from_config(config) -> ModelSpec:
     return adapter.spec(config)
 
 
-__all__ = ["Adapter", "ModelSpec", "REGISTRY", "SUPPORTED_MODEL_TYPES", "get_adapter", "spec_from_config"]
+__all__ = ["Adapter", "ModelSpec", "REGISTRY", "SUPPORTED_MODEL_TYPES", "get_adapter", "latent_layout", "spec_from_config"]

@@ -22,6 +22,12 @@ import torch
 POSITIONS = ("learned", "rope", "alibi")
 
 
+def latent_layout(num_kv_heads: int, head_dim: int, joint: bool) -> tuple[int, int]:
+    """(heads of the cache, widest cached vector): one joint latent over all H_kv d features of a layer side, or
+    one per KV head over its d."""
+    return (1, num_kv_heads * head_dim) if joint else (num_kv_heads, head_dim)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     model_type: str
@@ -62,12 +68,12 @@ class ModelSpec:
     @property
     def cache_heads(self) -> int:
         """Heads of the cache: one joint latent, or one latent (or full vector) per KV head."""
-        return 1 if self.joint_latents else self.num_kv_heads
+        return latent_layout(self.num_kv_heads, self.head_dim, self.joint_latents)[0]
 
     @property
     def latent_width(self) -> int:
         """Widest a cached vector can be: the features its basis spans (H_kv d for a joint latent)."""
-        return self.head_dim * (self.num_kv_heads if self.joint_latents else 1)
+        return latent_layout(self.num_kv_heads, self.head_dim, self.joint_latents)[1]
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)

@@ -51,6 +51,13 @@ class LayerCalibration:
         return self.basis_k, self.basis_v, self.down_k, self.down_v
 
 
+def joint_fittable(rope_mode: str | None, basis: str, error_samples: int) -> bool:
+    """Whether one basis can span all KV heads of a layer: the loss basis, pre-RoPE keys or none (a post-RoPE key
+    basis also projects the queries, which rotate per head) and no error curves (their candidates are per head).
+    rope_mode: None for a model without RoPE."""
+    return basis == "loss" and rope_mode != "post" and not error_samples
+
+
 def choose_latents(latents: str, spec: ModelSpec, rope_mode: str | None, basis: str, error_samples: int) -> str:
     """heads | joint for a calibration asked for `latents` (auto | heads | joint).
 
@@ -61,9 +68,9 @@ def choose_latents(latents: str, spec: ModelSpec, rope_mode: str | None, basis: 
     single KV head is the same either way: heads."""
     if latents != "auto":
         return latents
-    rope_ok = spec.positions != "rope" or rope_mode == "pre"
     fits = 1 < spec.num_kv_heads and spec.num_kv_heads * spec.head_dim <= MAX_RANK
-    return "joint" if fits and rope_ok and basis == "loss" and not error_samples else "heads"
+    fittable = joint_fittable(rope_mode if spec.positions == "rope" else None, basis, error_samples)
+    return "joint" if fits and fittable else "heads"
 
 
 def _gram_update(gram: torch.Tensor, x: torch.Tensor) -> None:
@@ -185,7 +192,7 @@ def calibrate(model: Decoder, calib_ids: torch.Tensor, rope_mode: str | None = "
     if basis not in BASES:
         raise EigenExportError(f"basis must be one of {BASES}, got {basis!r}")
     rope_mode = rope_mode if rope else None
-    if joint_heads and (basis != "loss" or rope_mode == "post" or error_samples):
+    if joint_heads and not joint_fittable(rope_mode, basis, error_samples):
         raise EigenExportError("joint_heads takes the loss basis, pre (or no) RoPE and no error curves")
     span = _rotation_span(model, rope_mode, rope_positions)
     fit_mode = "pre" if span else rope_mode      # averaged post: gather pre-RoPE statistics, rotate them after
