@@ -181,9 +181,13 @@ class Attention(nn.Module):
         its score afterwards. A joint latent (one cache head) rebuilds every KV head's keys by broadcasting; its
         one value head serves all query heads."""
         if self.rope_mode == "pre":
-            k = torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2))
-            k = rotate(k, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
+            k = self.rotate_keys(torch.matmul(k, self.basis_k.to(k.dtype).transpose(-1, -2)), ctx)
         return attention_core(q, k, v, ctx.bias, self.spec.softmax_scale, k_scale, v_scale)
+
+    def rotate_keys(self, k, ctx: AttentionContext):
+        """`pre` mode: the rebuilt keys [B, H_kv, T, d] turned by their positions (the export may swap this for one
+        RotaryEmbedding node: backends/onnx_export.py)."""
+        return rotate(k, ctx.k_cos, ctx.k_sin, self.spec.rope_dim, self.spec.rope_layout)
 
     def forward(self, x, ctx: AttentionContext, past: tuple[torch.Tensor, ...] | None = None):
         """(output, present): the layer's cache with this chunk appended, (key, value) or, quantized,

@@ -29,6 +29,8 @@ BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
 DEVICES = ("auto", "cpu", "cuda")
 ENGINE_CHOICES = ("auto", "tensorrt", "onnxruntime")
 MIN_OPSET = 18
+# 23 brings RotaryEmbedding, which `pre` mode's key rotation exports as (backends/onnx_export.py)
+DEFAULT_OPSET = 23
 
 
 # Messages name the setting as recipes spell it (the flag is the same name with dashes).
@@ -175,7 +177,7 @@ class MergeSettings:
 class ExportSettings:
     """`export`: the graphs' dtype and opset, and whether to write the plugin graph too."""
     dtype: str = "fp32"                    # fp16/bf16 keep softmax and norms in fp32
-    opset: int = MIN_OPSET
+    opset: int = DEFAULT_OPSET
     plugin: bool = True
     # weights in model.onnx.data: saved tensor by tensor and shared by the plugin graph. Inline (False) or
     # size-decided (None) graphs are serialised whole in memory, twice the weights for a moment.

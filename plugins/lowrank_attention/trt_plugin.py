@@ -1,4 +1,4 @@
-"""TensorRT registration of the low-rank attention op (DESIGN 6) through `tensorrt.plugin` (TensorRT >= 10.9).
+"""TensorRT registration of the low-rank attention op (DESIGN 6) through `tensorrt.plugin` (TensorRT >= 10.15).
 
 The ONNX plugin graph (`onnx/model_plugin.onnx`) holds one `LowRankAttention` node per layer, domain and
 `plugin_namespace` "eigen_export", `plugin_version` "1"; TensorRT's ONNX parser maps such a node to the
@@ -38,8 +38,9 @@ PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 QUANTIZED_OP, LATENT_OP, LATENT_QUANTIZED_OP = (f"{PLUGIN_NAME}{kind}" for kind in ("Quantized", "LatentK",
                                                                                    "LatentKQuantized"))
 AOT_OPS = (PLUGIN_NAME, LATENT_OP)           # the op types with a compiled (AOT) kernel; the others run the JIT path
-MIN_TENSORRT = (10, 9)
-INSTALL_HINT = ("TensorRT >= 10.9 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "
+# 10.9 brought tensorrt.plugin; 10.15's ONNX parser reads opsets up to 24 (the export's default is 23)
+MIN_TENSORRT = (10, 15)
+INSTALL_HINT = ("TensorRT >= 10.15 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "
                 "on a machine with an NVIDIA GPU")
 # Compute capability the PTX is compiled for when no GPU tells us (H100); PTX of an older target JITs forward.
 DEFAULT_TARGET = (9, 0)

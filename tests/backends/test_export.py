@@ -181,6 +181,46 @@ def test_graph_follows_the_contract(exports, name, kind):
         (4 if kv_dtype is None else 1) * (packed(r.k, layer.attn.counts[0]) + packed(r.v, layer.attn.counts[1]))
         + 2 * scale_bytes for r, layer in zip(reference.ranks, reference.layers))
     assert io["softmax_scale"] == pytest.approx(reference.spec.head_dim ** -0.5)
+    # at the default opset (23) `pre` mode turns its rebuilt keys in one RotaryEmbedding node per layer
+    rotary = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == (len(reference.layers) if mode == "pre" else 0)
+
+
+@pytest.mark.parametrize("layout,rope_dim", [("half", 16), ("half", 8), ("interleaved", 16), ("interleaved", 8)])
+def test_rotary_node_turns_keys_as_the_reference_does(layout, rope_dim):
+    """The RotaryEmbedding form of the key rotation (what the graph holds; torch runs the op's own definition)
+    equals modeling.rotate for both pair layouts, whole and partial, with scaled tables (rope_scaling)."""
+    from types import SimpleNamespace
+    from eigen_export.backends.onnx_export import rotary_keys
+    from eigen_export.modeling import AttentionContext, rotate
+
+    b, h_kv, t, d = 2, 3, 9, 16
+    angles = torch.arange(t)[:, None] * 10000 ** (-torch.arange(rope_dim // 2) / (rope_dim // 2))
+    angles = angles.repeat(1, 2) if layout == "half" else angles.repeat_interleave(2, dim=-1)
+    positions = torch.stack([torch.arange(t), torch.arange(t).clamp(min=2) - 2])   # a left-padded row too
+    cos, sin = (f(angles[positions])[:, None] * 1.3 for f in (torch.cos, torch.sin))   # [B, 1, T, rope_dim]
+    attn = SimpleNamespace(spec=SimpleNamespace(rope_dim=rope_dim, rope_layout=layout))
+    ctx = AttentionContext(bias=None, attention_mask=None, k_cos=cos, k_sin=sin)
+    k = torch.randn(b, h_kv, t, d, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(rotary_keys(attn, k, ctx), rotate(k, cos, sin, rope_dim, layout), atol=1e-6)
+
+
+def test_pre_mode_below_opset_23_exports_the_rotation_decomposed(exports, tmp_path):
+    """Below opset 23 (no RotaryEmbedding) the same fold exports the rotation as plain ops and still matches."""
+    model_dir, _, reference, _ = exports.get("gpt_neox", "pre")           # partial rotary: rope_dim < head_dim
+    onnx_dir = export(model_dir, tmp_path / "onnx22", opset=22)
+    model = onnx.load(str(onnx_dir / MODEL_ONNX), load_external_data=False)
+    assert model.opset_import[0].version == 22
+    assert not [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    backend, torch_backend = OnnxRuntimeBackend(onnx_dir, threads=1), TorchBackend(reference)
+    ids, mask = _left_padded(3, 7)
+    ref = torch_backend.forward(ids, mask, default_position_ids(mask, 0), None)
+    _assert_close(backend.forward(ids, mask, default_position_ids(mask, 0), None), ref, "opset 22 prefill")
+    more = ptb_like_ids(3, 1, seed=12)
+    mask = torch.cat([mask, torch.ones_like(more)], 1)
+    positions = default_position_ids(mask, 7)
+    _assert_close(backend.forward(more, mask, positions, ref[1]), torch_backend.forward(more, mask, positions, ref[1]),
+                  "opset 22 decode")
 
 
 def test_tied_embeddings_are_stored_once(exports):

@@ -1,6 +1,6 @@
 """TensorRT engines of tiny exports (DESIGN 7): build, run through TensorRTBackend, compare with PyTorch.
 
-Every engine test needs TensorRT (>= 10.9, with tensorrt.plugin) and a CUDA GPU and skips with the precise
+Every engine test needs TensorRT (>= 10.15, with tensorrt.plugin) and a CUDA GPU and skips with the precise
 reason where either is missing; the error-path tests at the bottom run anywhere.
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ def test_backend_without_tensorrt_or_gpu_says_why_in_one_line(tmp_path):
         TensorRTBackend(_fake_trt_engine(tmp_path))
     message = str(err.value)
     assert "\n" not in message
-    assert ("needs TensorRT: TensorRT >= 10.9 with tensorrt.plugin is needed" in message
+    assert ("needs TensorRT: TensorRT >= 10.15 with tensorrt.plugin is needed" in message
             if UNAVAILABLE == "TensorRT not installed" else "needs a CUDA GPU" in message)
 
 

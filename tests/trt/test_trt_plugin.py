@@ -212,7 +212,7 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
         from_shape_expr=lambda shape, dtype: TensorDesc(shape, dtype),
         register=decorator("register"), aot_impl=decorator("aot_impl"), impl=decorator("impl"))
     trt = types.ModuleType("tensorrt")
-    trt.__version__, trt.float32, trt.float16, trt.bfloat16, trt.plugin = "10.13.0", "F32", "F16", "BF16", trtp
+    trt.__version__, trt.float32, trt.float16, trt.bfloat16, trt.plugin = "10.15.0", "F32", "F16", "BF16", trtp
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.setattr(trt_plugin, "_registered", False)
