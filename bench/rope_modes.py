@@ -7,6 +7,7 @@ Calibration: `eigen-export calibrate` defaults (32 x 512 PTB train), one per mod
 Evaluation: every non-overlapping 512- and 2048-token window of PTB test and of the Python language reference
 (kv_accuracy.texts: the same joins), no BOS, fp32, no cache. Modes:
   pre          keys compressed before RoPE, rebuilt full width and rotated at run time (exact at any position)
+  pre-joint    pre with one latent per layer side for all KV heads (issue 13; calibrate's default for SmolLM2)
   post         keys compressed after RoPE with a basis fitted to every position of the max context
                (decompose.rotation_average; the cache is read as it is)
   post-2048    post fitted to every position below 2048 (--rope-positions 2048: the context served here)
@@ -34,7 +35,9 @@ from bench.kv_accuracy import (DEFAULT_TEXTS, TEXTS, calibrate_in_child, folded_
                                windows_of)
 from eigen_export.machine import git_commit, machine  # noqa: E402
 
-MODES = {"pre": ("--rope-mode", "pre"), "post": ("--rope-mode", "post"),
+# `pre` pinned to a latent per KV head (the rows measured before joint latents became calibrate's default for SmolLM2)
+MODES = {"pre": ("--rope-mode", "pre", "--latents", "heads"), "post": ("--rope-mode", "post"),
+         "pre-joint": ("--rope-mode", "pre", "--latents", "joint"),
          "post-2048": ("--rope-mode", "post", "--rope-positions", "2048"),
          "post-window": ("--rope-mode", "post", "--rope-positions", "0")}
 RATIOS = (0.7, 0.5)
