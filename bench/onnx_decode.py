@@ -10,7 +10,7 @@ The folds are made from the calibrations of bench/rope_modes.py (build/bench-rop
 bench first, or `eigen-export calibrate smollm2-135m --rope-mode <mode> --latents heads --out
 build/bench-rope-modes/calib-<mode>`; the joint variants from `... --rope-mode pre --latents joint --out
 build/bench-rope-modes/calib-pre-joint`) into build/bench-rope-modes/fold-<mode>-<ratio>[-<kv dtype>] when absent.
-Exports (cached, skipped when current): the original into build/bench-onnx/original, the folds into <dir>/onnx.
+Exports (cached: skipped when current, redone when stale): the original into build/bench-onnx/original, the folds into <dir>/onnx.
 
 Per thread count, all variants are loaded at once and measured interleaved (round-robin, the order rotating
 per repeat), so machine noise hits all of them alike; every number is a median. Decode steps start from a
@@ -251,7 +251,8 @@ def prepare_exports(names) -> dict:
                 if not (calib / "calib.json").exists():
                     sys.exit(f"{calib} is missing: run bench/rope_modes.py first (see the docstring of {__file__})")
                 run_fold(str(smollm2_dir()), calib, source, FoldSettings(kv_ratio=ratio, kv_dtype=kv_dtype))
-        onnx_dir = run_export(source, ExportSettings(), out)
+        # the bench owns these directories: an export made with other settings (an older opset) is redone
+        onnx_dir = run_export(source, ExportSettings(), out, replace_stale=True)
         io = read_io(onnx_dir)
         records[name] = {"onnx_dir": str(onnx_dir.relative_to(REPO)), "source": io.source,
                          "export_seconds": io.export_seconds, "export_cpu_seconds": io.export_cpu_seconds,
