@@ -10,7 +10,8 @@ The folds are made from the calibrations of bench/rope_modes.py (build/bench-rop
 bench first, or `eigen-export calibrate smollm2-135m --rope-mode <mode> --latents heads --out
 build/bench-rope-modes/calib-<mode>`; the joint variants from `... --rope-mode pre --latents joint --out
 build/bench-rope-modes/calib-pre-joint`) into build/bench-rope-modes/fold-<mode>-<ratio>[-<kv dtype>] when absent.
-Exports (cached: skipped when current, redone when stale): the original into build/bench-onnx/original, the folds into <dir>/onnx.
+Exports (cached: skipped when current, redone when stale): the original into build/bench-onnx/original, the folds
+into <dir>/onnx.
 
 Per thread count, all variants are loaded at once and measured interleaved (round-robin, the order rotating
 per repeat), so machine noise hits all of them alike; every number is a median. Decode steps start from a
