@@ -238,9 +238,9 @@ def graph_for_parser(path: Path, graph: str) -> tuple[bytes, dict]:
     """The serialized graph TensorRT parses, and its node counts (build.json `graph_nodes`).
 
     The export, folded further by Polygraphy where that removes nodes (backends/onnx_sanitize.py); for the
-    plugin graph, each plugin node of a type with a compiled kernel (trt_plugin.AOT_OPS: float caches, `pre` mode's
-    latent keys included) carries `aot=1`, the attribute that makes TensorRT's parser take the plugin's AOT
-    implementation (compiled kernel, no Python at run time) instead of its JIT one
+    plugin graph, each plugin node of a type with a compiled kernel (trt_plugin.AOT_OPS: every op type, float and
+    quantized caches, `pre` mode's latent keys) carries `aot=1`, the attribute that makes TensorRT's parser take
+    the plugin's AOT implementation (compiled kernel, no Python at run time) instead of its JIT one
     (https://github.com/NVIDIA/TensorRT/tree/main/samples/python/quickly_deployable_plugins#onnx-model-with-an-
     aot-plugin). External weights stay where they are, read from beside `path`. The file is not changed."""
     import onnx

@@ -37,7 +37,7 @@ PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 # onnx_op.OP_TYPES
 QUANTIZED_OP, LATENT_OP, LATENT_QUANTIZED_OP = (f"{PLUGIN_NAME}{kind}" for kind in ("Quantized", "LatentK",
                                                                                    "LatentKQuantized"))
-AOT_OPS = (PLUGIN_NAME, LATENT_OP)           # the op types with a compiled (AOT) kernel; the others run the JIT path
+AOT_OPS = (PLUGIN_NAME, QUANTIZED_OP, LATENT_OP, LATENT_QUANTIZED_OP)   # the op types with a compiled (AOT) kernel
 # 10.9 brought tensorrt.plugin; 10.15's ONNX parser reads opsets up to 24 (the export's default is 23)
 MIN_TENSORRT = (10, 15)
 INSTALL_HINT = ("TensorRT >= 10.15 with tensorrt.plugin is needed: pip install 'eigen_export[tensorrt]' "
@@ -117,6 +117,26 @@ def _define(trt, trtp) -> None:
             _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
             ptx_version=driver_ptx_version(), head_dim=head_dim))
 
+    def compile_aot_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                              attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
+                              scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
+                              kv_dtype: str, outputs: Tuple[trtp.TensorDesc], tactic: int):
+        # a LowRankAttentionQuantized node: the kernel dequantizes the codes on load; the ranks come from the
+        # attributes (int4 codes are ceil(rank / 2) wide)
+        return aot_launch(q, k, num_heads, compile_prefill_ptx(
+            _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
+            ptx_version=driver_ptx_version(), kv_dtype=kv_dtype))
+
+    def compile_aot_latent_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
+                                     attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc,
+                                     v_scale: trtp.TensorDesc, key_positions: trtp.TensorDesc,
+                                     basis_cos: trtp.TensorDesc, basis_sin: trtp.TensorDesc, freq: trtp.TensorDesc,
+                                     scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
+                                     kv_dtype: str, head_dim: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
+        return aot_launch(q, k, num_heads, compile_prefill_ptx(
+            _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
+            ptx_version=driver_ptx_version(), head_dim=head_dim, kv_dtype=kv_dtype))
+
     def aot_launch(q: trtp.TensorDesc, k: trtp.TensorDesc, num_heads: int, kernel: AotKernel):
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(q.shape_expr[2], kernel.block_m)        # query blocks
@@ -142,9 +162,8 @@ def _define(trt, trtp) -> None:
             out.copy_(lowrank_attention(*tensors, scale))
 
     # The other op types (onnx_op.OP_TYPES): quantized caches (codes + fp16 scales per side) and pre-RoPE key
-    # latents (positions, two maps, frequencies). A float latent node also has an AOT kernel (above; tensorrt_backend
-    # marks it aot=1 like the float op); the quantized ones are JIT only (no AOT entry takes codes yet). The output's last dim is the rank_v attribute: int4 codes are ceil(rank_v / 2) wide.
-    # ShapeExpr takes ints as constants
+    # latents (positions, two maps, frequencies); each has an AOT kernel above and this JIT fallback. The output's
+    # last dim is the rank_v attribute: int4 codes are ceil(rank_v / 2) wide. ShapeExpr takes ints as constants
     # (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/Shape/ShapeExpr.html).
     def describe_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
                            attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
@@ -192,7 +211,9 @@ def _define(trt, trtp) -> None:
     trtp.register(PLUGIN_ID)(_resolve_hints(describe, names))
     trtp.aot_impl(PLUGIN_ID)(_resolve_hints(compile_aot, names))
     trtp.impl(PLUGIN_ID)(_resolve_hints(run_jit, names))
-    trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{LATENT_OP}")(_resolve_hints(compile_aot_latent, names))
+    for op_type, compile_op in ((QUANTIZED_OP, compile_aot_quantized), (LATENT_OP, compile_aot_latent),
+                                (LATENT_QUANTIZED_OP, compile_aot_latent_quantized)):
+        trtp.aot_impl(f"{PLUGIN_NAMESPACE}::{op_type}")(_resolve_hints(compile_op, names))
     for op_type, shape, run in ((QUANTIZED_OP, describe_quantized, run_quantized),
                                 (LATENT_OP, describe_latent, run_latent),
                                 (LATENT_QUANTIZED_OP, describe_latent_quantized, run_latent_quantized)):
@@ -283,10 +304,22 @@ def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out
                           RANK_V: tl.constexpr, QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
                           RV_PAD: tl.constexpr):
-    # a float node: the latent-key pointers are placeholders the kernel never reads (LATENT_KEYS False)
-    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len, total_len, out_ptr,
-                        NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, QK_SCALE_LOG2, IEEE_DOT, False, BLOCK_M, BLOCK_N,
-                        RK_PAD, RV_PAD, RK_PAD)
+    # a float node: the scale and latent-key pointers are placeholders the kernel never reads
+    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, k_ptr, v_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len,
+                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, RANK_K, RANK_V, QK_SCALE_LOG2,
+                        IEEE_DOT, False, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
+
+
+def lowrank_attention_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, seq_len, total_len, out_ptr,
+                                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
+                                    RANK_V: tl.constexpr, QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
+                                    RV_PAD: tl.constexpr, BITS: tl.constexpr, K_ROW: tl.constexpr,
+                                    V_ROW: tl.constexpr):
+    # a LowRankAttentionQuantized node: k and v are codes, ks and vs their fp16 scales
+    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len,
+                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, K_ROW, V_ROW, QK_SCALE_LOG2,
+                        IEEE_DOT, False, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
 
 
 def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
@@ -296,37 +329,57 @@ def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr
                                  IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
     # a LowRankAttentionLatentK node: q is head_dim wide, k holds the key latents
-    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len, total_len,
-                        out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, QK_SCALE_LOG2, IEEE_DOT, True, BLOCK_M,
-                        BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
+                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, RANK_K, RANK_V,
+                        QK_SCALE_LOG2, IEEE_DOT, True, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
 
 
-def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len, total_len, out_ptr,
-                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
-                       QK_DIM: tl.constexpr, QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
-                       LATENT_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
+def lowrank_attention_latent_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr,
+                                           freq_ptr, seq_len, total_len, out_ptr,
+                                           NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
+                                           RANK_V: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                           QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
+                                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
+                                           RV_PAD: tl.constexpr, QK_PAD: tl.constexpr, BITS: tl.constexpr,
+                                           K_ROW: tl.constexpr, V_ROW: tl.constexpr):
+    # a LowRankAttentionLatentKQuantized node: the key latents and the values as codes, then their scales
+    _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
+                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, K_ROW, V_ROW, QK_SCALE_LOG2,
+                        IEEE_DOT, True, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+
+
+def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
+                       total_len, out_ptr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
+                       RANK_V: tl.constexpr, QK_DIM: tl.constexpr, K_ROW: tl.constexpr, V_ROW: tl.constexpr,
+                       QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr, LATENT_KEYS: tl.constexpr,
+                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
+                       RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
     """The prefill kernel on contiguous tensors, every stride derived from the shapes: q [B, H, S, QK_DIM],
-    k [B, H_kv, T, r_k], v [B, H_kv, T, r_v], mask [B, T], out [B, H, S, r_v]; with latent keys, key positions
-    [B, T], basis_cos / basis_sin [H_kv, r_k, QK_DIM], freq [QK_DIM]. A float cache: the scale pointers are
-    placeholders the kernel never reads (K_BITS = V_BITS = 0)."""
+    k [B, H_kv, T, K_ROW], v [B, H_kv, T, V_ROW] (K_ROW = r_k floats or int8 codes, ceil(r_k / 2) bytes of int4
+    codes; V_ROW alike), mask [B, T], out [B, H, S, r_v]; with codes (BITS 8 or 4), scales ks / vs [B, H_kv, T, 1];
+    with latent keys, key positions [B, T], basis_cos / basis_sin [H_kv, r_k, QK_DIM], freq [QK_DIM]. Pointers a
+    node does not have are placeholders the kernel never reads (BITS 0: no scales; LATENT_KEYS False)."""
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
     _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, cos_ptr, sin_ptr, freq_ptr, pos_ptr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, out_ptr, cos_ptr, sin_ptr, freq_ptr, pos_ptr,
         NUM_HEADS * seq_len * QK_DIM, seq_len * QK_DIM, QK_DIM, 1,
-        NUM_KV_HEADS * total_len * RANK_K, total_len * RANK_K, RANK_K, 1,
-        NUM_KV_HEADS * total_len * RANK_V, total_len * RANK_V, RANK_V, 1,
-        0, 0, 0, 0, 0, 0,
+        NUM_KV_HEADS * total_len * K_ROW, total_len * K_ROW, K_ROW, 1,
+        NUM_KV_HEADS * total_len * V_ROW, total_len * V_ROW, V_ROW, 1,
+        NUM_KV_HEADS * total_len, total_len, 1, NUM_KV_HEADS * total_len, total_len, 1,
         total_len, 1,
         NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
         RANK_K * QK_DIM, QK_DIM, 1, total_len, 1,
         NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, QK_DIM, QK_SCALE_LOG2,
-        True, IEEE_DOT, 0, 0, LATENT_KEYS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+        True, IEEE_DOT, BITS, BITS, LATENT_KEYS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+
+
+_ENTRIES = {(False, False): lowrank_attention_aot, (False, True): lowrank_attention_quantized_aot,
+            (True, False): lowrank_attention_latent_aot, (True, True): lowrank_attention_latent_quantized_aot}
 
 
 @functools.lru_cache(maxsize=None)
-def _aot_entry(latent: bool = False):
-    """`lowrank_attention_aot` (or, latent, `lowrank_attention_latent_aot`) as a Triton kernel. Triton resolves a
+def _aot_entry(latent: bool = False, quantized: bool = False):
+    """The AOT entry of a node type (latent keys or not, codes or floats) as a Triton kernel. Triton resolves a
     kernel's names in its module's globals, so `tl`, `_prefill_kernel` and `_contiguous_prefill` are bound here,
     on first use, rather than at import (this module must import without triton, and triton_kernels must load
     after TRITON_INTERPRET is set)."""
@@ -338,38 +391,48 @@ def _aot_entry(latent: bool = False):
     if _contiguous_prefill is None:
         globals().update(tl=triton.language, _prefill_kernel=_prefill_kernel,
                          _contiguous_prefill=triton.jit(contiguous_prefill))
-    return triton.jit(lowrank_attention_latent_aot if latent else lowrank_attention_aot)
+    return triton.jit(_ENTRIES[latent, quantized])
 
 
-# what TensorRT passes an AOT kernel: the node's inputs, the two int32 sizes, the output
-_ENTRY_PARAMS = {False: 7, True: 11}
+# what TensorRT passes an AOT kernel: the node's inputs, the two int32 sizes, the output (by (latent, quantized))
+_ENTRY_PARAMS = {(False, False): 7, (False, True): 9, (True, False): 11, (True, True): 13}
 _TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+_CODE_TYPES = {"int8": "*i8", "int4": "*u8"}       # kv_codec's storage of each code width
 
 
 @functools.lru_cache(maxsize=None)
 def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int, scale: float,
                         target: tuple[int, int] = DEFAULT_TARGET, ptx_version: int | None = None,
-                        head_dim: int | None = None) -> AotKernel:
+                        head_dim: int | None = None, kv_dtype: str | None = None) -> AotKernel:
     """The AOT kernel for one layer's attributes, compiled to PTX for sm_<target> (no GPU needed).
 
     ptx_version: cap on the PTX ISA (e.g. 87 = 8.7), see driver_ptx_version(); None = what Triton's ptxas takes.
     head_dim: a LowRankAttentionLatentK node's (its keys are rank_k latents turned into head_dim-wide keys).
+    kv_dtype: a quantized node's ("int8" | "int4"): k and v are codes, followed by their fp16 scales.
     """
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from .kv_codec import BITS, code_width
     from .triton_kernels import LOG2E, PrefillConfig, _padded
 
     if dtype not in _TRITON_TYPES:
         raise ValueError(f"lowrank_attention AOT: dtype {dtype!r} is not one of {', '.join(_TRITON_TYPES)}")
+    if kv_dtype is not None and kv_dtype not in _CODE_TYPES:
+        raise ValueError(f"lowrank_attention AOT: kv_dtype {kv_dtype!r} is not one of {', '.join(_CODE_TYPES)} "
+                         "(a mixed cache is decoded in front of a float node)")
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"lowrank_attention AOT: num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     rk_pad, rv_pad = _padded(rank_k), _padded(rank_v)
     latent = head_dim is not None
     qk_pad = _padded(head_dim) if latent else rk_pad
     ieee = dtype == "fp32"
+    quantized = kv_dtype is not None
     pointer = _TRITON_TYPES[dtype]
-    signature = {"q_ptr": pointer, "k_ptr": pointer, "v_ptr": pointer, "mask_ptr": "*i64"}
+    cache = _CODE_TYPES[kv_dtype] if quantized else pointer
+    signature = {"q_ptr": pointer, "k_ptr": cache, "v_ptr": cache, "mask_ptr": "*i64"}
+    if quantized:
+        signature |= {"ks_ptr": "*fp16", "vs_ptr": "*fp16"}
     if latent:
         signature |= {"pos_ptr": "*i64", "cos_ptr": pointer, "sin_ptr": pointer, "freq_ptr": "*fp32"}
     signature |= {"seq_len": "i32", "total_len": "i32", "out_ptr": pointer}
@@ -390,7 +453,10 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
                       "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "RK_PAD": rk_pad, "RV_PAD": rv_pad}
         if latent:
             constexprs |= {"HEAD_DIM": head_dim, "QK_PAD": qk_pad}
-        source = triton.compiler.ASTSource(_aot_entry(latent), signature=signature, constexprs=constexprs)
+        if quantized:
+            constexprs |= {"BITS": BITS[kv_dtype], "K_ROW": code_width(rank_k, kv_dtype),
+                           "V_ROW": code_width(rank_v, kv_dtype)}
+        source = triton.compiler.ASTSource(_aot_entry(latent, quantized), signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options=dict(options, num_warps=config.num_warps, num_stages=config.num_stages))
         if compiled.metadata.shared <= MAX_STATIC_SHARED:
@@ -402,7 +468,7 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
     if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
         raise RuntimeError("lowrank_attention AOT: the compiled kernel needs a scratch buffer, "
                            "which a TensorRT AOT launch does not pass")
-    ptx = drop_unused_entry_params(compiled.asm["ptx"], meta.name, _ENTRY_PARAMS[latent])
+    ptx = drop_unused_entry_params(compiled.asm["ptx"], meta.name, _ENTRY_PARAMS[latent, quantized])
     return AotKernel(name=meta.name, ptx=ptx, num_warps=meta.num_warps, shared_mem=meta.shared,
                      block_m=config.block_m)
 

@@ -238,24 +238,24 @@ def test_graph_choice_and_the_aot_attribute(tmp_path):
     node = helper.make_node("LowRankAttention", ["q", "k", "v", "m"], ["o"], domain="eigen_export",
                             plugin_namespace="eigen_export", plugin_version="1", scale=0.125, num_heads=4,
                             num_kv_heads=2, rank_k=8, rank_v=8, rope_mode="post")
-    # pre mode's float latent-key node has a compiled kernel too; a quantized node runs the JIT path
-    others = [helper.make_node(op_type, ["q", "k", "v", "m"], [out], domain="eigen_export",
-                               plugin_namespace="eigen_export", plugin_version="1")
-              for op_type, out in (("LowRankAttentionLatentK", "o2"), ("LowRankAttentionQuantized", "o3"))]
+    # the other op types (latent keys, quantized caches) have compiled kernels too
+    kinds = ("LatentK", "Quantized", "LatentKQuantized")
+    others = [helper.make_node(f"LowRankAttention{kind}", ["q", "k", "v", "m"], [f"o{i}"], domain="eigen_export",
+                               plugin_namespace="eigen_export", plugin_version="1") for i, kind in enumerate(kinds)]
     values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("q", "k", "v", "o")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "o0", "o1", "o2")]
     graph = helper.make_graph([node, helper.make_node("Identity", ["o"], ["y"]), *others], "g", values[:3] +
-                              [helper.make_tensor_value_info("m", TensorProto.INT64, None)],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "o2", "o3")])
+                              [helper.make_tensor_value_info("m", TensorProto.INT64, None)], outputs)
     path = tmp_path / "model_plugin.onnx"
     onnx.save(helper.make_model(graph), str(path))
     parsed_bytes, nodes = graph_for_parser(path, "plugin")
     parsed = onnx.load_from_string(parsed_bytes)
-    assert nodes == {"before": 4, "after": 4, "folded": False, "note": "folding removed no node"}
+    assert nodes == {"before": 5, "after": 5, "folded": False, "note": "folding removed no node"}
     attrs = {a.name: helper.get_attribute_value(a) for a in parsed.graph.node[0].attribute}
     assert attrs["aot"] == 1 and attrs["plugin_namespace"] == b"eigen_export" and attrs["num_heads"] == 4
     assert not any(a.name == "aot" for a in parsed.graph.node[1].attribute)
     marked = {n.op_type: any(a.name == "aot" for a in n.attribute) for n in parsed.graph.node[2:]}
-    assert marked == {"LowRankAttentionLatentK": True, "LowRankAttentionQuantized": False}
+    assert marked == {f"LowRankAttention{kind}": True for kind in kinds}
     assert not any(a.name == "aot" for a in onnx.load(str(path)).graph.node[0].attribute)
     standard = onnx.load_from_string(graph_for_parser(path, "standard")[0])
     assert not any(a.name == "aot" for a in standard.graph.node[0].attribute)

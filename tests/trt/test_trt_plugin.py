@@ -21,9 +21,9 @@ from eigen_export_plugins.lowrank_attention.trt_plugin import (  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-# what TensorRT passes an AOT kernel: q, k, v, mask (a latent-key node: and key_positions, basis_cos, basis_sin,
-# freq), seq_len, total_len, out
-ENTRY_PARAMS = {None: 7, "latent": 11}
+# what TensorRT passes an AOT kernel: q, k, v, mask (a quantized node: and k_scale, v_scale; a latent-key node: and
+# key_positions, basis_cos, basis_sin, freq), seq_len, total_len, out
+INPUTS = {(False, False): 4, (False, True): 6, (True, False): 8, (True, True): 10}
 
 
 def _entry_params(ptx: str, name: str) -> list[str]:
@@ -42,22 +42,26 @@ def _ptxas(arch: int) -> Path | None:
     return path if path.exists() else None
 
 
-@pytest.mark.parametrize("dtype,heads,kv_heads,rank_k,rank_v,target,ptx_version,head_dim", [
-    ("fp16", 4, 2, 40, 56, (9, 0), None, None),    # GQA, ranks that are not powers of two
-    ("bf16", 8, 8, 77, 80, (9, 0), 85, None),      # PTX ISA capped for a CUDA 12.6 driver
-    ("fp32", 4, 1, 64, 64, (8, 0), None, None),    # IEEE dots, smaller tiles; an older target
-    ("fp16", 9, 3, 40, 56, (9, 0), None, 64),      # latent keys (pre mode): SmolLM2's head shape
-    ("bf16", 32, 8, 102, 80, (9, 0), None, 128),   # latent keys at a 7B head dim: within 48 KB of shared memory
+@pytest.mark.parametrize("dtype,heads,kv_heads,rank_k,rank_v,target,ptx_version,head_dim,kv_dtype", [
+    ("fp16", 4, 2, 40, 56, (9, 0), None, None, None),    # GQA, ranks that are not powers of two
+    ("bf16", 8, 8, 77, 80, (9, 0), 85, None, None),      # PTX ISA capped for a CUDA 12.6 driver
+    ("fp32", 4, 1, 64, 64, (8, 0), None, None, None),    # IEEE dots, smaller tiles; an older target
+    ("fp16", 9, 3, 40, 56, (9, 0), None, 64, None),      # latent keys (pre mode): SmolLM2's head shape
+    ("bf16", 32, 8, 102, 80, (9, 0), None, 128, None),   # latent keys at a 7B head dim: within 48 KB of shared memory
+    ("fp16", 4, 2, 40, 56, (9, 0), None, None, "int8"),  # quantized caches: codes and fp16 scales
+    ("bf16", 32, 8, 77, 90, (9, 0), 85, None, "int4"),   # packed int4, odd rank
+    ("fp16", 9, 3, 45, 45, (9, 0), None, 64, "int8"),    # SmolLM2 at KV 0.7, pre mode, int8 (the documented default)
+    ("fp32", 32, 8, 102, 80, (8, 0), None, 128, "int4"),
 ])
 def test_aot_kernel_compiles_to_ptx_with_tensorrts_signature(dtype, heads, kv_heads, rank_k, rank_v, target,
-                                                             ptx_version, head_dim):
+                                                             ptx_version, head_dim, kv_dtype):
     kernel = compile_prefill_ptx(dtype, heads, kv_heads, rank_k, rank_v, 0.125, target=target,
-                                 ptx_version=ptx_version, head_dim=head_dim)
+                                 ptx_version=ptx_version, head_dim=head_dim, kv_dtype=kv_dtype)
     if ptx_version is not None:
         assert f".version {ptx_version // 10}.{ptx_version % 10}" in kernel.ptx
     params = _entry_params(kernel.ptx, kernel.name)
-    inputs = 4 if head_dim is None else 8
-    assert len(params) == ENTRY_PARAMS[head_dim and "latent"], params   # Triton's scratch pointers dropped
+    inputs = INPUTS[head_dim is not None, kv_dtype is not None]
+    assert len(params) == inputs + 3, params                           # Triton's scratch pointers dropped
     kinds = [p.split()[1] for p in params]
     assert kinds == [".u64"] * inputs + [".u32"] * 2 + [".u64"]       # inputs, 2 int32 sizes, 1 output
     ptx_target = re.search(r"\.target (sm_\w+)", kernel.ptx).group(1)      # sm_90a: Hopper's arch-specific ISA
@@ -94,6 +98,8 @@ def test_bad_attributes_are_refused():
         compile_prefill_ptx("fp16", 4, 3, 32, 32, 0.125)
     with pytest.raises(ValueError, match="dtype 'int8'"):
         compile_prefill_ptx("int8", 4, 2, 32, 32, 0.125)
+    with pytest.raises(ValueError, match="kv_dtype 'mixed' is not one of int8, int4"):
+        compile_prefill_ptx("fp16", 4, 2, 32, 32, 0.125, kv_dtype="mixed")
 
 
 def test_register_without_tensorrt_says_what_to_install():
@@ -114,13 +120,14 @@ _INTERPRETED = r"""
 import json, sys
 import torch
 import triton
+from eigen_export_plugins.lowrank_attention.kv_codec import BITS, Quantized, code_width, encode
 from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
 from eigen_export_plugins.lowrank_attention.latent_rope import LatentKeys, latent_key_tables
 from eigen_export_plugins.lowrank_attention.trt_plugin import _aot_entry
 from eigen_export_plugins.lowrank_attention.triton_kernels import LOG2E, _padded
 
 results = {}
-for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim in json.loads(sys.argv[2]):
+for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype in json.loads(sys.argv[2]):
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     total = past + seq
@@ -137,29 +144,38 @@ for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim in json.l
                  IEEE_DOT=dt == torch.float32, BLOCK_M=block_m, BLOCK_N=32, RK_PAD=_padded(rank_k),
                  RV_PAD=_padded(rank_v))
     grid = (triton.cdiv(seq, block_m), batch * heads)
+    cache = [k, v]                                        # what the node takes after q: the cache, then the mask
+    extra = []                                            # ... then the scales, then the latent-key inputs
+    if kv_dtype:                                          # a quantized node: codes, the scales after the mask
+        k, v = (Quantized(*encode(t.float(), kv_dtype), kv_dtype, t.shape[-1]) for t in (k, v))
+        cache, extra = [k.codes, v.codes], [k.scale, v.scale]
+        sizes |= dict(BITS=BITS[kv_dtype], K_ROW=code_width(rank_k, kv_dtype), V_ROW=code_width(rank_v, kv_dtype))
     latent = None
     if head_dim:                                          # a LowRankAttentionLatentK node's inputs, in its order
         basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim))[0][..., :rank_k].to(dt)
         inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
         latent = LatentKeys(*latent_key_tables(basis, inv_freq, head_dim, "half"), (mask.cumsum(-1) - 1).clamp(min=0))
-        _aot_entry(True)[grid](q, k, v, mask, latent.positions, latent.basis_cos, latent.basis_sin, latent.freq, seq,
-                               total, out, HEAD_DIM=head_dim, QK_PAD=_padded(head_dim), **sizes)
-    else:
-        _aot_entry()[grid](q, k, v, mask, seq, total, out, **sizes)
+        extra += [latent.positions, latent.basis_cos, latent.basis_sin, latent.freq]
+        sizes |= dict(HEAD_DIM=head_dim, QK_PAD=_padded(head_dim))
+    _aot_entry(bool(head_dim), bool(kv_dtype))[grid](q, *cache, mask, *extra, seq, total, out, **sizes)
     want = lowrank_attention_reference(q, k, v, mask, scale, latent)
-    results[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}"] = \
+    results[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}-{kv_dtype}"] = \
         (out.float() - want.float()).abs().max().item()
 print(json.dumps(results))
 """
 
 INTERPRETED_CASES = [
-    # batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim (latent keys) or None
-    (2, 4, 2, 1, 37, 40, 56, "float32", None),      # decode through the one-pass kernel, GQA, padded row
-    (2, 4, 2, 9, 0, 40, 56, "float32", None),       # prefill
-    (1, 3, 1, 5, 70, 24, 8, "float32", None),       # prefill continuing a cache, odd heads
-    (2, 4, 4, 1, 20, 32, 48, "float16", None),
-    (2, 6, 2, 1, 37, 41, 24, "float32", 64),        # latent keys (pre mode): decode, padded row
-    (2, 6, 2, 9, 5, 24, 40, "float16", 64),         # latent keys: prefill continuing a cache
+    # batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim (latent keys) or None, kv_dtype or None
+    (2, 4, 2, 1, 37, 40, 56, "float32", None, None),      # decode through the one-pass kernel, GQA, padded row
+    (2, 4, 2, 9, 0, 40, 56, "float32", None, None),       # prefill
+    (1, 3, 1, 5, 70, 24, 8, "float32", None, None),       # prefill continuing a cache, odd heads
+    (2, 4, 4, 1, 20, 32, 48, "float16", None, None),
+    (2, 6, 2, 1, 37, 41, 24, "float32", 64, None),        # latent keys (pre mode): decode, padded row
+    (2, 6, 2, 9, 5, 24, 40, "float16", 64, None),         # latent keys: prefill continuing a cache
+    (2, 4, 2, 1, 37, 40, 56, "float32", None, "int8"),    # quantized caches: decode, padded row
+    (1, 3, 1, 5, 70, 25, 9, "float16", None, "int4"),     # packed int4 of odd ranks, prefill continuing a cache
+    (2, 6, 2, 1, 37, 41, 24, "float32", 64, "int4"),      # quantized latent keys: decode, padded row
+    (2, 6, 2, 9, 5, 24, 40, "float16", 64, "int8"),       # quantized latent keys: prefill continuing a cache
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
 
@@ -175,8 +191,8 @@ def interpreted():
 
 @pytest.mark.parametrize("case", INTERPRETED_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_aot_entry_matches_the_reference_under_the_interpreter(interpreted, case):
-    batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim = case
-    err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}"]
+    batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype = case
+    err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}-{kv_dtype}"]
     assert err <= TOLERANCE[dtype], f"max |out - reference| = {err:.2e}"
 
 
@@ -220,9 +236,7 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     monkeypatch.setattr(trt_plugin, "_current_target", lambda: (9, 0))
     trt_plugin.register()
     float_op, others = "eigen_export::LowRankAttention", ("Quantized", "LatentK", "LatentKQuantized")
-    assert set(recorded) == {(kind, float_op) for kind in ("register", "aot_impl", "impl")} | \
-        {(kind, float_op + q) for kind in ("register", "impl") for q in others} | \
-        {("aot_impl", float_op + "LatentK")}                          # quantized ones: JIT only
+    assert set(recorded) == {(kind, float_op + op) for kind in ("register", "aot_impl", "impl") for op in ("", *others)}
     describe, compile_aot = recorded[("register", float_op)], recorded[("aot_impl", float_op)]
     # a quantized node's output width is the rank_v attribute (int4 value codes are half as wide)
     out = recorded[("register", float_op + "Quantized")](
@@ -262,3 +276,15 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     assert name == "lowrank_attention_latent_aot" and f".entry {name}(" in ptx
     assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and 0 < launch.shared_mem <= 48 * 1024
     assert list(extra) == [("i32", seq), ("i32", total)]
+    # quantized nodes: int4 codes are ceil(rank / 2) wide, so the sizes come from the attributes, not the shapes
+    codes_k, codes_v = TensorDesc((batch, kv_heads, total, 20), "U8"), TensorDesc((batch, kv_heads, total, 28), "U8")
+    scales = TensorDesc((batch, kv_heads, total, 1), "F16")
+    name, ptx, launch, extra = recorded[("aot_impl", float_op + "Quantized")](
+        q, codes_k, codes_v, mask, scales, scales, 0.125, heads, kv_heads, rank_k, rank_v, "int4", (out,), 0)
+    assert name == "lowrank_attention_quantized_aot" and len(_entry_params(ptx, name)) == 9
+    assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and list(extra) == [("i32", seq), ("i32", total)]
+    name, ptx, launch, extra = recorded[("aot_impl", float_op + "LatentKQuantized")](
+        q_full, codes_k, codes_v, mask, scales, scales, positions, maps, maps, TensorDesc((64,), "F32"), 0.125, heads,
+        kv_heads, rank_k, rank_v, "int8", 64, (out,), 0)
+    assert name == "lowrank_attention_latent_quantized_aot" and len(_entry_params(ptx, name)) == 13
+    assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and list(extra) == [("i32", seq), ("i32", total)]
