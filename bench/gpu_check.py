@@ -15,7 +15,8 @@ Sections, each written to the JSON as soon as it is done (a timeout keeps what f
   5. quantized caches: decode time of int8 / int4 codes against fp16 at the same ranks (informative);
   6. latent keys (rope_mode `pre`, latent_rope.py): decode time with pre-RoPE key latents turned in the kernel,
      against the kernel fed keys rebuilt and rotated in full by torch first (what `pre` did before) and against
-     plain latents of the same rank (no rotation: the lower bound) (informative);
+     plain latents of the same rank (no rotation: the lower bound) (informative); and a joint latent (one cache
+     head, issue 13) read in place by each KV head's maps against copying it per KV head first (informative);
   7. end_to_end(): the hook for a model-level check (not implemented here yet).
 Targets (PASS/FAIL): at contexts >= 8k the kernel reaches >= 70% of copy bandwidth; at rank 77
 (KV ratio 0.6) it takes <= 0.7x the time of full-rank SDPA.
@@ -299,19 +300,27 @@ class GpuCheck:
         grid += [dict(shape=s, dtype=d, kv=kv) for s in [small[2], small[7]] for d in dtypes_small
                  for kv in ("latent", "latent-int4")]
         grid += [dict(shape=s, dtype="float16", kv=kv) for s in quantized for kv in ("latent", "latent-int8")]
+        # joint latents (issue 13): one cache head that each KV head's maps read in place, latents wider than a head
+        joint = [(2, 16, 2, 1, 700, 180, 160, (300, 0), False, None), (2, 16, 2, 37, 90, 120, 200, (0, 9), True, None)]
+        if not self.dry:
+            joint += [(8, 16, 2, 1, 8191, 176, 176, (), False, None)]
+        grid += [dict(shape=s, dtype=d, kv=kv) for s in joint for d in dtypes_long for kv in ("joint", "joint-int8")]
         return grid
 
     def make_inputs(self, shape, dtype: str, seed: int = 0, kv: str = "float"):
         """q, k, v, mask, scale, latent_keys; kv "int8" / "int4" quantizes k and v (kv_codec), "v-int8" / "v-int4" v
-        only; "latent[-int8|-int4]": k holds pre-RoPE key latents (quantized, with v) and q is HEAD_DIM wide."""
+        only; "latent[-int8|-int4]": k holds pre-RoPE key latents (quantized, with v) and q is HEAD_DIM wide;
+        "joint[-int8|-int4]": as latent, with ONE cache head (a joint latent) that every KV head's maps read."""
         from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
         torch = self.torch
         batch, heads, heads_kv, seq, past, rank_k, rank_v, left_pad, view, _ = shape
         gen = torch.Generator(device=self.device).manual_seed(seed)
         dt = getattr(torch, dtype)
         total = past + seq
-        latent = kv.startswith("latent")
-        kv = kv.removeprefix("latent").removeprefix("-") or "float"
+        joint = kv.startswith("joint")
+        latent = joint or kv.startswith("latent")
+        kv = kv.removeprefix("joint").removeprefix("latent").removeprefix("-") or "float"
+        maps_heads, heads_kv = heads_kv, 1 if joint else heads_kv
         width = HEAD_DIM if latent else rank_k
 
         def randn(*size):
@@ -332,15 +341,21 @@ class GpuCheck:
             kv_dtype = kv.removeprefix("v-")
             v = Quantized(*encode(v, kv_dtype), kv_dtype, rank_v)
             k = k if kv.startswith("v-") else Quantized(*encode(k, kv_dtype), kv_dtype, rank_k)
-        return q, k, v, mask, 1.0 / math.sqrt(HEAD_DIM), self.latent_keys(heads_kv, rank_k, mask) if latent else None
+        latent_keys = self.latent_keys(maps_heads, rank_k, mask, joint=joint) if latent else None
+        return q, k, v, mask, 1.0 / math.sqrt(HEAD_DIM), latent_keys
 
-    def latent_keys(self, heads_kv: int, rank_k: int, mask, seed: int = 1):
-        """Latent-key tables of an orthonormal random key basis per KV head, Llama-2's frequencies and each key's
-        position over the real tokens of mask."""
+    def latent_keys(self, heads_kv: int, rank_k: int, mask, seed: int = 1, joint: bool = False):
+        """Latent-key tables of an orthonormal random key basis per KV head (joint: one over all KV heads' features,
+        in H_kv blocks), Llama-2's frequencies and each key's position over the real tokens of mask."""
         from eigen_export_plugins.lowrank_attention.latent_rope import LatentKeys, latent_key_tables
         torch = self.torch
         gen = torch.Generator().manual_seed(seed)
-        basis = torch.linalg.qr(torch.randn(heads_kv, HEAD_DIM, HEAD_DIM, generator=gen))[0][..., :rank_k]
+        if joint:
+            width = heads_kv * HEAD_DIM
+            basis = torch.linalg.qr(torch.randn(width, width, generator=gen))[0][:, :rank_k]
+            basis = basis.reshape(heads_kv, HEAD_DIM, rank_k)
+        else:
+            basis = torch.linalg.qr(torch.randn(heads_kv, HEAD_DIM, HEAD_DIM, generator=gen))[0][..., :rank_k]
         inv_freq = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
         tables = [t.to(self.device) for t in latent_key_tables(basis, inv_freq, HEAD_DIM, "half")]
         return LatentKeys(*tables, (mask.cumsum(-1) - 1).clamp(min=0))
@@ -507,7 +522,39 @@ class GpuCheck:
                      f"x{row['in_kernel_vs_rebuilt']:.2f} of rebuilt-then-kernel, x{row['in_kernel_vs_plain']:.2f} of "
                      "plain latents")
             del k, v, latent_keys
-        return {"rows": rows}
+        return {"rows": rows, "joint": self.joint_decode(batch, contexts)}
+
+    def joint_decode(self, batch: int, contexts) -> list:
+        """A joint latent (issue 13: one cache head, H_kv x head_dim <= 256 features) read in place by each KV head's
+        maps, against the copy per KV head that the plugin graph made in front of the node before (an Expand,
+        materialised every step)."""
+        torch = self.torch
+        heads_kv, rank = (2, 176) if not self.dry else (2, 32)
+        heads = NUM_HEADS if not self.dry else 4
+        scale, config, rows = 1.0 / math.sqrt(HEAD_DIM), self.decode_configs["aligned"], []
+        for context in contexts:
+            k, v = (torch.randn(batch, 1, context, rank, device=self.device, dtype=torch.float16) for _ in range(2))
+            q = torch.randn(batch, heads, 1, HEAD_DIM, device=self.device, dtype=torch.float16)
+            mask = torch.ones(batch, context, dtype=torch.int64, device=self.device)
+            latent_keys = self.latent_keys(heads_kv, rank, mask, joint=True)
+
+            def in_place():
+                return self.kernels.lowrank_attention(q, k, v, mask, scale, latent_keys=latent_keys,
+                                                      decode_config=config)
+
+            def copied():
+                k_all, v_all = (t.expand(batch, heads_kv, context, rank).contiguous() for t in (k, v))
+                return self.kernels.lowrank_attention(q, k_all, v_all, mask, scale, latent_keys=latent_keys,
+                                                      decode_config=config)
+
+            row = {"B": batch, "H": heads, "H_kv": heads_kv, "context": context, "rank": rank,
+                   "in_place": self.time_call([in_place]), "copied_per_kv_head": self.time_call([copied])}
+            row["in_place_vs_copied"] = row["in_place"]["us"] / row["copied_per_kv_head"]["us"]
+            rows.append(row)
+            self.log(f"joint latent decode ctx {context}: in place {row['in_place']['us']:.1f} us, "
+                     f"x{row['in_place_vs_copied']:.2f} of copying it per KV head first")
+            del k, v, latent_keys
+        return rows
 
     # ------------------------------------------------------------------ 4. decode speed
 

@@ -49,6 +49,11 @@ class Case:
     #                    as in rope_mode pre, whose keys reach the op rebuilt in full)
     latent: str = ""  # pre-RoPE key latents turned in the op (latent_rope.py): the rope layout, half / interleaved,
     #                   or partial (half, a quarter of the features rotated); q is then LATENT_HEAD_DIM wide
+    joint: bool = False  # latent keys: k and v hold one head (a joint latent) that the heads_kv maps all read
+
+    @property
+    def cache_heads(self) -> int:
+        return 1 if self.joint else self.heads_kv
 
     @property
     def name(self) -> str:
@@ -58,6 +63,7 @@ class Case:
         extra += "-prefetch" if self.prefetch else ""
         extra += f"-{self.kv}" if self.kv != "float" else ""
         extra += f"-latent-{self.latent}" if self.latent else ""
+        extra += "-joint" if self.joint else ""
         return (f"{kind}-b{self.batch}-h{self.heads}kv{self.heads_kv}-past{self.past}"
                 f"-r{self.rank_k}x{self.rank_v}-{self.dtype}{pad}{extra}")
 
@@ -103,6 +109,11 @@ CASES = [
     Case(2, 9, 1, 1, 300, 120, 184, "float16", left_pad=(0, 40), chunk_len=64),
     Case(2, 9, 1, 5, 17, 184, 120, "float32", left_pad=(2, 0)),
     Case(1, 9, 1, 1, 70, 117, 131, "float32", kv="int8"),
+    # ... and in pre mode: the one latent rebuilt by each of the 3 KV heads' maps, read in place (head stride 0)
+    Case(3, 6, 3, 1, 37, 24, 40, "float32", left_pad=(0, 5, 0), chunk_len=16, latent="half", joint=True),
+    Case(2, 9, 3, 5, 17, 120, 120, "float16", left_pad=(2, 0), latent="half", joint=True),
+    Case(1, 9, 3, 1, 70, 117, 131, "float32", kv="int8", latent="interleaved", joint=True),
+    Case(2, 6, 2, 1, 33, 41, 24, "float16", left_pad=(3, 0), kv="int4", latent="partial", joint=True),
 ]
 LATENT_HEAD_DIM = 64
 
@@ -120,6 +131,7 @@ BAD_SHAPES = [
     ("scale_shape", "v scales must be float16 [2, 2, 6, 1]"),
     ("latent_basis", "latent keys' basis_cos must be float [H_kv=2, r_k=16, d=16]"),
     ("latent_positions", "latent keys' positions must be integer [B=2, P+S=6]"),
+    ("latent_groups", "k has H_kv=3 heads, which must divide q's H=4"),
 ]
 
 
@@ -136,12 +148,12 @@ def make_inputs(case: Case, seed: int = 0):
     if case.view:
         q = randn(case.batch, case.seq, case.heads, width).transpose(1, 2)  # [B, H, S, r_k or d]
         capacity = total + 11  # a preallocated cache with room left: k is [:, :, :P+S]
-        k = randn(case.batch, case.heads_kv, capacity, case.rank_k)[:, :, :total]
-        v = randn(case.batch, case.heads_kv, capacity, case.rank_v)[:, :, :total]
+        k = randn(case.batch, case.cache_heads, capacity, case.rank_k)[:, :, :total]
+        v = randn(case.batch, case.cache_heads, capacity, case.rank_v)[:, :, :total]
     else:
         q = randn(case.batch, case.heads, case.seq, width)
-        k = randn(case.batch, case.heads_kv, total, case.rank_k)
-        v = randn(case.batch, case.heads_kv, total, case.rank_v)
+        k = randn(case.batch, case.cache_heads, total, case.rank_k)
+        v = randn(case.batch, case.cache_heads, total, case.rank_v)
     mask = torch.ones(case.batch, total, dtype=torch.int64)
     for row, pad in enumerate(case.left_pad):
         mask[row, :pad] = 0
@@ -157,14 +169,20 @@ def make_inputs(case: Case, seed: int = 0):
 
 
 def latent_keys_for(case: Case, mask: torch.Tensor, seed: int = 1) -> LatentKeys | None:
-    """The latent-key tables of a case: an orthonormal key basis per KV head in the case's dtype (as the exporter
-    makes them: fp16 maps take the kernels' fp16 dots), Llama's frequencies, an attention factor != 1, and each
-    key's position counted over real tokens (the model's default_position_ids)."""
+    """The latent-key tables of a case: an orthonormal key basis per KV head (a joint latent: one over all KV heads'
+    features) in the case's dtype (as the exporter makes them: fp16 maps take the kernels' fp16 dots), Llama's
+    frequencies, an attention factor != 1, and each key's position counted over real tokens (the model's
+    default_position_ids)."""
     if not case.latent:
         return None
     gen = torch.Generator().manual_seed(seed)
     d = LATENT_HEAD_DIM
-    basis = torch.linalg.qr(torch.randn(case.heads_kv, d, d, generator=gen))[0][..., :case.rank_k]
+    if case.joint:      # one orthonormal basis over all KV heads' features: ranks up to H_kv x d, in H_kv blocks
+        width = case.heads_kv * d
+        basis = torch.linalg.qr(torch.randn(width, width, generator=gen))[0][:, :case.rank_k]
+        basis = basis.reshape(case.heads_kv, d, case.rank_k)
+    else:
+        basis = torch.linalg.qr(torch.randn(case.heads_kv, d, d, generator=gen))[0][..., :case.rank_k]
     rope_dim = d // 4 if case.latent == "partial" else d
     inv_freq = 1.0 / 10000 ** (torch.arange(0, rope_dim, 2).float() / rope_dim)
     layout = "interleaved" if case.latent == "interleaved" else "half"
@@ -187,8 +205,8 @@ def _encode_buffer(t, kv_dtype, view, total):
 def _naive_attention(q, k, v, mask, scale):
     """One query at a time, in float64: an independent statement of the semantics."""
     batch, heads, seq, _ = q.shape
-    heads_kv, total = k.shape[1], k.shape[2]
-    group, past = heads // heads_kv, total - seq
+    total = k.shape[2]
+    group, v_group, past = heads // k.shape[1], heads // v.shape[1], total - seq   # v: one head if joint
     out = torch.zeros(batch, heads, seq, v.shape[3], dtype=torch.float64)
     for b in range(batch):
         for h in range(heads):
@@ -198,7 +216,7 @@ def _naive_attention(q, k, v, mask, scale):
                     continue  # a padding query: zeros by definition
                 kk = k[b, h // group, keys].double()
                 weights = torch.softmax(kk @ q[b, h, i].double() * scale, dim=0)
-                out[b, h, i] = weights @ v[b, h // group, keys].double()
+                out[b, h, i] = weights @ v[b, h // v_group, keys].double()
     return out
 
 
@@ -214,6 +232,27 @@ def test_reference_matches_naive_loop(case):
         k = latent_keys.keys(k)
     torch.testing.assert_close(got.double(), _naive_attention(q, k, v, mask, scale),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int4"])
+def test_a_joint_latent_is_read_by_every_kv_heads_maps(kv_dtype):
+    """One cache head (a joint latent) gives what the same latent copied to each KV head gives: each KV head's maps
+    rebuild its keys from it, and every query head reads it as its values."""
+    case = Case(2, 6, 3, 4, 9, 24, 40, "float32", left_pad=(0, 3), latent="half", joint=True,
+                kv=kv_dtype or "float")
+    q, k, v, mask, scale = make_inputs(case)
+    latent = latent_keys_for(case, mask)
+
+    def copied(t):
+        if isinstance(t, Quantized):
+            return Quantized(copied(t.codes), copied(t.scale), t.kv_dtype, t.rank)
+        return t.repeat(1, case.heads_kv, 1, 1)
+    got = lowrank_attention_reference(q, k, v, mask, scale, latent)
+    torch.testing.assert_close(got, lowrank_attention_reference(q, copied(k), copied(v), mask, scale, latent),
+                               atol=1e-6, rtol=1e-6)
+    # and not what one KV head's maps alone would give
+    first = LatentKeys(latent.basis_cos[:1], latent.basis_sin[:1], latent.freq, latent.positions)
+    assert (got - lowrank_attention_reference(q, k, v, mask, scale, first)).abs().max() > 1e-2
 
 
 def test_reference_padding_queries_are_zero_and_finite():
@@ -285,6 +324,9 @@ def _bad_inputs(kind: str):
         maps, positions = torch.zeros(2, 16, 16), torch.zeros(2, 6, dtype=torch.int64)
         if kind == "latent_basis":
             latent = LatentKeys(torch.zeros(2, 16, 12), maps, torch.zeros(16), positions)
+        elif kind == "latent_groups":           # a joint latent (one cache head) whose maps have 3 KV heads
+            k, v, maps = k[:, :1], v[:, :1], torch.zeros(3, 16, 16)
+            latent = LatentKeys(maps, maps, torch.zeros(16), positions)
         else:
             latent = LatentKeys(maps, maps, torch.zeros(16), positions.float())
     if kind == "q_3d":

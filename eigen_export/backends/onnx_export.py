@@ -307,12 +307,9 @@ def plugin_cores(model: Decoder):
             tables = latent_key_tables(attn.basis_k.to(q.dtype), model.inv_freq, spec.rope_dim, spec.rope_layout,
                                        model.rope_scaling)
             latent = [default_position_ids(ctx.attention_mask, 0), *tables]
-            if spec.joint_latents:
-                # the node rebuilds each KV head's keys from that head's latent: the one joint latent is handed to
-                # every KV head (an Expand, i.e. a copy per step; a kernel reading it once is not written yet)
-                heads = spec.num_kv_heads
-                k, v, k_scale, v_scale = (None if t is None else t.expand(t.shape[0], heads, *t.shape[2:])
-                                          for t in (k, v, k_scale, v_scale))
+            # the maps' KV heads set the GQA groups; a joint latent reaches the node as its one cache head, which
+            # every KV head's maps read (no copy per KV head)
+            heads = spec.num_kv_heads
         return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, *latent, spec.softmax_scale,
                                     spec.num_heads, heads, attn.ranks.k, attn.ranks.v, attn.rope_mode or "none",
                                     kv_dtype or "none")

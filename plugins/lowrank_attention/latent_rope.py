@@ -22,25 +22,32 @@ import torch
 class LatentKeys:
     """How the op turns cached key latents [B, H_kv, P+S, r_k] into rotated keys [B, H_kv, P+S, d]:
     basis_cos, basis_sin [H_kv, r_k, d] fp32, freq [d] fp32, positions [B, P+S] integer (each cached key's
-    position: real tokens counted, left padding not, as the model's rotary tables count them)."""
+    position: real tokens counted, left padding not, as the model's rotary tables count them). A joint latent
+    (one cache head for all KV heads, issue 13) is [B, 1, P+S, r_k]: each KV head's maps read the same latent."""
     basis_cos: torch.Tensor
     basis_sin: torch.Tensor
     freq: torch.Tensor
     positions: torch.Tensor
 
+    @property
+    def heads(self) -> int:
+        """H_kv: the KV heads whose keys the maps rebuild (the GQA groups of the query heads)."""
+        return self.basis_cos.shape[0]
+
     def keys(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent [B, H_kv, T, r_k] (any float dtype) -> rotated keys [B, H_kv, T, d] fp32."""
+        """latent [B, H_kv or 1, T, r_k] (any float dtype) -> rotated keys [B, H_kv, T, d] fp32."""
         angle = self.positions.float()[:, None, :, None] * self.freq.float()            # [B, 1, T, d]
         c = latent.float()
         return c @ self.basis_cos.float()[None] * angle.cos() + c @ self.basis_sin.float()[None] * angle.sin()
 
-    def check(self, heads_kv: int, rank_k: int, width: int, batch: int, total: int) -> None:
-        """ValueError (one line) unless the tables fit a latent of rank_k per KV head, queries of `width` and
-        a cache of `total` keys in `batch` rows."""
+    def check(self, cache_heads: int, rank_k: int, width: int, batch: int, total: int) -> None:
+        """ValueError (one line) unless the tables fit a latent of rank_k per cache head (one cache head: a joint
+        latent, any number of KV heads), queries of `width` and a cache of `total` keys in `batch` rows."""
+        heads = self.heads if cache_heads == 1 else cache_heads
         for name in ("basis_cos", "basis_sin"):
             t = getattr(self, name)
-            if tuple(t.shape) != (heads_kv, rank_k, width) or not t.is_floating_point():
-                raise ValueError(f"lowrank_attention: latent keys' {name} must be float [H_kv={heads_kv}, r_k={rank_k}, "
+            if tuple(t.shape) != (heads, rank_k, width) or not t.is_floating_point():
+                raise ValueError(f"lowrank_attention: latent keys' {name} must be float [H_kv={heads}, r_k={rank_k}, "
                                  f"d={width}], got {t.dtype} {list(t.shape)}")
         if tuple(self.freq.shape) != (width,) or not self.freq.is_floating_point():
             raise ValueError(f"lowrank_attention: latent keys' freq must be float [d={width}], got "

@@ -39,7 +39,8 @@ TensorRT plugins have fixed inputs, so each other combination is its own op type
 - `LowRankAttentionLatentK` (rope_mode "pre"): the cached keys are pre-RoPE latents, turned into rotated keys in
   the op (latent_rope.py): q [B, H, S, head_dim] (rotated), k [B, H_kv, P+S, rank_k], v, attention_mask, then
   key_positions [B, P+S] int64, basis_cos and basis_sin [H_kv, rank_k, head_dim] (T), freq [head_dim] fp32;
-  one more int attribute head_dim;
+  one more int attribute head_dim. num_kv_heads is the maps' H_kv; k and v (and their scales) may hold one head
+  instead, a joint latent that every KV head's maps read (issue 13);
 - `LowRankAttentionLatentKQuantized`: both: the quantized op's inputs, then the latent-key inputs.
 """
 from __future__ import annotations
@@ -147,9 +148,9 @@ def register_onnx_schema() -> None:
     for (latent, quantized), op_type in OP_TYPES.items():
         cache = "C" if quantized else "T"
         inputs = [tensor("q", "T", "[B, H, S, rank_k], or [B, H, S, head_dim] rotated with latent keys"),
-                  tensor("k", cache, "[B, H_kv, P+S, rank_k or its code width]"),
-                  tensor("v", cache, "[B, H_kv, P+S, rank_v or its code width]"), mask]
-        inputs += [tensor(f"{side}_scale", scale, "[B, H_kv, P+S, 1] fp16, one per cached vector")
+                  tensor("k", cache, "[B, H_kv (latent keys: or 1, joint), P+S, rank_k or its code width]"),
+                  tensor("v", cache, "[B, as k, P+S, rank_v or its code width]"), mask]
+        inputs += [tensor(f"{side}_scale", scale, "[B, as k, P+S, 1] fp16, one per cached vector")
                    for side in ("k", "v") if quantized]
         if latent:
             inputs += [tensor("key_positions", "tensor(int64)", "[B, P+S] position of each cached key"),
@@ -240,7 +241,8 @@ def _ort_kernel(q, k, v, attention_mask, more, kind: tuple[bool, bool], attribut
         k = Quantized(k, k_scale, kv_dtype, attributes["rank_k"])
         v = Quantized(v, v_scale, kv_dtype, attributes["rank_v"])
     latent_keys = LatentKeys(*more[-3:], more[-4]) if latent else None
-    shapes = {"num_heads": q.shape[1], "num_kv_heads": k.shape[1], "rank_k": k.shape[3], "rank_v": v.shape[3]}
+    shapes = {"num_heads": q.shape[1], "num_kv_heads": latent_keys.heads if latent else k.shape[1],
+              "rank_k": k.shape[3], "rank_v": v.shape[3]}
     if latent:
         shapes["head_dim"] = q.shape[3]
     wrong = {name: (attributes[name], got) for name, got in shapes.items() if attributes[name] != got}

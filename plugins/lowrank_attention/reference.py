@@ -13,7 +13,9 @@ Semantics, for q [B, H, S, r_k], k [B, H_kv, P+S, r_k], v [B, H_kv, P+S, r_v]:
   all-masked row is uniform and meaningless, so the probabilities are zeroed explicitly.
   Zeros keep the row finite; the row is padding, so its value is never used downstream;
 - with latent keys (rope_mode `pre`, latent_rope.py), k holds r_k-dim pre-RoPE key latents and q is the full
-  rotated query [B, H, S, d]: each key is rebuilt and turned by its own position before the scores.
+  rotated query [B, H, S, d]: each key is rebuilt and turned by its own position before the scores. The maps'
+  H_kv sets the GQA groups; k and v may then hold one head (a joint latent, issue 13), which every KV head's
+  maps rebuild their keys from and every query head reads as its values.
 The output is [B, H, S, r_v] in q's dtype.
 """
 from __future__ import annotations
@@ -49,14 +51,15 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor |
     batch, heads, seq, rank_k = q.shape
     _, heads_kv, total, _ = k.shape
     rank_v = v.shape[3]
+    groups = heads_kv
     if latent_keys is not None:
         latent_keys.check(heads_kv, k.shape[3], rank_k, batch, total)
-        rank_k = k.shape[3]
+        rank_k, groups = k.shape[3], latent_keys.heads
     if k.shape[0] != batch or k.shape[3] != rank_k:
         raise ValueError(f"lowrank_attention: k must be [B={batch}, H_kv, P+S, r_k={rank_k}], "
                          f"got {tuple(k.shape)}")
-    if heads_kv == 0 or heads % heads_kv != 0:
-        raise ValueError(f"lowrank_attention: k has H_kv={heads_kv} heads, which must divide "
+    if groups == 0 or heads % groups != 0:
+        raise ValueError(f"lowrank_attention: k has H_kv={groups} heads, which must divide "
                          f"q's H={heads} (GQA groups)")
     if total < seq:
         raise ValueError(f"lowrank_attention: k must hold the past plus the S={seq} new tokens "
@@ -104,13 +107,12 @@ def lowrank_attention_reference(q: torch.Tensor, k: torch.Tensor | Quantized, v:
     check_inputs(q, k, v, attention_mask, scale, latent_keys)
     k, v = (t.values(q.dtype) if isinstance(t, Quantized) else t for t in (k, v))
     if latent_keys is not None:
-        k = latent_keys.keys(k)
+        k = latent_keys.keys(k)                         # a joint latent: rebuilt once per KV head of the maps
     batch, heads, seq, _ = q.shape
-    heads_kv, total = k.shape[1], k.shape[2]
-    group = heads // heads_kv
-    # k, v: [B, H_kv, T, r] -> [B, H, T, r], query head h reads KV head h // group
-    k_heads = k.float().repeat_interleave(group, dim=1)
-    v_heads = v.float().repeat_interleave(group, dim=1)
+    total = k.shape[2]
+    # k, v: [B, H_kv, T, r] -> [B, H, T, r], query head h reads KV head h // (H / H_kv) (v: one head if joint)
+    k_heads = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+    v_heads = v.float().repeat_interleave(heads // v.shape[1], dim=1)
     scores = torch.matmul(q.float(), k_heads.transpose(-1, -2)) * scale  # [B, H, S, T]
     allowed = visible_keys(attention_mask, batch, seq, total, q.device)
     scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)

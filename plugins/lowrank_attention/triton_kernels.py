@@ -430,9 +430,12 @@ def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Ten
     (1 = real token, 0 = padding; None = no padding); scale = 1/sqrt(d_original). k and v may each be a
     quantized cache (kv_codec.Quantized: int8 or packed int4 codes + fp16 scales), dequantized on load.
     latent_keys: k holds pre-RoPE key latents [B, H_kv, P+S, r_k] and q is [B, H, S, d], rotated
-    (latent_rope.py). S == 1 runs the flash-decoding kernels, S > 1 the prefill kernel.
+    (latent_rope.py); a joint latent ([B, 1, P+S, r_k], v alike) is read by every KV head of the maps through a
+    stride-0 view, never copied. S == 1 runs the flash-decoding kernels, S > 1 the prefill kernel.
     """
     check_inputs(q, k, v, attention_mask, scale, latent_keys)
+    if latent_keys is not None and k.shape[1] != latent_keys.heads:
+        k, v = (_broadcast_heads(t, latent_keys.heads) for t in (k, v))
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"lowrank_attention: dtype must be float32, float16 or bfloat16, "
                          f"got {q.dtype}")
@@ -467,6 +470,15 @@ def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Ten
         _launch_prefill(q, ks, vs, mask, stride_mb, stride_mt, tables, out, common,
                         prefill_config or _default_prefill_config(common))
     return out
+
+
+def _broadcast_heads(t: torch.Tensor | Quantized, heads: int) -> torch.Tensor | Quantized:
+    """A one-head cache side as `heads` heads: a view with head stride 0 (codes and scales alike)."""
+    def expand(x):
+        return x.expand(x.shape[0], heads, *x.shape[2:])
+    if isinstance(t, Quantized):
+        return Quantized(expand(t.codes), expand(t.scale), t.kv_dtype, t.rank)
+    return expand(t)
 
 
 def _latent_args(latent_keys: LatentKeys | None, fallback: torch.Tensor) -> tuple[list, list]:

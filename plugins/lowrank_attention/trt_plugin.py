@@ -115,7 +115,7 @@ def _define(trt, trtp) -> None:
         # a float LowRankAttentionLatentK node (pre mode): the same kernel with the latent-key inputs
         return aot_launch(q, k, num_heads, compile_prefill_ptx(
             _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
-            ptx_version=driver_ptx_version(), head_dim=head_dim))
+            ptx_version=driver_ptx_version(), head_dim=head_dim), latent=True)
 
     def compile_aot_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
                               attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
@@ -135,17 +135,19 @@ def _define(trt, trtp) -> None:
                                      kv_dtype: str, head_dim: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
         return aot_launch(q, k, num_heads, compile_prefill_ptx(
             _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
-            ptx_version=driver_ptx_version(), head_dim=head_dim, kv_dtype=kv_dtype))
+            ptx_version=driver_ptx_version(), head_dim=head_dim, kv_dtype=kv_dtype), latent=True)
 
-    def aot_launch(q: trtp.TensorDesc, k: trtp.TensorDesc, num_heads: int, kernel: AotKernel):
+    def aot_launch(q: trtp.TensorDesc, k: trtp.TensorDesc, num_heads: int, kernel: AotKernel, latent: bool = False):
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(q.shape_expr[2], kernel.block_m)        # query blocks
         launch.grid_y = q.shape_expr[0] * num_heads                       # batch x query heads
         launch.block_x = kernel.num_warps * 32
         launch.shared_mem = kernel.shared_mem
-        extra = trtp.SymIntExprs(2)                                       # the kernel's seq_len, total_len
-        extra[0] = trtp.SymInt32(q.shape_expr[2])
-        extra[1] = trtp.SymInt32(k.shape_expr[2])
+        # the kernel's seq_len, total_len and, with latent keys, cache_heads
+        sizes = (q.shape_expr[2], k.shape_expr[2]) + ((k.shape_expr[1],) if latent else ())
+        extra = trtp.SymIntExprs(len(sizes))
+        for i, size in enumerate(sizes):
+            extra[i] = trtp.SymInt32(size)
         return kernel.name, kernel.ptx, launch, extra
 
     def run_jit(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor, scale: float,
@@ -306,8 +308,8 @@ def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out
                           RV_PAD: tl.constexpr):
     # a float node: the scale and latent-key pointers are placeholders the kernel never reads
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, k_ptr, v_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len,
-                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, RANK_K, RANK_V, QK_SCALE_LOG2,
-                        IEEE_DOT, False, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
+                        total_len, NUM_HEADS // GROUP, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, RANK_K,
+                        RANK_V, QK_SCALE_LOG2, IEEE_DOT, False, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
 
 
 def lowrank_attention_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, seq_len, total_len, out_ptr,
@@ -318,24 +320,24 @@ def lowrank_attention_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_pt
                                     V_ROW: tl.constexpr):
     # a LowRankAttentionQuantized node: k and v are codes, ks and vs their fp16 scales
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len,
-                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, K_ROW, V_ROW, QK_SCALE_LOG2,
-                        IEEE_DOT, False, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
+                        total_len, NUM_HEADS // GROUP, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, K_ROW, V_ROW,
+                        QK_SCALE_LOG2, IEEE_DOT, False, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
 
 
 def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
-                                 total_len, out_ptr,
+                                 total_len, cache_heads, out_ptr,
                                  NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
                                  RANK_V: tl.constexpr, HEAD_DIM: tl.constexpr, QK_SCALE_LOG2: tl.constexpr,
                                  IEEE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  RK_PAD: tl.constexpr, RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
-    # a LowRankAttentionLatentK node: q is head_dim wide, k holds the key latents
+    # a LowRankAttentionLatentK node: q is head_dim wide, k holds the key latents (one head if joint)
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
-                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, RANK_K, RANK_V,
+                        total_len, cache_heads, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, RANK_K, RANK_V,
                         QK_SCALE_LOG2, IEEE_DOT, True, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
 
 
 def lowrank_attention_latent_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr,
-                                           freq_ptr, seq_len, total_len, out_ptr,
+                                           freq_ptr, seq_len, total_len, cache_heads, out_ptr,
                                            NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
                                            RANK_V: tl.constexpr, HEAD_DIM: tl.constexpr,
                                            QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
@@ -344,28 +346,31 @@ def lowrank_attention_latent_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr
                                            K_ROW: tl.constexpr, V_ROW: tl.constexpr):
     # a LowRankAttentionLatentKQuantized node: the key latents and the values as codes, then their scales
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
-                        total_len, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, K_ROW, V_ROW, QK_SCALE_LOG2,
-                        IEEE_DOT, True, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+                        total_len, cache_heads, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, K_ROW, V_ROW,
+                        QK_SCALE_LOG2, IEEE_DOT, True, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
 
 
 def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
-                       total_len, out_ptr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, RANK_K: tl.constexpr,
-                       RANK_V: tl.constexpr, QK_DIM: tl.constexpr, K_ROW: tl.constexpr, V_ROW: tl.constexpr,
+                       total_len, cache_heads, out_ptr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                       RANK_K: tl.constexpr, RANK_V: tl.constexpr, QK_DIM: tl.constexpr, K_ROW: tl.constexpr,
+                       V_ROW: tl.constexpr,
                        QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr, LATENT_KEYS: tl.constexpr,
                        BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
                        RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
     """The prefill kernel on contiguous tensors, every stride derived from the shapes: q [B, H, S, QK_DIM],
-    k [B, H_kv, T, K_ROW], v [B, H_kv, T, V_ROW] (K_ROW = r_k floats or int8 codes, ceil(r_k / 2) bytes of int4
-    codes; V_ROW alike), mask [B, T], out [B, H, S, r_v]; with codes (BITS 8 or 4), scales ks / vs [B, H_kv, T, 1];
-    with latent keys, key positions [B, T], basis_cos / basis_sin [H_kv, r_k, QK_DIM], freq [QK_DIM]. Pointers a
-    node does not have are placeholders the kernel never reads (BITS 0: no scales; LATENT_KEYS False)."""
+    k [B, C, T, K_ROW], v [B, C, T, V_ROW] (K_ROW = r_k floats or int8 codes, ceil(r_k / 2) bytes of int4 codes;
+    V_ROW alike; C = cache_heads, H_kv or, a joint latent, 1: read by every KV head through a head stride of 0),
+    mask [B, T], out [B, H, S, r_v]; with codes (BITS 8 or 4), scales ks / vs [B, C, T, 1]; with latent keys,
+    key positions [B, T], basis_cos / basis_sin [H_kv, r_k, QK_DIM], freq [QK_DIM]. Pointers a node does not have
+    are placeholders the kernel never reads (BITS 0: no scales; LATENT_KEYS False)."""
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
+    per_head = cache_heads // NUM_KV_HEADS          # 1, or 0 for a joint latent
     _prefill_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, out_ptr, cos_ptr, sin_ptr, freq_ptr, pos_ptr,
         NUM_HEADS * seq_len * QK_DIM, seq_len * QK_DIM, QK_DIM, 1,
-        NUM_KV_HEADS * total_len * K_ROW, total_len * K_ROW, K_ROW, 1,
-        NUM_KV_HEADS * total_len * V_ROW, total_len * V_ROW, V_ROW, 1,
-        NUM_KV_HEADS * total_len, total_len, 1, NUM_KV_HEADS * total_len, total_len, 1,
+        cache_heads * total_len * K_ROW, per_head * total_len * K_ROW, K_ROW, 1,
+        cache_heads * total_len * V_ROW, per_head * total_len * V_ROW, V_ROW, 1,
+        cache_heads * total_len, per_head * total_len, 1, cache_heads * total_len, per_head * total_len, 1,
         total_len, 1,
         NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
         RANK_K * QK_DIM, QK_DIM, 1, total_len, 1,
@@ -394,8 +399,9 @@ def _aot_entry(latent: bool = False, quantized: bool = False):
     return triton.jit(_ENTRIES[latent, quantized])
 
 
-# what TensorRT passes an AOT kernel: the node's inputs, the two int32 sizes, the output (by (latent, quantized))
-_ENTRY_PARAMS = {(False, False): 7, (False, True): 9, (True, False): 11, (True, True): 13}
+# what TensorRT passes an AOT kernel, by (latent, quantized): the node's inputs, the int32 sizes (S, P+S; a latent-key
+# node: and the cache's head count, H_kv or 1 for a joint latent), the output
+_ENTRY_PARAMS = {(False, False): 7, (False, True): 9, (True, False): 12, (True, True): 14}
 _TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 _CODE_TYPES = {"int8": "*i8", "int4": "*u8"}       # kv_codec's storage of each code width
 
@@ -435,7 +441,8 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
         signature |= {"ks_ptr": "*fp16", "vs_ptr": "*fp16"}
     if latent:
         signature |= {"pos_ptr": "*i64", "cos_ptr": pointer, "sin_ptr": pointer, "freq_ptr": "*fp32"}
-    signature |= {"seq_len": "i32", "total_len": "i32", "out_ptr": pointer}
+    signature |= {"seq_len": "i32", "total_len": "i32"} | ({"cache_heads": "i32"} if latent else {})
+    signature |= {"out_ptr": pointer}
     arch = target[0] * 10 + target[1]
     options = {}
     if ptx_version is not None:

@@ -113,8 +113,9 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
     mode, _, kv_dtype = kind.removeprefix("joint-").partition("+")
     kv_dtype = kv_dtype if kv_dtype != "mixed" else ""      # a mixed cache reaches a float node decoded
     latent = mode == "pre"              # pre mode: the node reads the key latents and rotates the keys itself
-    # a joint latent reaches the node once per KV head in pre mode (the node rebuilds keys per KV head)
+    # in pre mode the maps' KV heads set the node's GQA groups, whatever the cache holds (a joint latent: one head)
     heads = spec.num_kv_heads if latent else spec.cache_heads
+    producers = {name: n.op_type for n in plugin.graph.node for name in n.output}
     assert {o.domain: o.version for o in plugin.opset_import}[DOMAIN] == 1
     nodes = [n for n in plugin.graph.node if n.op_type == OP_TYPES[(latent, bool(kv_dtype))]]
     assert len(nodes) == layers and all(n.domain == DOMAIN for n in nodes)
@@ -131,12 +132,12 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
                          **({"kv_dtype": kv_dtype.encode()} if kv_dtype else {}),
                          **({"head_dim": spec.head_dim} if latent else {})}
         assert len(node.input) == 4 + 2 * bool(kv_dtype) + 4 * latent
+        # the cache as stored reaches the node: no copy per KV head of a joint latent, no decoded codes
+        cache = [node.input[1], node.input[2]] + ([node.input[4], node.input[5]] if kv_dtype else [])
+        assert not any(producers.get(name) in ("Expand", "Tile") for name in cache), [producers.get(n) for n in cache]
         if kv_dtype:                # the node reads the cache tensors themselves: codes and scales
             graph_inputs = {v.name for v in plugin.graph.input}
-            scale = node.input[5]
-            if heads != spec.cache_heads:           # a joint latent's, handed to each KV head by an Expand
-                scale = next(n for n in plugin.graph.node if scale in n.output and n.op_type == "Expand").input[0]
-            assert scale.endswith("value_scale") or scale in graph_inputs
+            assert node.input[5].endswith("value_scale") or node.input[5] in graph_inputs
     for a, b in ((plugin.graph.input, standard.graph.input), (plugin.graph.output, standard.graph.output)):
         assert [(v.name, v.type) for v in a] == [(v.name, v.type) for v in b]
     assert {p.key: p.value for p in plugin.metadata_props} == {p.key: p.value for p in standard.metadata_props}

@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 # what TensorRT passes an AOT kernel: q, k, v, mask (a quantized node: and k_scale, v_scale; a latent-key node: and
 # key_positions, basis_cos, basis_sin, freq), seq_len, total_len, out
 INPUTS = {(False, False): 4, (False, True): 6, (True, False): 8, (True, True): 10}
+SIZES = {False: 2, True: 3}     # int32 sizes: S, P+S (a latent-key node: and the cache's head count)
 
 
 def _entry_params(ptx: str, name: str) -> list[str]:
@@ -61,9 +62,10 @@ def test_aot_kernel_compiles_to_ptx_with_tensorrts_signature(dtype, heads, kv_he
         assert f".version {ptx_version // 10}.{ptx_version % 10}" in kernel.ptx
     params = _entry_params(kernel.ptx, kernel.name)
     inputs = INPUTS[head_dim is not None, kv_dtype is not None]
-    assert len(params) == inputs + 3, params                           # Triton's scratch pointers dropped
+    sizes = SIZES[head_dim is not None]
+    assert len(params) == inputs + sizes + 1, params                   # Triton's scratch pointers dropped
     kinds = [p.split()[1] for p in params]
-    assert kinds == [".u64"] * inputs + [".u32"] * 2 + [".u64"]       # inputs, 2 int32 sizes, 1 output
+    assert kinds == [".u64"] * inputs + [".u32"] * sizes + [".u64"]   # inputs, int32 sizes, 1 output
     ptx_target = re.search(r"\.target (sm_\w+)", kernel.ptx).group(1)      # sm_90a: Hopper's arch-specific ISA
     assert ptx_target.startswith(f"sm_{target[0]}{target[1]}")
     assert kernel.num_warps * 32 == int(re.search(r"\.reqntid (\d+)", kernel.ptx).group(1))
@@ -127,13 +129,14 @@ from eigen_export_plugins.lowrank_attention.trt_plugin import _aot_entry
 from eigen_export_plugins.lowrank_attention.triton_kernels import LOG2E, _padded
 
 results = {}
-for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype in json.loads(sys.argv[2]):
+for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype, joint in json.loads(sys.argv[2]):
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     total = past + seq
+    cache_heads = 1 if joint else kv_heads
     q = torch.randn(batch, heads, seq, head_dim or rank_k, dtype=dt)
-    k = torch.randn(batch, kv_heads, total, rank_k, dtype=dt)
-    v = torch.randn(batch, kv_heads, total, rank_v, dtype=dt)
+    k = torch.randn(batch, cache_heads, total, rank_k, dtype=dt)
+    v = torch.randn(batch, cache_heads, total, rank_v, dtype=dt)
     mask = torch.ones(batch, total, dtype=torch.int64)
     if batch > 1:
         mask[1, :3] = 0                                   # left padding
@@ -152,30 +155,40 @@ for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype
         sizes |= dict(BITS=BITS[kv_dtype], K_ROW=code_width(rank_k, kv_dtype), V_ROW=code_width(rank_v, kv_dtype))
     latent = None
     if head_dim:                                          # a LowRankAttentionLatentK node's inputs, in its order
-        basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim))[0][..., :rank_k].to(dt)
+        if joint:       # one orthonormal basis over all KV heads' features (ranks up to H_kv x d), in H_kv blocks
+            width = kv_heads * head_dim
+            basis = torch.linalg.qr(torch.randn(width, width))[0][:, :rank_k].reshape(kv_heads, head_dim, rank_k)
+        else:
+            basis = torch.linalg.qr(torch.randn(kv_heads, head_dim, head_dim))[0][..., :rank_k]
+        basis = basis.to(dt)
         inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-        latent = LatentKeys(*latent_key_tables(basis, inv_freq, head_dim, "half"), (mask.cumsum(-1) - 1).clamp(min=0))
+        tables = (t.contiguous() for t in latent_key_tables(basis, inv_freq, head_dim, "half"))   # as TensorRT's are
+        latent = LatentKeys(*tables, (mask.cumsum(-1) - 1).clamp(min=0))
         extra += [latent.positions, latent.basis_cos, latent.basis_sin, latent.freq]
         sizes |= dict(HEAD_DIM=head_dim, QK_PAD=_padded(head_dim))
-    _aot_entry(bool(head_dim), bool(kv_dtype))[grid](q, *cache, mask, *extra, seq, total, out, **sizes)
+    ints = [seq, total] + ([cache_heads] if head_dim else [])
+    _aot_entry(bool(head_dim), bool(kv_dtype))[grid](q, *cache, mask, *extra, *ints, out, **sizes)
     want = lowrank_attention_reference(q, k, v, mask, scale, latent)
-    results[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}-{kv_dtype}"] = \
-        (out.float() - want.float()).abs().max().item()
+    key = f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}-{kv_dtype}-{joint}"
+    results[key] = (out.float() - want.float()).abs().max().item()
 print(json.dumps(results))
 """
 
 INTERPRETED_CASES = [
-    # batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim (latent keys) or None, kv_dtype or None
-    (2, 4, 2, 1, 37, 40, 56, "float32", None, None),      # decode through the one-pass kernel, GQA, padded row
-    (2, 4, 2, 9, 0, 40, 56, "float32", None, None),       # prefill
-    (1, 3, 1, 5, 70, 24, 8, "float32", None, None),       # prefill continuing a cache, odd heads
-    (2, 4, 4, 1, 20, 32, 48, "float16", None, None),
-    (2, 6, 2, 1, 37, 41, 24, "float32", 64, None),        # latent keys (pre mode): decode, padded row
-    (2, 6, 2, 9, 5, 24, 40, "float16", 64, None),         # latent keys: prefill continuing a cache
-    (2, 4, 2, 1, 37, 40, 56, "float32", None, "int8"),    # quantized caches: decode, padded row
-    (1, 3, 1, 5, 70, 25, 9, "float16", None, "int4"),     # packed int4 of odd ranks, prefill continuing a cache
-    (2, 6, 2, 1, 37, 41, 24, "float32", 64, "int4"),      # quantized latent keys: decode, padded row
-    (2, 6, 2, 9, 5, 24, 40, "float16", 64, "int8"),       # quantized latent keys: prefill continuing a cache
+    # batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim (latent keys) or None, kv_dtype or None,
+    # joint (latent keys: k and v hold one head that every KV head's maps read)
+    (2, 4, 2, 1, 37, 40, 56, "float32", None, None, False),      # decode through the one-pass kernel, GQA, padded row
+    (2, 4, 2, 9, 0, 40, 56, "float32", None, None, False),       # prefill
+    (1, 3, 1, 5, 70, 24, 8, "float32", None, None, False),       # prefill continuing a cache, odd heads
+    (2, 4, 4, 1, 20, 32, 48, "float16", None, None, False),
+    (2, 6, 2, 1, 37, 41, 24, "float32", 64, None, False),        # latent keys (pre mode): decode, padded row
+    (2, 6, 2, 9, 5, 24, 40, "float16", 64, None, False),         # latent keys: prefill continuing a cache
+    (2, 4, 2, 1, 37, 40, 56, "float32", None, "int8", False),    # quantized caches: decode, padded row
+    (1, 3, 1, 5, 70, 25, 9, "float16", None, "int4", False),     # packed int4 of odd ranks, prefill continuing a cache
+    (2, 6, 2, 1, 37, 41, 24, "float32", 64, "int4", False),      # quantized latent keys: decode, padded row
+    (2, 6, 2, 9, 5, 24, 40, "float16", 64, "int8", False),       # quantized latent keys: prefill continuing a cache
+    (2, 9, 3, 1, 37, 120, 72, "float32", 64, None, True),        # a joint latent (SmolLM2's shape): decode
+    (2, 6, 3, 9, 5, 41, 40, "float16", 64, "int8", True),        # a joint quantized latent: prefill
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
 
@@ -191,8 +204,9 @@ def interpreted():
 
 @pytest.mark.parametrize("case", INTERPRETED_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_aot_entry_matches_the_reference_under_the_interpreter(interpreted, case):
-    batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype = case
-    err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}-{kv_dtype}"]
+    batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype, joint = case
+    err = interpreted[f"b{batch}-h{heads}kv{kv_heads}-s{seq}-p{past}-r{rank_k}x{rank_v}-{dtype}-d{head_dim}-{kv_dtype}"
+                      f"-{joint}"]
     assert err <= TOLERANCE[dtype], f"max |out - reference| = {err:.2e}"
 
 
@@ -275,7 +289,7 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
         64, (out,), 0)
     assert name == "lowrank_attention_latent_aot" and f".entry {name}(" in ptx
     assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and 0 < launch.shared_mem <= 48 * 1024
-    assert list(extra) == [("i32", seq), ("i32", total)]
+    assert list(extra) == [("i32", seq), ("i32", total), ("i32", kv_heads)]      # the cache's heads: one per KV head
     # quantized nodes: int4 codes are ceil(rank / 2) wide, so the sizes come from the attributes, not the shapes
     codes_k, codes_v = TensorDesc((batch, kv_heads, total, 20), "U8"), TensorDesc((batch, kv_heads, total, 28), "U8")
     scales = TensorDesc((batch, kv_heads, total, 1), "F16")
@@ -283,8 +297,12 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
         q, codes_k, codes_v, mask, scales, scales, 0.125, heads, kv_heads, rank_k, rank_v, "int4", (out,), 0)
     assert name == "lowrank_attention_quantized_aot" and len(_entry_params(ptx, name)) == 9
     assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and list(extra) == [("i32", seq), ("i32", total)]
+    # a joint latent: one cache head, which the kernel reads for each of the maps' KV heads
+    joint_k, joint_v = TensorDesc((batch, 1, total, rank_k), "I8"), TensorDesc((batch, 1, total, rank_v), "I8")
+    joint_scales = TensorDesc((batch, 1, total, 1), "F16")
     name, ptx, launch, extra = recorded[("aot_impl", float_op + "LatentKQuantized")](
-        q_full, codes_k, codes_v, mask, scales, scales, positions, maps, maps, TensorDesc((64,), "F32"), 0.125, heads,
-        kv_heads, rank_k, rank_v, "int8", 64, (out,), 0)
-    assert name == "lowrank_attention_latent_quantized_aot" and len(_entry_params(ptx, name)) == 13
-    assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and list(extra) == [("i32", seq), ("i32", total)]
+        q_full, joint_k, joint_v, mask, joint_scales, joint_scales, positions, maps, maps, TensorDesc((64,), "F32"),
+        0.125, heads, kv_heads, rank_k, rank_v, "int8", 64, (out,), 0)
+    assert name == "lowrank_attention_latent_quantized_aot" and len(_entry_params(ptx, name)) == 14
+    assert (launch.grid_x, launch.grid_y) == (2, batch * heads)
+    assert list(extra) == [("i32", seq), ("i32", total), ("i32", 1)]
