@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4, help="timed decode steps per round (after one warm-up step)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="subset of: hf-sdpa hf-eager optimum-ort ours-original " + " ".join(FOLDED))
+    p.add_argument("--scenarios", nargs="+", default=None,
+                   choices=["prefill_512", *(f"b{b}_p{p}" for b, p in SCENARIOS)],
+                   help="measure only these (default: all); e.g. b8_p2048 alone, for many short paired rounds")
     p.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--rss-worker", help=argparse.SUPPRESS)      # internal: one variant's peak RSS
@@ -264,24 +267,30 @@ def prepare_exports(names) -> dict:
 
 
 # -- measurement --------------------------------------------------------------------------------------------
-def measure(names, threads: int, repeats: int, steps: int) -> dict:
+def measure(names, threads: int, repeats: int, steps: int, scenarios=None) -> dict:
+    """Medians (and all samples, in time order: per round, `steps` samples of each variant in turn) of the chosen
+    scenarios (None: all)."""
     import torch
+
+    chosen = [(b, p) for b, p in SCENARIOS if scenarios is None or f"b{b}_p{p}" in scenarios]
+    prefill = scenarios is None or "prefill_512" in scenarios
 
     runners = {name: make_runner(name, threads) for name in names}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49152, (1, PREFILL_TOKENS), generator=generator)
     token = {b: torch.randint(0, 49152, (b, 1), generator=generator) for b in (1, 8)}
-    samples = {name: {"prefill_512": []} | {f"b{b}_p{p}": [] for b, p in SCENARIOS} for name in names}
+    samples = {name: ({"prefill_512": []} if prefill else {}) | {f"b{b}_p{p}": [] for b, p in chosen}
+               for name in names}
     order = list(names)
     for name in order:                      # warm-up: first-run allocations and ORT's lazy initialisation
         runners[name].prefill(ids[:, :16])
     for rep in range(repeats):
         rotated = order[rep % len(order):] + order[:rep % len(order)]
-        for name in rotated:
+        for name in rotated if prefill else ():
             t0 = time.perf_counter()
             runners[name].prefill(ids)
             samples[name]["prefill_512"].append((time.perf_counter() - t0) * 1e3)
-        for batch, past in SCENARIOS:
+        for batch, past in chosen:
             for name in rotated:
                 runner = runners[name]
                 state = runner.step(runner.start(batch, past, generator), token[batch])      # warm-up step
@@ -356,7 +365,7 @@ def prepare_optimum() -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------------
-def targets(results: dict, rss: dict, exports: dict) -> list[dict]:
+def targets(results: dict, rss: dict, exports: dict, steps: int) -> list[dict]:
     """The targets at 1 thread, against the baselines measured in this run: issue 14's (each fold <= 0.75x our
     uncompressed export at b8 past 2048 and b1 past 512), and the earlier ones against Optimum and transformers
     (against the reference numbers measured earlier on this machine too, whose load differed)."""
@@ -368,13 +377,18 @@ def targets(results: dict, rss: dict, exports: dict) -> list[dict]:
         ours = one[name]
         if "ours-original" in one:
             for key in ("b8_p2048", "b1_p512"):
-                rows.append(_row(f"{name} {key} <= 0.75x our uncompressed export",
-                                 ours[key] / one["ours-original"][key], 0.75))
+                if key in ours:
+                    rows.append(_row(f"{name} {key} <= 0.75x our uncompressed export",
+                                     ours[key] / one["ours-original"][key], 0.75))
         kv_dtype, float_twin = FOLDED[name][3], name.rsplit("-", 1)[0]
-        if kv_dtype is not None and float_twin in one:          # issue 15: a quantized cache no slower
+        # issue 15: a quantized cache no slower
+        if kv_dtype is not None and float_twin in one and "b8_p2048" in ours:
             rows.append(_row(f"{name} b8_p2048 <= 1.0x the float cache at the same ranks ({float_twin})",
-                             ours["b8_p2048"] / one[float_twin]["b8_p2048"], 1.0))
+                             ours["b8_p2048"] / one[float_twin]["b8_p2048"], 1.0)
+                        | paired_rounds(ours["samples"]["b8_p2048"], one[float_twin]["samples"]["b8_p2048"], steps))
         for base, key, limit, higher in (("optimum-ort", "b8_p2048", 0.7, False), ("hf-eager", "b1_p512", 1.5, True)):
+            if key not in ours:
+                continue
             candidates = [(one[base][key], "measured in this run")] if base in one else []
             candidates.append((REFERENCE_MS[base][key], "reference measured earlier"))
             for value, where in candidates:
@@ -385,6 +399,19 @@ def targets(results: dict, rss: dict, exports: dict) -> list[dict]:
             rows.append(_row(f"{name} peak RSS at b8 past 2048 <= 0.85x Optimum's",
                              rss[name]["peak_rss_mb"] / rss["optimum-ort"]["peak_rss_mb"], 0.85))
     return rows
+
+
+def paired_rounds(samples: list, baseline: list, steps: int) -> dict:
+    """The ratio of two variants round by round (each round's `steps` samples of one against the other's, taken
+    one after the other): slow drift of the machine cancels within a round, so the spread of these ratios says
+    how well the ratio of medians is known. Median and the 10th / 90th percentiles of the per-round ratios."""
+    rounds = [statistics.median(samples[i:i + steps]) / statistics.median(baseline[i:i + steps])
+              for i in range(0, min(len(samples), len(baseline)) - steps + 1, steps)]
+    if len(rounds) < 2:
+        return {}
+    deciles = statistics.quantiles(rounds, n=10)
+    return {"per_round": {"rounds": len(rounds), "median": round(statistics.median(rounds), 3),
+                          "p10": round(deciles[0], 3), "p90": round(deciles[-1], 3)}}
 
 
 def _row(name, value, limit, higher=False):
@@ -418,7 +445,8 @@ def main(argv=None) -> int:
     names = args.variants or ["hf-sdpa", "hf-eager", "ours-original", *FOLDED]
     record = _meta(argv)
     record["settings"] = {"threads": args.threads, "repeats": args.repeats, "steps": args.steps,
-                          "prefill_tokens": PREFILL_TOKENS, "scenarios": [f"b{b}_p{p}" for b, p in SCENARIOS],
+                          "prefill_tokens": PREFILL_TOKENS,
+                          "scenarios": args.scenarios or ["prefill_512", *(f"b{b}_p{p}" for b, p in SCENARIOS)],
                           "dtype": "fp32", "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF weights)",
                           "timer": "time.perf_counter around one forward; median over repeats x steps",
                           "decode_cache": "random values, feeding presents back as generate() does",
@@ -433,10 +461,10 @@ def main(argv=None) -> int:
     record["results"] = {}
     for threads in args.threads:
         print(f"measuring with {threads} thread(s) ...", flush=True)
-        record["results"][str(threads)] = measure(names, threads, args.repeats, args.steps)
+        record["results"][str(threads)] = measure(names, threads, args.repeats, args.steps, args.scenarios)
     record["kv_bytes_per_token"] = {name: make_kv_bytes(name, record) for name in names}
     record["peak_rss_b8_p2048"] = {} if args.no_rss else peak_rss(names)
-    record["targets"] = targets(record["results"], record["peak_rss_b8_p2048"], record["exports"])
+    record["targets"] = targets(record["results"], record["peak_rss_b8_p2048"], record["exports"], args.steps)
     record["load_average_end"] = os.getloadavg()
     out = args.out or REPO / "bench" / "results" / f"onnx-decode-{socket.gethostname()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
