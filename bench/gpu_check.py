@@ -12,7 +12,7 @@ Sections, each written to the JSON as soon as it is done (a timeout keeps what f
   4. decode speed for 7B head shapes (32 query heads, head_dim 128, 32 or 8 KV heads) against
      torch SDPA with the flash backend at full rank 128, with time, KV bytes/s, the fraction of
      copy bandwidth and the ratio to SDPA;
-  5. quantized caches: decode time of int8 / int4 codes against fp16 at the same ranks (informative);
+  5. quantized caches: decode time of int8 / int4 / mixed codes against fp16 at the same ranks (informative);
   6. latent keys (rope_mode `pre`, latent_rope.py): decode time with pre-RoPE key latents turned in the kernel,
      against the kernel fed keys rebuilt and rotated in full by torch first (what `pre` did before) and against
      plain latents of the same rank (no rotation: the lower bound) (informative); and a joint latent (one cache
@@ -295,7 +295,7 @@ class GpuCheck:
         # quantized caches (kv_codec, issue 15): int8 / int4 codes of both sides, or of the values only (pre mode)
         quantized = [long[0], long[-2]] if not self.dry else long[:1]
         grid += [dict(shape=s, dtype="float16", kv=kv) for s in [small[2], small[7]] + quantized
-                 for kv in ("int8", "int4", "v-int4")]
+                 for kv in ("int8", "int4", "v-int4", "mixed")]
         # pre-RoPE key latents turned in the kernel (issue 14 (c)), float and quantized
         grid += [dict(shape=s, dtype=d, kv=kv) for s in [small[2], small[7]] for d in dtypes_small
                  for kv in ("latent", "latent-int4")]
@@ -304,14 +304,14 @@ class GpuCheck:
         joint = [(2, 16, 2, 1, 700, 180, 160, (300, 0), False, None), (2, 16, 2, 37, 90, 120, 200, (0, 9), True, None)]
         if not self.dry:
             joint += [(8, 16, 2, 1, 8191, 176, 176, (), False, None)]
-        grid += [dict(shape=s, dtype=d, kv=kv) for s in joint for d in dtypes_long for kv in ("joint", "joint-int8")]
+        grid += [dict(shape=s, dtype=d, kv=kv) for s in joint for d in dtypes_long
+                 for kv in ("joint", "joint-int8", "joint-mixed")]
         return grid
 
     def make_inputs(self, shape, dtype: str, seed: int = 0, kv: str = "float"):
         """q, k, v, mask, scale, latent_keys; kv "int8" / "int4" quantizes k and v (kv_codec), "v-int8" / "v-int4" v
         only; "latent[-int8|-int4]": k holds pre-RoPE key latents (quantized, with v) and q is HEAD_DIM wide;
         "joint[-int8|-int4]": as latent, with ONE cache head (a joint latent) that every KV head's maps read."""
-        from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
         torch = self.torch
         batch, heads, heads_kv, seq, past, rank_k, rank_v, left_pad, view, _ = shape
         gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -339,8 +339,8 @@ class GpuCheck:
             mask[row, :pad] = 0
         if kv != "float":
             kv_dtype = kv.removeprefix("v-")
-            v = Quantized(*encode(v, kv_dtype), kv_dtype, rank_v)
-            k = k if kv.startswith("v-") else Quantized(*encode(k, kv_dtype), kv_dtype, rank_k)
+            v = self.quantized(v, kv_dtype)
+            k = k if kv.startswith("v-") else self.quantized(k, kv_dtype)
         latent_keys = self.latent_keys(maps_heads, rank_k, mask, joint=joint) if latent else None
         return q, k, v, mask, 1.0 / math.sqrt(HEAD_DIM), latent_keys
 
@@ -459,11 +459,18 @@ class GpuCheck:
 
     # ------------------------------------------------------------------ 5. quantized caches
 
-    def quantized_decode(self) -> dict:
-        """Decode time with an fp16 cache against int8 / int4 codes of the same ranks (issue 15; informative, no
-        target): the kernel is bound by the bytes it reads, which int8 halves and int4 quarters (+2 bytes of
-        scale per vector)."""
+    @staticmethod
+    def quantized(t, kv_dtype: str):
+        """t's codes as kv_codec.Quantized; mixed: a quarter of the numbers 8-bit, half 4-bit, the rest 2-bit."""
         from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
+        rank = t.shape[-1]
+        counts = (rank // 4, rank // 2, rank - rank // 4 - rank // 2) if kv_dtype == "mixed" else None
+        return Quantized(*encode(t, kv_dtype, counts), kv_dtype, rank, counts)
+
+    def quantized_decode(self) -> dict:
+        """Decode time with an fp16 cache against int8 / int4 / mixed (4 bits on average: a quarter of the numbers
+        8-bit, half 4-bit, a quarter 2-bit) codes of the same ranks (issue 15; informative, no target): the kernel
+        is bound by the bytes it reads, which int8 halves and int4 quarters (+2 bytes of scale per vector)."""
         torch = self.torch
         batch, heads_kv, rank_k, rank_v = (8, 8, 77, 64) if not self.dry else (1, 2, 13, 8)
         contexts = (8191, 32767) if not self.dry else (64,)
@@ -472,15 +479,14 @@ class GpuCheck:
             q, k, v = self.decode_buffers(batch, heads_kv, context, rank_k, rank_v, copies=1)[0]
             mask = torch.ones(batch, context, dtype=torch.int64, device=self.device)
             row = {"B": batch, "H_kv": heads_kv, "context": context, "r_k": rank_k, "r_v": rank_v}
-            for kv in ("fp16", "int8", "int4"):
-                kk, vv = (k, v) if kv == "fp16" else (Quantized(*encode(k, kv), kv, rank_k),
-                                                      Quantized(*encode(v, kv), kv, rank_v))
+            for kv in ("fp16", "int8", "int4", "mixed"):
+                kk, vv = (k, v) if kv == "fp16" else (self.quantized(k, kv), self.quantized(v, kv))
                 row[kv] = self.time_call([self.ours(q, kk, vv, mask)])
-            for kv in ("int8", "int4"):
+            for kv in ("int8", "int4", "mixed"):
                 row[f"{kv}_vs_fp16"] = row[kv]["us"] / row["fp16"]["us"]
             rows.append(row)
             self.log(f"quantized decode ctx {context}: fp16 {row['fp16']['us']:.1f} us, int8 x{row['int8_vs_fp16']:.2f},"
-                     f" int4 x{row['int4_vs_fp16']:.2f}")
+                     f" int4 x{row['int4_vs_fp16']:.2f}, mixed x{row['mixed_vs_fp16']:.2f}")
         return {"rows": rows}
 
     # ------------------------------------------------------------------ 6. latent keys

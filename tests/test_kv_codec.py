@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from eigen_export.method.decompose import incoherent_rotation, kv_bytes_per_token
-from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, cache_slots, code_width, decode, encode
+from eigen_export_plugins.lowrank_attention.kv_codec import (
+    Quantized, cache_slots, code_width, decode, encode, layout_attribute, parse_layout,
+)
 
 
 @pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
@@ -148,8 +150,15 @@ def test_mixed_layouts_that_do_not_fit_are_one_line_errors():
         encode(torch.zeros(1, 6), "mixed", (1, 2, 2))
     with pytest.raises(ValueError, match="needs counts"):
         code_width(6, "mixed")
-    with pytest.raises(ValueError, match="int8 or int4"):
+    with pytest.raises(ValueError, match="a mixed cache of rank 4 needs counts"):
         Quantized(torch.zeros(1, 1, 1, 2, dtype=torch.uint8), torch.zeros(1, 1, 1, 1).half(), "mixed", 4).check("k")
+    with pytest.raises(ValueError, match=r"k codes must be torch.uint8 \[1, 1, 1, 2\] for mixed rank 4"):
+        Quantized(torch.zeros(1, 1, 1, 3, dtype=torch.uint8), torch.zeros(1, 1, 1, 1).half(), "mixed", 4,
+                  (0, 4, 0)).check("k")
+    assert parse_layout(layout_attribute((1, 3, 2), (0, 5, 0))) == ((1, 3, 2), (0, 5, 0))
+    assert layout_attribute() == "" and parse_layout("") == (None, None)
+    with pytest.raises(ValueError, match="kv_layout must be 'n8,n4,n2;n8,n4,n2'"):
+        parse_layout("1,3,2")
     assert cache_slots(6, 5, "mixed", torch.float32, ((1, 3, 2), (0, 5, 0)))[:2] == [("key", 4, torch.uint8),
                                                                                     ("value", 3, torch.uint8)]
     assert kv_bytes_per_token([(6, 5)], 3, 4, "mixed", [((1, 3, 2), (0, 5, 0))]) == (4 + 3 + 2 * 2) * 3

@@ -45,8 +45,8 @@ class Case:
     view: bool = False  # q a transpose of [B, S, H, r]; k, v slices of a larger cache buffer
     chunk_len: int | None = None  # decode: force many small chunks (some fully padded)
     prefetch: bool = False  # decode: register double buffering of the next key block
-    kv: str = "float"  # the cache: float, int8 / int4 (keys and values quantized), v-int8 / v-int4 (values only,
-    #                    as in rope_mode pre, whose keys reach the op rebuilt in full)
+    kv: str = "float"  # the cache: float, int8 / int4 / mixed (keys and values quantized; mixed: mixed_counts),
+    #                    v-int8 / v-int4 (values only, as in rope_mode pre, whose keys reach the op rebuilt in full)
     latent: str = ""  # pre-RoPE key latents turned in the op (latent_rope.py): the rope layout, half / interleaved,
     #                   or partial (half, a quarter of the features rotated); q is then LATENT_HEAD_DIM wide
     joint: bool = False  # latent keys: k and v hold one head (a joint latent) that the heads_kv maps all read
@@ -95,6 +95,10 @@ CASES = [
     Case(3, 6, 2, 5, 1, 41, 56, "float32", left_pad=(3, 0, 1), kv="int4"),
     Case(1, 4, 2, 33, 17, 64, 40, "float16", view=True, kv="v-int8"),
     Case(1, 12, 4, 9, 300, 33, 77, "float16", kv="int4"),
+    # mixed codes (8-, 4- and 2-bit runs, each from a fresh byte; a layout per side), decode and prefill, views
+    Case(3, 6, 2, 1, 37, 41, 23, "float32", left_pad=(0, 5, 0), view=True, chunk_len=16, kv="mixed"),
+    Case(1, 8, 2, 1, 70, 64, 56, "float16", chunk_len=32, prefetch=True, kv="mixed"),
+    Case(3, 6, 2, 5, 1, 45, 45, "float32", left_pad=(3, 0, 1), kv="mixed"),
     # pre-RoPE key latents rebuilt and turned in the op: GQA, left padding (positions count real tokens only),
     # odd and aligned latent ranks, chunked decode with prefetch, quantized latents, views
     Case(3, 6, 2, 1, 37, 24, 40, "float32", left_pad=(0, 5, 0), chunk_len=16, latent="half"),
@@ -114,6 +118,8 @@ CASES = [
     Case(2, 9, 3, 5, 17, 120, 120, "float16", left_pad=(2, 0), latent="half", joint=True),
     Case(1, 9, 3, 1, 70, 117, 131, "float32", kv="int8", latent="interleaved", joint=True),
     Case(2, 6, 2, 1, 33, 41, 24, "float16", left_pad=(3, 0), kv="int4", latent="partial", joint=True),
+    Case(3, 6, 2, 1, 37, 41, 40, "float32", left_pad=(4, 0, 9), chunk_len=16, kv="mixed", latent="half"),
+    Case(2, 9, 3, 5, 17, 120, 120, "float16", left_pad=(2, 0), kv="mixed", latent="half", joint=True),
 ]
 LATENT_HEAD_DIM = 64
 
@@ -160,8 +166,10 @@ def make_inputs(case: Case, seed: int = 0):
     kv_dtype = case.kv.removeprefix("v-")
     if case.kv != "float":
         # encode the whole buffer, then take the same slices: codes and scales keep the buffer's strides
-        sides = [k, v] if case.kv in ("int8", "int4") else [v]
-        quantized = [Quantized(*_encode_buffer(t, kv_dtype, case.view, total), kv_dtype, t.shape[-1]) for t in sides]
+        sides = [k, v] if case.kv in ("int8", "int4", "mixed") else [v]
+        counts = [mixed_counts(t.shape[-1], side) if kv_dtype == "mixed" else None for side, t in enumerate(sides)]
+        quantized = [Quantized(*_encode_buffer(t, kv_dtype, case.view, total, c), kv_dtype, t.shape[-1], c)
+                     for t, c in zip(sides, counts)]
         k, v = quantized if len(quantized) == 2 else (k, quantized[0])
     # 1/sqrt(d_original) with d_original above the ranks, as after a fold (DESIGN 3.1)
     scale = 1.0 / math.sqrt(max(case.rank_k, 64) * 1.5)
@@ -190,13 +198,19 @@ def latent_keys_for(case: Case, mask: torch.Tensor, seed: int = 1) -> LatentKeys
                       (mask.cumsum(-1) - 1).clamp(min=0))
 
 
-def _encode_buffer(t, kv_dtype, view, total):
+def mixed_counts(rank: int, side: int) -> tuple[int, int, int]:
+    """A mixed layout (8-, 4-, 2-bit counts) with every width present and odd runs: keys (side 0) and values differ."""
+    n8, n4 = (rank // 4, rank // 2 + 1) if side == 0 else (rank // 3, rank // 3)
+    return n8, n4, rank - n8 - n4
+
+
+def _encode_buffer(t, kv_dtype, view, total, counts=None):
     """(codes, scales) of t; for a view, of the buffer it slices, sliced the same way."""
     if view:
         buffer = t._base if t._base is not None else t
-        codes, scale = encode(buffer, kv_dtype)
+        codes, scale = encode(buffer, kv_dtype, counts)
         return codes[:, :, :total], scale[:, :, :total]
-    return encode(t.float(), kv_dtype)
+    return encode(t.float(), kv_dtype, counts)
 
 
 # ---------------------------------------------------------------- the reference, in-process

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from eigen_export_plugins.lowrank_attention.kv_codec import cache_slots
+from eigen_export_plugins.lowrank_attention.kv_codec import cache_slots, layout_attribute
 from eigen_export_plugins.lowrank_attention.latent_rope import latent_key_tables
 from eigen_export_plugins.lowrank_attention.onnx_op import lowrank_attention_op, onnx_translation
 from eigen_export_plugins.lowrank_attention.reference import MAX_RANK
@@ -293,13 +293,11 @@ def plugin_unsupported_reason(model: Decoder) -> str | None:
 @contextlib.contextmanager
 def plugin_cores(model: Decoder):
     """Route every layer's attention core through the custom op that exports as one LowRankAttention node. The node
-    reads the cache tensors as they are: codes and scales of an int8 / int4 cache (a mixed one reaches a float node
-    decoded: the kernel reads int8 / int4 only), and in `pre` mode the key latents, which it turns into rotated
+    reads the cache tensors as they are: codes and scales of an int8 / int4 / mixed cache (a mixed one with its
+    layout, the `kv_layout` attribute), and in `pre` mode the key latents, which it turns into rotated
     keys from the layer's latent-key tables (latent_rope.py), computed in the graph from the stored key basis."""
     def core(attn, q, k, v, ctx, present, k_scale=None, v_scale=None):
         kv_dtype = attn.kv_dtype
-        if kv_dtype == "mixed":
-            k, v, k_scale, v_scale, kv_dtype = k * k_scale.to(k.dtype), v * v_scale.to(v.dtype), None, None, None
         if kv_dtype is not None:
             k, v, k_scale, v_scale = present
         latent, spec, heads = [None] * 4, attn.spec, attn.spec.cache_heads
@@ -312,7 +310,7 @@ def plugin_cores(model: Decoder):
             heads = spec.num_kv_heads
         return lowrank_attention_op(q, k, v, ctx.attention_mask, k_scale, v_scale, *latent, spec.softmax_scale,
                                     spec.num_heads, heads, attn.ranks.k, attn.ranks.v, attn.rope_mode or "none",
-                                    kv_dtype or "none")
+                                    kv_dtype or "none", layout_attribute(*attn.counts))
 
     with _per_layer(model, "core", core):
         yield

@@ -221,14 +221,51 @@ def cache_slots(r_k: int, r_v: int, kv_dtype: str | None, float_dtype: torch.dty
             ("key_scale", 1, SCALE_DTYPE), ("value_scale", 1, SCALE_DTYPE)]
 
 
+def packed_runs(kv_dtype: str, rank: int, counts=None) -> tuple[int, int]:
+    """(n8, n4) of packed codes: how many leading numbers are 8-bit mid-rise codes, then 4-bit ones (the rest are
+    2-bit), as the kernels walk a vector; int4 is (0, rank). int8 codes are signed bytes, not packed: (0, 0)."""
+    if kv_dtype == "int8":
+        return 0, 0
+    if kv_dtype == "int4":
+        return 0, rank
+    CodeFormat.of(kv_dtype, rank, counts)             # a mixed layout that does not fit: its one-line error
+    return int(counts[0]), int(counts[1])
+
+
+def layout_attribute(k_counts=None, v_counts=None) -> str:
+    """A mixed cache's layout as the plugin node's string attribute `kv_layout`: "n8,n4,n2;n8,n4,n2" (keys; values),
+    "" for a uniform format (int8, int4). A string, because TensorRT plugin fields, ONNX Runtime's Python ops and
+    ONNX all take one."""
+    if k_counts is None:
+        return ""
+    return ";".join(",".join(str(int(n)) for n in counts) for counts in (k_counts, v_counts))
+
+
+def parse_layout(kv_layout: str) -> tuple:
+    """(key counts, value counts) of a `kv_layout` attribute, (None, None) for ""; ValueError (one line) if it is not
+    two triples of counts."""
+    if not kv_layout:
+        return None, None
+    try:
+        sides = tuple(tuple(int(n) for n in side.split(",")) for side in kv_layout.split(";"))
+    except ValueError:
+        sides = ()
+    if len(sides) != 2 or any(len(side) != len(MIXED_WIDTHS) for side in sides):
+        raise ValueError(f"kv_layout must be 'n8,n4,n2;n8,n4,n2' (key; value counts of 8/4/2-bit numbers), "
+                         f"got {kv_layout!r}")
+    return sides
+
+
 @dataclass(frozen=True)
 class Quantized:
     """One side (keys or values) of a quantized cache as the attention op reads it: codes [B, H_kv, T, w],
-    scales [B, H_kv, T, 1] fp16, and the latent rank (int4 codes cannot tell an odd rank from the next)."""
+    scales [B, H_kv, T, 1] fp16, the latent rank (int4 codes cannot tell an odd rank from the next) and, mixed,
+    the counts of its 8 / 4 / 2-bit numbers."""
     codes: torch.Tensor
     scale: torch.Tensor
     kv_dtype: str
     rank: int
+    counts: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -236,14 +273,16 @@ class Quantized:
         return (*self.codes.shape[:3], self.rank)
 
     def values(self, dtype: torch.dtype) -> torch.Tensor:
-        return decode(self.codes, self.scale, self.rank, self.kv_dtype, dtype)
+        return decode(self.codes, self.scale, self.rank, self.kv_dtype, dtype, self.counts)
+
+    @property
+    def runs(self) -> tuple[int, int]:
+        return packed_runs(self.kv_dtype, self.rank, self.counts)
 
     def check(self, name: str) -> None:
         """ValueError (one line) unless codes and scales have the format's types and matching shapes."""
-        if self.kv_dtype not in BITS:
-            raise ValueError(f"lowrank_attention: {name} codes must be int8 or int4, got {self.kv_dtype!r} (a mixed "
-                             "cache is decoded in front of the node)")
-        fmt = CodeFormat.of(self.kv_dtype, self.rank)
+        check_kv_dtype(self.kv_dtype)
+        fmt = CodeFormat.of(self.kv_dtype, self.rank, self.counts)
         want = (*self.codes.shape[:3], fmt.nbytes)
         if self.codes.dtype != fmt.torch_dtype or tuple(self.codes.shape) != want:
             raise ValueError(f"lowrank_attention: {name} codes must be {fmt.torch_dtype} {list(want)} "

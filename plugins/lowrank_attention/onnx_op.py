@@ -32,10 +32,12 @@ num_kv_heads, rank_k (width of the cached keys), rank_v (ints), rope_mode ("none
 informational).
 
 TensorRT plugins have fixed inputs, so each other combination is its own op type:
-- `LowRankAttentionQuantized`: a quantized cache (kv_codec: int8, or int4 packed two per uint8, with an fp16
-  scale per token and head) as its codes, dequantized on load by the kernel: q, k codes [B, H_kv, P+S, w_k],
-  v codes [B, H_kv, P+S, w_v], attention_mask, k_scale [B, H_kv, P+S, 1], v_scale [B, H_kv, P+S, 1], one more
-  string attribute kv_dtype ("int8" | "int4"); w = rank (int8) or ceil(rank / 2) (int4);
+- `LowRankAttentionQuantized`: a quantized cache (kv_codec: int8, int4 packed two per uint8, or mixed 8 / 4 / 2-bit
+  numbers packed by width, with an fp16 scale per token and head) as its codes, dequantized on load by the kernel:
+  q, k codes [B, H_kv, P+S, w_k], v codes [B, H_kv, P+S, w_v], attention_mask, k_scale [B, H_kv, P+S, 1],
+  v_scale [B, H_kv, P+S, 1], two more string attributes kv_dtype ("int8" | "int4" | "mixed") and kv_layout
+  (mixed: "n8,n4,n2;n8,n4,n2", the key and value counts of each width; "" otherwise); w = rank (int8),
+  ceil(rank / 2) (int4), the packed bytes of the layout (mixed);
 - `LowRankAttentionLatentK` (rope_mode "pre"): the cached keys are pre-RoPE latents, turned into rotated keys in
   the op (latent_rope.py): q [B, H, S, head_dim] (rotated), k [B, H_kv, P+S, rank_k], v, attention_mask, then
   key_positions [B, P+S] int64, basis_cos and basis_sin [H_kv, rank_k, head_dim] (T), freq [head_dim] fp32;
@@ -49,7 +51,7 @@ import torch
 
 from typing import Optional
 
-from .kv_codec import KV_DTYPES, Quantized
+from .kv_codec import KV_DTYPES, Quantized, parse_layout
 from .latent_rope import LatentKeys
 from .reference import NAMESPACE, OP_NAME, ROPE_MODES, VERSION, lowrank_attention_reference
 
@@ -73,25 +75,27 @@ def lowrank_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, atte
                          key_positions: Optional[torch.Tensor], basis_cos: Optional[torch.Tensor],
                          basis_sin: Optional[torch.Tensor], freq: Optional[torch.Tensor],
                          scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
-                         rope_mode: str, kv_dtype: str) -> torch.Tensor:
+                         rope_mode: str, kv_dtype: str, kv_layout: str) -> torch.Tensor:
     """The attention core as one op: q x cache -> [B, H, S, rank_v]. A side with a scale is a quantized cache
     (kv_dtype's codes); with basis_cos, k holds pre-RoPE key latents (latent_rope.LatentKeys of the four latent
     inputs). The ints and strings travel to the node's attributes; the computation reads the shapes (and the
     ranks, which int4 codes cannot tell)."""
     latent = None if basis_cos is None else LatentKeys(basis_cos, basis_sin, freq, key_positions)
-    return lowrank_attention_reference(q, as_side(k, k_scale, kv_dtype, rank_k), as_side(v, v_scale, kv_dtype, rank_v),
-                                       attention_mask, scale, latent)
+    k_counts, v_counts = parse_layout(kv_layout)
+    return lowrank_attention_reference(q, as_side(k, k_scale, kv_dtype, rank_k, k_counts),
+                                       as_side(v, v_scale, kv_dtype, rank_v, v_counts), attention_mask, scale, latent)
 
 
 @lowrank_attention_op.register_fake
 def _lowrank_attention_fake(q, k, v, attention_mask, k_scale, v_scale, key_positions, basis_cos, basis_sin, freq,
-                            scale, num_heads, num_kv_heads, rank_k, rank_v, rope_mode, kv_dtype):
+                            scale, num_heads, num_kv_heads, rank_k, rank_v, rope_mode, kv_dtype, kv_layout):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], rank_v)
 
 
-def as_side(t: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str, rank: int) -> torch.Tensor | Quantized:
-    """A cache side as the reference and the kernels take it: the tensor, or codes + scales."""
-    return t if scale is None else Quantized(t, scale, kv_dtype, rank)
+def as_side(t: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str, rank: int,
+            counts=None) -> torch.Tensor | Quantized:
+    """A cache side as the reference and the kernels take it: the tensor, or codes + scales (+ a mixed layout)."""
+    return t if scale is None else Quantized(t, scale, kv_dtype, rank, counts)
 
 
 def onnx_translation() -> dict:
@@ -102,7 +106,7 @@ def onnx_translation() -> dict:
     opset = values.Opset(DOMAIN, OPSET_VERSION)
 
     def lowrank_attention(q, k, v, attention_mask, k_scale, v_scale, key_positions, basis_cos, basis_sin, freq, scale,
-                          num_heads, num_kv_heads, rank_k, rank_v, rope_mode, kv_dtype):
+                          num_heads, num_kv_heads, rank_k, rank_v, rope_mode, kv_dtype, kv_layout):
         if rope_mode not in ROPE_MODES:
             raise ValueError(f"{OP_TYPE}: rope_mode {rope_mode!r} is not one of {ROPE_MODES}")
         if (k_scale is None) != (v_scale is None):
@@ -113,7 +117,7 @@ def onnx_translation() -> dict:
         if k_scale is not None:
             if kv_dtype not in KV_DTYPES:
                 raise ValueError(f"{OP_TYPE}: kv_dtype {kv_dtype!r} is not one of {KV_DTYPES}")
-            extra["kv_dtype"] = str(kv_dtype)
+            extra |= {"kv_dtype": str(kv_dtype), "kv_layout": str(kv_layout)}
         if latent:
             extra["head_dim"] = int(q.shape[-1])
         inputs = [t for t in (k_scale, v_scale) if t is not None]
@@ -142,7 +146,7 @@ def register_onnx_schema() -> None:
                   attr("rank_k", kind.INT, "width of q and k at the node"), attr("rank_v", kind.INT, "width of v"),
                   attr("rope_mode", kind.STRING, "none, pre or post")]
     mask = tensor("attention_mask", "tensor(int64)", "[B, P+S], 1 = real token, 0 = padding")
-    codes = ("C", ["tensor(int8)", "tensor(uint8)"], "int8 codes, or int4 codes two per byte")
+    codes = ("C", ["tensor(int8)", "tensor(uint8)"], "int8 codes, or packed int4 / mixed codes")
     floats = ("T", list(FLOAT_TYPES), "q, float k / v, the latent-key maps and the output share one float type")
     scale = "tensor(float16)"
     for (latent, quantized), op_type in OP_TYPES.items():
@@ -157,7 +161,9 @@ def register_onnx_schema() -> None:
                        tensor("basis_cos", "T", "[H_kv, rank_k, head_dim] latent -> cos part of the rotated key"),
                        tensor("basis_sin", "T", "[H_kv, rank_k, head_dim] latent -> sin part of the rotated key"),
                        tensor("freq", "tensor(float)", "[head_dim] angular frequency of each key feature")]
-        extra = [attr("kv_dtype", kind.STRING, "int8 or int4")] if quantized else []
+        extra = [attr("kv_dtype", kind.STRING, "int8, int4 or mixed"),
+                 attr("kv_layout", kind.STRING, "mixed: n8,n4,n2;n8,n4,n2 (key; value counts), else empty")
+                 ] if quantized else []
         extra += [attr("head_dim", kind.INT, "width of q and of the rotated keys")] if latent else []
         schema = defs.OpSchema(
             op_type, DOMAIN, OPSET_VERSION,
@@ -205,11 +211,13 @@ def register_ort_op() -> None:
         more, more_attrs = (latent_inputs, latent_attrs) if latent else ([], {})
         _define_ort_op(onnx_op, OP_TYPES[(latent, False)], [f32, f32, f32, i64] + more, attrs | more_attrs,
                        (latent, False))
-        for kv_dtype, code in (("int8", PyCustomOpDef.dt_int8), ("int4", PyCustomOpDef.dt_uint8)):
+        for kv_dtype, code in (("int8", PyCustomOpDef.dt_int8), ("int4", PyCustomOpDef.dt_uint8),
+                               ("mixed", PyCustomOpDef.dt_uint8)):
             # scales arrive as fp32: the Python op API has no fp16 (for_onnxruntime casts them, exactly)
             _define_ort_op(onnx_op, ort_op_type(OP_TYPES[(latent, True)], kv_dtype),
                            [f32, code, code, i64, f32, f32] + more,
-                           attrs | more_attrs | {"kv_dtype": PyCustomOpDef.dt_string}, (latent, True))
+                           attrs | more_attrs | {name: PyCustomOpDef.dt_string for name in ("kv_dtype", "kv_layout")},
+                           (latent, True))
     _ort_registered = True
 
 
@@ -238,8 +246,9 @@ def _ort_kernel(q, k, v, attention_mask, more, kind: tuple[bool, bool], attribut
     if quantized:
         k_scale, v_scale = (s.half() for s in more[:2])                   # fp16 values, cast to fp32 on the way in
         kv_dtype = attributes["kv_dtype"]
-        k = Quantized(k, k_scale, kv_dtype, attributes["rank_k"])
-        v = Quantized(v, v_scale, kv_dtype, attributes["rank_v"])
+        k_counts, v_counts = parse_layout(attributes["kv_layout"])
+        k = Quantized(k, k_scale, kv_dtype, attributes["rank_k"], k_counts)
+        v = Quantized(v, v_scale, kv_dtype, attributes["rank_v"], v_counts)
     latent_keys = LatentKeys(*more[-3:], more[-4]) if latent else None
     shapes = {"num_heads": q.shape[1], "num_kv_heads": latent_keys.heads if latent else k.shape[1],
               "rank_k": k.shape[3], "rank_v": v.shape[3]}

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_codec import BITS, Quantized
+from .kv_codec import Quantized
 from .latent_rope import LatentKeys
 from .reference import check_inputs
 
@@ -81,10 +81,13 @@ def _attend_block(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, IEEE_DOT: tl.c
 
 
 @triton.jit
-def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r, stride_st, BITS: tl.constexpr):
-    """[BLOCK_N, R_PAD] of one cache side: the stored floats (BITS 0), or int8 / packed int4 codes times each
-    token's fp16 scale, in fp32 (kv_codec's decode: int4 element j is nibble j % 2 of byte j // 2, its level
-    nibble - 8 + 1/2; masked elements are 0, as the padding past the rank must be)."""
+def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r, stride_st, n8, n4,
+               BITS: tl.constexpr):
+    """[BLOCK_N, R_PAD] of one cache side: the stored floats (BITS 0), or int8 codes (BITS 8) or packed mid-rise
+    codes (BITS 4: int4 and mixed) times each token's fp16 scale, in fp32; masked elements are 0, as the padding
+    past the rank must be. Packed (kv_codec's format): the first n8 numbers are one byte each, the next n4 two to a
+    byte, the rest four to a byte, each run from a fresh byte, lowest bits first, a w-bit code c standing for
+    c - 2^(w-1) + 1/2; int4 is n8 = 0, n4 = rank."""
     ok = key_ok[:, None] & r_ok[None, :]
     if BITS == 0:
         x = tl.load(base + keys[:, None] * stride_t + offs_r[None, :] * stride_r, mask=ok, other=0.0)
@@ -93,8 +96,14 @@ def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r,
             codes = tl.load(base + keys[:, None] * stride_t + offs_r[None, :] * stride_r, mask=ok, other=0)
             codes = codes.to(tl.float32)
         else:
-            packed = tl.load(base + keys[:, None] * stride_t + (offs_r[None, :] // 2) * stride_r, mask=ok, other=8)
-            codes = ((packed.to(tl.int32) >> ((offs_r[None, :] % 2) * 4)) & 15) - 8
+            wide, mid = offs_r < n8, offs_r < n8 + n4
+            i4, i2 = offs_r - n8, offs_r - n8 - n4
+            i2 = tl.where(mid, 0, i2)                    # keeps the unused branch's arithmetic non-negative
+            byte = tl.where(wide, offs_r, tl.where(mid, n8 + i4 // 2, n8 + (n4 + 1) // 2 + i2 // 4))
+            shift = tl.where(wide, 0, tl.where(mid, (i4 % 2) * 4, (i2 % 4) * 2))
+            bits = tl.where(wide, 8, tl.where(mid, 4, 2))
+            packed = tl.load(base + keys[:, None] * stride_t + byte[None, :] * stride_r, mask=ok, other=0)
+            codes = ((packed.to(tl.int32) >> shift[None, :]) & ((1 << bits[None, :]) - 1)) - (1 << (bits[None, :] - 1))
             codes = tl.where(ok, codes.to(tl.float32) + 0.5, 0.0)
         s = tl.load(scale_base + keys * stride_st, mask=key_ok, other=0.0).to(tl.float32)
         x = codes * s[:, None]
@@ -103,16 +112,16 @@ def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r,
 
 @triton.jit
 def _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-             stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst,
+             stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, k_n8, k_n4, v_n8, v_n4,
              K_BITS: tl.constexpr, V_BITS: tl.constexpr):
-    k = _load_side(k_base, ks_base, keys, key_ok, offs_rk, rk_ok, stride_kt, stride_kr, stride_kst, K_BITS)
-    v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst, V_BITS)
+    k = _load_side(k_base, ks_base, keys, key_ok, offs_rk, rk_ok, stride_kt, stride_kr, stride_kst, k_n8, k_n4, K_BITS)
+    v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst, v_n8, v_n4, V_BITS)
     return k, v  # [BLOCK_N, RK_PAD], [BLOCK_N, RV_PAD]
 
 
 @triton.jit
 def _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, stride_kst, cos_base, sin_base,
-                 stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, K_BITS: tl.constexpr,
+                 stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, k_n8, k_n4, K_BITS: tl.constexpr,
                  IEEE_DOT: tl.constexpr, RK_PAD: tl.constexpr, QK_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_N, QK_PAD] fp32 rotated keys of a block of cached key latents at their positions (latent_rope.py).
     The latent times the KV head's two [r_k, d] maps is summed over chunks of 16 latent coordinates, each chunk's
@@ -124,7 +133,8 @@ def _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, st
     for c0 in range(0, RK_PAD, 16):
         offs_c = c0 + tl.arange(0, 16)
         c_ok = offs_c < rank_k
-        latent = _load_side(k_base, ks_base, keys, key_ok, offs_c, c_ok, stride_kt, stride_kr, stride_kst, K_BITS)
+        latent = _load_side(k_base, ks_base, keys, key_ok, offs_c, c_ok, stride_kt, stride_kr, stride_kst, k_n8, k_n4,
+                            K_BITS)
         rows = offs_c[:, None] * stride_lr + offs_qk[None, :] * stride_ld
         ok = c_ok[:, None] & qk_ok[None, :]
         map_cos = tl.load(cos_base + rows, mask=ok, other=0.0)
@@ -144,7 +154,7 @@ def _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, st
 
 # Sizes and counts are not specialised on (only strides are, for vectorised loads): otherwise every
 # new cache length or split count would compile another kernel variant.
-@triton.jit(do_not_specialize=["num_heads", "seq_len", "total_len", "group_size"])
+@triton.jit(do_not_specialize=["num_heads", "seq_len", "total_len", "group_size", "k_n8", "k_n4", "v_n8", "v_n4"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, out_ptr, lcos_ptr, lsin_ptr, freq_ptr, pos_ptr,
     stride_qb, stride_qh, stride_qs, stride_qr,
@@ -154,7 +164,7 @@ def _prefill_kernel(
     stride_mb, stride_mt,
     stride_ob, stride_oh, stride_os, stride_or,
     stride_lh, stride_lr, stride_ld, stride_pb, stride_pt,
-    num_heads, seq_len, total_len, group_size, rank_k, rank_v, qk_dim, qk_scale_log2,
+    num_heads, seq_len, total_len, group_size, rank_k, rank_v, qk_dim, qk_scale_log2, k_n8, k_n4, v_n8, v_n4,
     HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     LATENT_KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
     RV_PAD: tl.constexpr, QK_PAD: tl.constexpr,
@@ -200,12 +210,14 @@ def _prefill_kernel(
         key_ok = keys < total_len
         if LATENT_KEYS:
             k = _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, stride_kst, cos_base,
-                             sin_base, stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, K_BITS,
-                             IEEE_DOT, RK_PAD, QK_PAD, BLOCK_N)
-            v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst, V_BITS)
+                             sin_base, stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, k_n8, k_n4,
+                             K_BITS, IEEE_DOT, RK_PAD, QK_PAD, BLOCK_N)
+            v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst, v_n8, v_n4,
+                           V_BITS)
         else:
             k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-                            stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
+                            stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, k_n8, k_n4, v_n8, v_n4,
+                            K_BITS, V_BITS)
         visible = key_ok[None, :] & (keys[None, :] <= past + offs_m[:, None])
         if HAS_MASK:
             real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -220,8 +232,8 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & rv_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_kv_heads", "total_len", "group_size",
-                               "chunk_len", "num_splits"])
+@triton.jit(do_not_specialize=["num_kv_heads", "total_len", "group_size", "chunk_len", "num_splits",
+                               "k_n8", "k_n4", "v_n8", "v_n4"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
     lcos_ptr, lsin_ptr, freq_ptr, pos_ptr,
@@ -232,7 +244,7 @@ def _decode_split_kernel(
     stride_mb, stride_mt,
     stride_lh, stride_lr, stride_ld, stride_pb, stride_pt,
     num_kv_heads, total_len, group_size, rank_k, rank_v, qk_dim, chunk_len, num_splits, qk_scale_log2,
-    HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+    k_n8, k_n4, v_n8, v_n4, HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, LATENT_KEYS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
     QK_PAD: tl.constexpr,
@@ -279,13 +291,14 @@ def _decode_split_kernel(
         # launcher turns it off, their chunked loads live inside the rebuild.)
         keys = start + offs_n
         k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, keys < end, offs_rk, offs_rv, rk_ok, rv_ok,
-                        stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
+                        stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, k_n8, k_n4, v_n8, v_n4,
+                        K_BITS, V_BITS)
         for start_n in range(start, end, BLOCK_N):
             keys = start_n + offs_n
             key_ok = keys < end
             k_next, v_next = _load_kv(k_base, v_base, ks_base, vs_base, keys + BLOCK_N, keys + BLOCK_N < end,
                                       offs_rk, offs_rv, rk_ok, rv_ok, stride_kt, stride_kr, stride_vt, stride_vr,
-                                      stride_kst, stride_vst, K_BITS, V_BITS)
+                                      stride_kst, stride_vst, k_n8, k_n4, v_n8, v_n4, K_BITS, V_BITS)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -299,13 +312,14 @@ def _decode_split_kernel(
             key_ok = keys < end
             if LATENT_KEYS:
                 k = _latent_keys(k_base, ks_base, keys, key_ok, rank_k, stride_kt, stride_kr, stride_kst, cos_base,
-                                 sin_base, stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, K_BITS,
-                                 IEEE_DOT, RK_PAD, QK_PAD, BLOCK_N)
+                                 sin_base, stride_lr, stride_ld, freq, offs_qk, qk_ok, pos_base, stride_pt, k_n8, k_n4,
+                                 K_BITS, IEEE_DOT, RK_PAD, QK_PAD, BLOCK_N)
                 v = _load_side(v_base, vs_base, keys, key_ok, offs_rv, rv_ok, stride_vt, stride_vr, stride_vst,
-                               V_BITS)
+                               v_n8, v_n4, V_BITS)
             else:
                 k, v = _load_kv(k_base, v_base, ks_base, vs_base, keys, key_ok, offs_rk, offs_rv, rk_ok, rv_ok,
-                                stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, K_BITS, V_BITS)
+                                stride_kt, stride_kr, stride_vt, stride_vr, stride_kst, stride_vst, k_n8, k_n4, v_n8,
+                                v_n4, K_BITS, V_BITS)
             visible = key_ok
             if HAS_MASK:
                 real = tl.load(mask_ptr + b * stride_mb + keys * stride_mt, mask=key_ok, other=0)
@@ -406,17 +420,21 @@ def _mask_for_kernel(attention_mask: torch.Tensor | None, fallback: torch.Tensor
 @dataclass(frozen=True)
 class _Side:
     """What a kernel reads of one cache side: the tensor, its scales (a placeholder pointer for floats; never
-    read) and their strides, and the code width in bits (0: stored as floats)."""
+    read) and their strides, the code kind (0: floats, 8: int8 codes, 4: packed mid-rise codes, int4 or mixed)
+    and, packed, how many leading numbers are 8-bit, then 4-bit (kv_codec.Quantized.runs)."""
     data: torch.Tensor
     scale: torch.Tensor
     scale_strides: tuple[int, int, int]
     bits: int
+    runs: tuple[int, int] = (0, 0)
 
     @classmethod
     def of(cls, t: torch.Tensor | Quantized) -> "_Side":
-        if isinstance(t, Quantized):
-            return cls(t.codes, t.scale, tuple(t.scale.stride()[:3]), BITS[t.kv_dtype])
-        return cls(t, t, (0, 0, 0), 0)
+        if not isinstance(t, Quantized):
+            return cls(t, t, (0, 0, 0), 0)
+        if t.kv_dtype == "int8":
+            return cls(t.codes, t.scale, tuple(t.scale.stride()[:3]), 8)
+        return cls(t.codes, t.scale, tuple(t.scale.stride()[:3]), 4, t.runs)
 
 
 def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
@@ -428,7 +446,7 @@ def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Ten
 
     q [B, H, S, r_k]; k [B, H_kv, P+S, r_k]; v [B, H_kv, P+S, r_v]; attention_mask [B, P+S]
     (1 = real token, 0 = padding; None = no padding); scale = 1/sqrt(d_original). k and v may each be a
-    quantized cache (kv_codec.Quantized: int8 or packed int4 codes + fp16 scales), dequantized on load.
+    quantized cache (kv_codec.Quantized: int8, or packed int4 / mixed codes, + fp16 scales), dequantized on load.
     latent_keys: k holds pre-RoPE key latents [B, H_kv, P+S, r_k] and q is [B, H, S, d], rotated
     (latent_rope.py); a joint latent ([B, 1, P+S, r_k], v alike) is read by every KV head of the maps through a
     stride-0 view, never copied. S == 1 runs the flash-decoding kernels, S > 1 the prefill kernel.
@@ -477,7 +495,7 @@ def _broadcast_heads(t: torch.Tensor | Quantized, heads: int) -> torch.Tensor | 
     def expand(x):
         return x.expand(x.shape[0], heads, *x.shape[2:])
     if isinstance(t, Quantized):
-        return Quantized(expand(t.codes), expand(t.scale), t.kv_dtype, t.rank)
+        return Quantized(expand(t.codes), expand(t.scale), t.kv_dtype, t.rank, t.counts)
     return expand(t)
 
 
@@ -509,6 +527,11 @@ def _default_decode_config(common: dict) -> DecodeConfig:
     return DecodeConfig()
 
 
+def _runs(ks: _Side, vs: _Side) -> dict:
+    """The kernels' k_n8, k_n4, v_n8, v_n4: where each side's packed widths change (unused for floats and int8)."""
+    return dict(zip(("k_n8", "k_n4", "v_n8", "v_n4"), (*ks.runs, *vs.runs)))
+
+
 def _launch_prefill(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, tables, out, common,
                     config: PrefillConfig):
     batch, heads, seq, _ = q.shape
@@ -517,7 +540,7 @@ def _launch_prefill(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, tables,
         q, ks.data, vs.data, ks.scale, vs.scale, mask, out, *tables[0],
         *q.stride(), *ks.data.stride(), *vs.data.stride(), *ks.scale_strides, *vs.scale_strides,
         stride_mb, stride_mt, *out.stride(), *tables[1],
-        heads, seq, ks.data.shape[2], **common,
+        heads, seq, ks.data.shape[2], **common, **_runs(ks, vs),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -542,7 +565,7 @@ def _launch_decode(q, ks: _Side, vs: _Side, mask, stride_mb, stride_mt, tables, 
         q.stride(0), q.stride(1), q.stride(3), *ks.data.stride(), *vs.data.stride(), *ks.scale_strides,
         *vs.scale_strides, stride_mb, stride_mt, *tables[1],
         heads_kv, total, common["group_size"], common["rank_k"], common["rank_v"], common["qk_dim"],
-        chunk_len, num_splits, common["qk_scale_log2"],
+        chunk_len, num_splits, common["qk_scale_log2"], **_runs(ks, vs),
         HAS_MASK=common["HAS_MASK"], IEEE_DOT=common["IEEE_DOT"],
         PREFETCH=config.prefetch and not common["LATENT_KEYS"],
         K_BITS=common["K_BITS"], V_BITS=common["V_BITS"], LATENT_KEYS=common["LATENT_KEYS"],

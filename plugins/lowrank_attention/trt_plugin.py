@@ -120,22 +120,23 @@ def _define(trt, trtp) -> None:
     def compile_aot_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
                               attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
                               scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
-                              kv_dtype: str, outputs: Tuple[trtp.TensorDesc], tactic: int):
+                              kv_dtype: str, kv_layout: str, outputs: Tuple[trtp.TensorDesc], tactic: int):
         # a LowRankAttentionQuantized node: the kernel dequantizes the codes on load; the ranks come from the
-        # attributes (int4 codes are ceil(rank / 2) wide)
+        # attributes (int4 codes are ceil(rank / 2) wide, mixed ones as their layout packs them)
         return aot_launch(q, k, num_heads, compile_prefill_ptx(
             _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
-            ptx_version=driver_ptx_version(), kv_dtype=kv_dtype))
+            ptx_version=driver_ptx_version(), kv_dtype=kv_dtype, kv_layout=kv_layout))
 
     def compile_aot_latent_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
                                      attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc,
                                      v_scale: trtp.TensorDesc, key_positions: trtp.TensorDesc,
                                      basis_cos: trtp.TensorDesc, basis_sin: trtp.TensorDesc, freq: trtp.TensorDesc,
                                      scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
-                                     kv_dtype: str, head_dim: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
+                                     kv_dtype: str, kv_layout: str, head_dim: int, outputs: Tuple[trtp.TensorDesc],
+                                     tactic: int):
         return aot_launch(q, k, num_heads, compile_prefill_ptx(
             _DTYPE_NAMES[q.dtype], num_heads, num_kv_heads, rank_k, rank_v, scale, target=_current_target(),
-            ptx_version=driver_ptx_version(), head_dim=head_dim, kv_dtype=kv_dtype), latent=True)
+            ptx_version=driver_ptx_version(), head_dim=head_dim, kv_dtype=kv_dtype, kv_layout=kv_layout), latent=True)
 
     def aot_launch(q: trtp.TensorDesc, k: trtp.TensorDesc, num_heads: int, kernel: AotKernel, latent: bool = False):
         launch = trtp.KernelLaunchParams()
@@ -170,7 +171,7 @@ def _define(trt, trtp) -> None:
     def describe_quantized(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc,
                            attention_mask: trtp.TensorDesc, k_scale: trtp.TensorDesc, v_scale: trtp.TensorDesc,
                            scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
-                           rope_mode: str, kv_dtype: str) -> trtp.TensorDesc:
+                           rope_mode: str, kv_dtype: str, kv_layout: str) -> trtp.TensorDesc:
         return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], rank_v), dtype=q.dtype)
 
     def describe_latent(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, attention_mask: trtp.TensorDesc,
@@ -184,14 +185,14 @@ def _define(trt, trtp) -> None:
                                   v_scale: trtp.TensorDesc, key_positions: trtp.TensorDesc,
                                   basis_cos: trtp.TensorDesc, basis_sin: trtp.TensorDesc, freq: trtp.TensorDesc,
                                   scale: float, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int,
-                                  rope_mode: str, kv_dtype: str, head_dim: int) -> trtp.TensorDesc:
+                                  rope_mode: str, kv_dtype: str, kv_layout: str, head_dim: int) -> trtp.TensorDesc:
         return trtp.from_shape_expr((q.shape_expr[0], q.shape_expr[1], q.shape_expr[2], rank_v), dtype=q.dtype)
 
     def run_quantized(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
                       k_scale: trtp.Tensor, v_scale: trtp.Tensor, scale: float, rank_k: int, rank_v: int,
-                      kv_dtype: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
-        _run_jit((q, k, v, attention_mask), (k_scale, v_scale, kv_dtype), None, scale, rank_k, rank_v, outputs,
-                 stream)
+                      kv_dtype: str, kv_layout: str, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        _run_jit((q, k, v, attention_mask), (k_scale, v_scale, kv_dtype, kv_layout), None, scale, rank_k, rank_v,
+                 outputs, stream)
 
     def run_latent(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
                    key_positions: trtp.Tensor, basis_cos: trtp.Tensor, basis_sin: trtp.Tensor, freq: trtp.Tensor,
@@ -202,10 +203,10 @@ def _define(trt, trtp) -> None:
     def run_latent_quantized(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, attention_mask: trtp.Tensor,
                              k_scale: trtp.Tensor, v_scale: trtp.Tensor, key_positions: trtp.Tensor,
                              basis_cos: trtp.Tensor, basis_sin: trtp.Tensor, freq: trtp.Tensor, scale: float,
-                             rank_k: int, rank_v: int, kv_dtype: str, outputs: Tuple[trtp.Tensor],
+                             rank_k: int, rank_v: int, kv_dtype: str, kv_layout: str, outputs: Tuple[trtp.Tensor],
                              stream: int) -> None:
-        _run_jit((q, k, v, attention_mask), (k_scale, v_scale, kv_dtype), (key_positions, basis_cos, basis_sin, freq),
-                 scale, rank_k, rank_v, outputs, stream)
+        _run_jit((q, k, v, attention_mask), (k_scale, v_scale, kv_dtype, kv_layout),
+                 (key_positions, basis_cos, basis_sin, freq), scale, rank_k, rank_v, outputs, stream)
 
     # This module's annotations are strings (PEP 563, which the Triton entry below relies on); tensorrt.plugin
     # validates type hints as objects, so they are resolved before the decorators see the functions.
@@ -226,11 +227,11 @@ def _define(trt, trtp) -> None:
 
 def _run_jit(tensors, quantized, latent, scale: float, rank_k: int, rank_v: int, outputs, stream: int) -> None:
     """The JIT path of a quantized or latent-key node: codes and scales wrapped as kv_codec.Quantized (quantized:
-    (k_scale, v_scale, kv_dtype)), the latent-key inputs as latent_rope.LatentKeys (latent: (positions,
+    (k_scale, v_scale, kv_dtype, kv_layout)), the latent-key inputs as latent_rope.LatentKeys (latent: (positions,
     basis_cos, basis_sin, freq)), for the Triton entry."""
     import torch
 
-    from .kv_codec import Quantized
+    from .kv_codec import Quantized, parse_layout
     from .latent_rope import LatentKeys
     from .triton_kernels import lowrank_attention
 
@@ -239,8 +240,10 @@ def _run_jit(tensors, quantized, latent, scale: float, rank_k: int, rank_v: int,
 
     q, k, v, mask = (device(t) for t in tensors)
     if quantized is not None:
-        k_scale, v_scale, kv_dtype = quantized
-        k, v = Quantized(k, device(k_scale), kv_dtype, rank_k), Quantized(v, device(v_scale), kv_dtype, rank_v)
+        k_scale, v_scale, kv_dtype, kv_layout = quantized
+        k_counts, v_counts = parse_layout(kv_layout)
+        k = Quantized(k, device(k_scale), kv_dtype, rank_k, k_counts)
+        v = Quantized(v, device(v_scale), kv_dtype, rank_v, v_counts)
     latent_keys = None
     if latent is not None:
         positions, basis_cos, basis_sin, freq = (device(t) for t in latent)
@@ -309,7 +312,8 @@ def lowrank_attention_aot(q_ptr, k_ptr, v_ptr, mask_ptr, seq_len, total_len, out
     # a float node: the scale and latent-key pointers are placeholders the kernel never reads
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, k_ptr, v_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len,
                         total_len, NUM_HEADS // GROUP, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, RANK_K,
-                        RANK_V, QK_SCALE_LOG2, IEEE_DOT, False, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
+                        RANK_V, QK_SCALE_LOG2, IEEE_DOT, False, 0, 0, 0, 0, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD,
+                        RK_PAD)
 
 
 def lowrank_attention_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, seq_len, total_len, out_ptr,
@@ -317,11 +321,13 @@ def lowrank_attention_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_pt
                                     RANK_V: tl.constexpr, QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
                                     RV_PAD: tl.constexpr, BITS: tl.constexpr, K_ROW: tl.constexpr,
-                                    V_ROW: tl.constexpr):
+                                    V_ROW: tl.constexpr, K_N8: tl.constexpr, K_N4: tl.constexpr,
+                                    V_N8: tl.constexpr, V_N4: tl.constexpr):
     # a LowRankAttentionQuantized node: k and v are codes, ks and vs their fp16 scales
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, mask_ptr, q_ptr, q_ptr, q_ptr, seq_len,
                         total_len, NUM_HEADS // GROUP, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, RANK_K, K_ROW, V_ROW,
-                        QK_SCALE_LOG2, IEEE_DOT, False, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, RK_PAD)
+                        QK_SCALE_LOG2, IEEE_DOT, False, BITS, K_N8, K_N4, V_N8, V_N4, BLOCK_M, BLOCK_N, RK_PAD,
+                        RV_PAD, RK_PAD)
 
 
 def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
@@ -333,7 +339,7 @@ def lowrank_attention_latent_aot(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, cos_ptr
     # a LowRankAttentionLatentK node: q is head_dim wide, k holds the key latents (one head if joint)
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
                         total_len, cache_heads, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, RANK_K, RANK_V,
-                        QK_SCALE_LOG2, IEEE_DOT, True, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+                        QK_SCALE_LOG2, IEEE_DOT, True, 0, 0, 0, 0, 0, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
 
 
 def lowrank_attention_latent_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr,
@@ -343,11 +349,13 @@ def lowrank_attention_latent_quantized_aot(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr
                                            QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr,
                                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
                                            RV_PAD: tl.constexpr, QK_PAD: tl.constexpr, BITS: tl.constexpr,
-                                           K_ROW: tl.constexpr, V_ROW: tl.constexpr):
+                                           K_ROW: tl.constexpr, V_ROW: tl.constexpr, K_N8: tl.constexpr,
+                                           K_N4: tl.constexpr, V_N8: tl.constexpr, V_N4: tl.constexpr):
     # a LowRankAttentionLatentKQuantized node: the key latents and the values as codes, then their scales
     _contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
                         total_len, cache_heads, out_ptr, NUM_HEADS, GROUP, RANK_K, RANK_V, HEAD_DIM, K_ROW, V_ROW,
-                        QK_SCALE_LOG2, IEEE_DOT, True, BITS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
+                        QK_SCALE_LOG2, IEEE_DOT, True, BITS, K_N8, K_N4, V_N8, V_N4, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD,
+                        QK_PAD)
 
 
 def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, cos_ptr, sin_ptr, freq_ptr, seq_len,
@@ -355,12 +363,14 @@ def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, c
                        RANK_K: tl.constexpr, RANK_V: tl.constexpr, QK_DIM: tl.constexpr, K_ROW: tl.constexpr,
                        V_ROW: tl.constexpr,
                        QK_SCALE_LOG2: tl.constexpr, IEEE_DOT: tl.constexpr, LATENT_KEYS: tl.constexpr,
-                       BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
+                       BITS: tl.constexpr, K_N8: tl.constexpr, K_N4: tl.constexpr, V_N8: tl.constexpr,
+                       V_N4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK_PAD: tl.constexpr,
                        RV_PAD: tl.constexpr, QK_PAD: tl.constexpr):
     """The prefill kernel on contiguous tensors, every stride derived from the shapes: q [B, H, S, QK_DIM],
     k [B, C, T, K_ROW], v [B, C, T, V_ROW] (K_ROW = r_k floats or int8 codes, ceil(r_k / 2) bytes of int4 codes;
     V_ROW alike; C = cache_heads, H_kv or, a joint latent, 1: read by every KV head through a head stride of 0),
-    mask [B, T], out [B, H, S, r_v]; with codes (BITS 8 or 4), scales ks / vs [B, C, T, 1]; with latent keys,
+    mask [B, T], out [B, H, S, r_v]; with codes (BITS 8: int8, 4: packed int4 or mixed, whose 8- and 4-bit runs
+    K_N8 / K_N4 and V_N8 / V_N4 long), scales ks / vs [B, C, T, 1]; with latent keys,
     key positions [B, T], basis_cos / basis_sin [H_kv, r_k, QK_DIM], freq [QK_DIM]. Pointers a node does not have
     are placeholders the kernel never reads (BITS 0: no scales; LATENT_KEYS False)."""
     NUM_KV_HEADS: tl.constexpr = NUM_HEADS // GROUP
@@ -374,7 +384,7 @@ def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, c
         total_len, 1,
         NUM_HEADS * seq_len * RANK_V, seq_len * RANK_V, RANK_V, 1,
         RANK_K * QK_DIM, QK_DIM, 1, total_len, 1,
-        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, QK_DIM, QK_SCALE_LOG2,
+        NUM_HEADS, seq_len, total_len, GROUP, RANK_K, RANK_V, QK_DIM, QK_SCALE_LOG2, K_N8, K_N4, V_N8, V_N4,
         True, IEEE_DOT, BITS, BITS, LATENT_KEYS, BLOCK_M, BLOCK_N, RK_PAD, RV_PAD, QK_PAD)
 
 
@@ -403,30 +413,37 @@ def _aot_entry(latent: bool = False, quantized: bool = False):
 # node: and the cache's head count, H_kv or 1 for a joint latent), the output
 _ENTRY_PARAMS = {(False, False): 7, (False, True): 9, (True, False): 12, (True, True): 14}
 _TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-_CODE_TYPES = {"int8": "*i8", "int4": "*u8"}       # kv_codec's storage of each code width
+_CODE_TYPES = {"int8": "*i8", "int4": "*u8", "mixed": "*u8"}       # kv_codec's storage of each format
 
 
 @functools.lru_cache(maxsize=None)
 def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: int, rank_v: int, scale: float,
                         target: tuple[int, int] = DEFAULT_TARGET, ptx_version: int | None = None,
-                        head_dim: int | None = None, kv_dtype: str | None = None) -> AotKernel:
+                        head_dim: int | None = None, kv_dtype: str | None = None, kv_layout: str = "") -> AotKernel:
     """The AOT kernel for one layer's attributes, compiled to PTX for sm_<target> (no GPU needed).
 
     ptx_version: cap on the PTX ISA (e.g. 87 = 8.7), see driver_ptx_version(); None = what Triton's ptxas takes.
     head_dim: a LowRankAttentionLatentK node's (its keys are rank_k latents turned into head_dim-wide keys).
-    kv_dtype: a quantized node's ("int8" | "int4"): k and v are codes, followed by their fp16 scales.
+    kv_dtype: a quantized node's ("int8" | "int4" | "mixed"): k and v are codes, followed by their fp16 scales;
+    kv_layout: a mixed node's counts of 8 / 4 / 2-bit numbers (its `kv_layout` attribute, kv_codec.parse_layout).
     """
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from .kv_codec import BITS, code_width
+    from .kv_codec import code_width, packed_runs, parse_layout
     from .triton_kernels import LOG2E, PrefillConfig, _padded
 
     if dtype not in _TRITON_TYPES:
         raise ValueError(f"lowrank_attention AOT: dtype {dtype!r} is not one of {', '.join(_TRITON_TYPES)}")
     if kv_dtype is not None and kv_dtype not in _CODE_TYPES:
-        raise ValueError(f"lowrank_attention AOT: kv_dtype {kv_dtype!r} is not one of {', '.join(_CODE_TYPES)} "
-                         "(a mixed cache is decoded in front of a float node)")
+        raise ValueError(f"lowrank_attention AOT: kv_dtype {kv_dtype!r} is not one of {', '.join(_CODE_TYPES)}")
+    codes = {}
+    if kv_dtype is not None:        # the code kind, each side's row width in bytes and its packed runs
+        k_counts, v_counts = parse_layout(kv_layout)
+        (k_n8, k_n4), (v_n8, v_n4) = packed_runs(kv_dtype, rank_k, k_counts), packed_runs(kv_dtype, rank_v, v_counts)
+        codes = {"BITS": 8 if kv_dtype == "int8" else 4, "K_ROW": code_width(rank_k, kv_dtype, k_counts),
+                 "V_ROW": code_width(rank_v, kv_dtype, v_counts), "K_N8": k_n8, "K_N4": k_n4, "V_N8": v_n8,
+                 "V_N4": v_n4}
     if num_kv_heads < 1 or num_heads % num_kv_heads:
         raise ValueError(f"lowrank_attention AOT: num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     rk_pad, rv_pad = _padded(rank_k), _padded(rank_v)
@@ -461,8 +478,7 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
         if latent:
             constexprs |= {"HEAD_DIM": head_dim, "QK_PAD": qk_pad}
         if quantized:
-            constexprs |= {"BITS": BITS[kv_dtype], "K_ROW": code_width(rank_k, kv_dtype),
-                           "V_ROW": code_width(rank_v, kv_dtype)}
+            constexprs |= codes
         source = triton.compiler.ASTSource(_aot_entry(latent, quantized), signature=signature, constexprs=constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options=dict(options, num_warps=config.num_warps, num_stages=config.num_stages))

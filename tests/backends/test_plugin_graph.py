@@ -22,7 +22,7 @@ from eigen_export.artifacts.layout import IO_JSON, MODEL_ONNX, MODEL_PLUGIN_ONNX
 from tests.helpers.stages import export  # noqa: E402
 from eigen_export.modeling import default_position_ids  # noqa: E402
 from eigen_export.backends import OnnxRuntimeBackend, TorchBackend, generate  # noqa: E402
-from eigen_export_plugins.lowrank_attention.kv_codec import cache_values  # noqa: E402
+from eigen_export_plugins.lowrank_attention.kv_codec import cache_values, layout_attribute  # noqa: E402
 from eigen_export_plugins.lowrank_attention.onnx_op import DOMAIN, OP_TYPE, OP_TYPES, register_onnx_schema  # noqa: E402
 from tests.backends.test_export import CASES, QUANT_ATOL, QUANTIZED, _left_padded, one_torch_thread  # noqa: E402,F401
 from tests.helpers.tiny_models import ptb_like_ids  # noqa: E402
@@ -111,7 +111,6 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
     standard = onnx.load(str(onnx_dir / MODEL_ONNX), load_external_data=False)
     spec, layers = reference.spec, reference.spec.num_layers
     mode, _, kv_dtype = kind.removeprefix("joint-").partition("+")
-    kv_dtype = kv_dtype if kv_dtype != "mixed" else ""      # a mixed cache reaches a float node decoded
     latent = mode == "pre"              # pre mode: the node reads the key latents and rotates the keys itself
     # in pre mode the maps' KV heads set the node's GQA groups, whatever the cache holds (a joint latent: one head)
     heads = spec.num_kv_heads if latent else spec.cache_heads
@@ -129,7 +128,8 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
                          "num_heads": spec.num_heads, "num_kv_heads": heads,
                          "rank_k": attn.ranks.k, "rank_v": attn.ranks.v,
                          "rope_mode": (mode if mode in ("pre", "post") else "none").encode(),
-                         **({"kv_dtype": kv_dtype.encode()} if kv_dtype else {}),
+                         **({"kv_dtype": kv_dtype.encode(), "kv_layout": layout_attribute(*attn.counts).encode()}
+                            if kv_dtype else {}),
                          **({"head_dim": spec.head_dim} if latent else {})}
         assert len(node.input) == 4 + 2 * bool(kv_dtype) + 4 * latent
         # the cache as stored reaches the node: no copy per KV head of a joint latent, no decoded codes

@@ -53,11 +53,13 @@ def _ptxas(arch: int) -> Path | None:
     ("bf16", 32, 8, 77, 90, (9, 0), 85, None, "int4"),   # packed int4, odd rank
     ("fp16", 9, 3, 45, 45, (9, 0), None, 64, "int8"),    # SmolLM2 at KV 0.7, pre mode, int8 (the documented default)
     ("fp32", 32, 8, 102, 80, (8, 0), None, 128, "int4"),
+    ("fp16", 9, 3, 45, 45, (9, 0), None, 64, "mixed"),   # mixed codes: the layout compiled in
 ])
 def test_aot_kernel_compiles_to_ptx_with_tensorrts_signature(dtype, heads, kv_heads, rank_k, rank_v, target,
                                                              ptx_version, head_dim, kv_dtype):
     kernel = compile_prefill_ptx(dtype, heads, kv_heads, rank_k, rank_v, 0.125, target=target,
-                                 ptx_version=ptx_version, head_dim=head_dim, kv_dtype=kv_dtype)
+                                 ptx_version=ptx_version, head_dim=head_dim, kv_dtype=kv_dtype,
+                                 kv_layout="11,23,11;15,15,15" if kv_dtype == "mixed" else "")
     if ptx_version is not None:
         assert f".version {ptx_version // 10}.{ptx_version % 10}" in kernel.ptx
     params = _entry_params(kernel.ptx, kernel.name)
@@ -100,7 +102,9 @@ def test_bad_attributes_are_refused():
         compile_prefill_ptx("fp16", 4, 3, 32, 32, 0.125)
     with pytest.raises(ValueError, match="dtype 'int8'"):
         compile_prefill_ptx("int8", 4, 2, 32, 32, 0.125)
-    with pytest.raises(ValueError, match="kv_dtype 'mixed' is not one of int8, int4"):
+    with pytest.raises(ValueError, match="kv_dtype 'int2' is not one of int8, int4, mixed"):
+        compile_prefill_ptx("fp16", 4, 2, 32, 32, 0.125, kv_dtype="int2")
+    with pytest.raises(ValueError, match="a mixed cache of rank 32 needs counts"):
         compile_prefill_ptx("fp16", 4, 2, 32, 32, 0.125, kv_dtype="mixed")
 
 
@@ -122,7 +126,7 @@ _INTERPRETED = r"""
 import json, sys
 import torch
 import triton
-from eigen_export_plugins.lowrank_attention.kv_codec import BITS, Quantized, code_width, encode
+from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
 from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
 from eigen_export_plugins.lowrank_attention.latent_rope import LatentKeys, latent_key_tables
 from eigen_export_plugins.lowrank_attention.trt_plugin import _aot_entry
@@ -150,9 +154,15 @@ for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype
     cache = [k, v]                                        # what the node takes after q: the cache, then the mask
     extra = []                                            # ... then the scales, then the latent-key inputs
     if kv_dtype:                                          # a quantized node: codes, the scales after the mask
-        k, v = (Quantized(*encode(t.float(), kv_dtype), kv_dtype, t.shape[-1]) for t in (k, v))
+        def side(t):                                      # mixed: 8-, 4- and 2-bit runs, odd lengths
+            r = t.shape[-1]
+            counts = (r // 4, r // 2 + 1, r - r // 4 - r // 2 - 1) if kv_dtype == "mixed" else None
+            return Quantized(*encode(t.float(), kv_dtype, counts), kv_dtype, r, counts)
+        k, v = side(k), side(v)
         cache, extra = [k.codes, v.codes], [k.scale, v.scale]
-        sizes |= dict(BITS=BITS[kv_dtype], K_ROW=code_width(rank_k, kv_dtype), V_ROW=code_width(rank_v, kv_dtype))
+        (k_n8, k_n4), (v_n8, v_n4) = k.runs, v.runs
+        sizes |= dict(BITS=8 if kv_dtype == "int8" else 4, K_ROW=k.codes.shape[-1], V_ROW=v.codes.shape[-1],
+                      K_N8=k_n8, K_N4=k_n4, V_N8=v_n8, V_N4=v_n4)
     latent = None
     if head_dim:                                          # a LowRankAttentionLatentK node's inputs, in its order
         if joint:       # one orthonormal basis over all KV heads' features (ranks up to H_kv x d), in H_kv blocks
@@ -189,6 +199,8 @@ INTERPRETED_CASES = [
     (2, 6, 2, 9, 5, 24, 40, "float16", 64, "int8", False),       # quantized latent keys: prefill continuing a cache
     (2, 9, 3, 1, 37, 120, 72, "float32", 64, None, True),        # a joint latent (SmolLM2's shape): decode
     (2, 6, 3, 9, 5, 41, 40, "float16", 64, "int8", True),        # a joint quantized latent: prefill
+    (2, 4, 2, 1, 37, 41, 23, "float32", None, "mixed", False),   # mixed codes: decode, padded row
+    (2, 9, 3, 5, 17, 120, 72, "float16", 64, "mixed", True),     # a joint mixed latent (SmolLM2's default): prefill
 ]
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
 
@@ -256,7 +268,7 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     out = recorded[("register", float_op + "Quantized")](
         TensorDesc((2, 4, 3, 16), "F16"), TensorDesc((2, 2, 5, 8), "U8"), TensorDesc((2, 2, 5, 21), "U8"),
         TensorDesc((2, 5), "I64"), TensorDesc((2, 2, 5, 1), "F16"), TensorDesc((2, 2, 5, 1), "F16"),
-        0.125, 4, 2, 16, 41, "post", "int4")
+        0.125, 4, 2, 16, 41, "post", "int4", "")
     assert out.shape_expr == (2, 4, 3, 41) and out.dtype == "F16"
     # a latent-key node: q is head_dim wide, the output rank_v
     out = recorded[("register", float_op + "LatentK")](
@@ -290,11 +302,13 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     assert name == "lowrank_attention_latent_aot" and f".entry {name}(" in ptx
     assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and 0 < launch.shared_mem <= 48 * 1024
     assert list(extra) == [("i32", seq), ("i32", total), ("i32", kv_heads)]      # the cache's heads: one per KV head
-    # quantized nodes: int4 codes are ceil(rank / 2) wide, so the sizes come from the attributes, not the shapes
-    codes_k, codes_v = TensorDesc((batch, kv_heads, total, 20), "U8"), TensorDesc((batch, kv_heads, total, 28), "U8")
+    # quantized nodes: packed codes are narrower than the rank, so the sizes come from the attributes, not the shapes
+    # (here mixed: 10 + 20 / 2 + 10 / 4 -> 23 bytes of keys, 14 + 28 / 2 + 14 / 4 -> 32 of values)
+    codes_k, codes_v = TensorDesc((batch, kv_heads, total, 23), "U8"), TensorDesc((batch, kv_heads, total, 32), "U8")
     scales = TensorDesc((batch, kv_heads, total, 1), "F16")
     name, ptx, launch, extra = recorded[("aot_impl", float_op + "Quantized")](
-        q, codes_k, codes_v, mask, scales, scales, 0.125, heads, kv_heads, rank_k, rank_v, "int4", (out,), 0)
+        q, codes_k, codes_v, mask, scales, scales, 0.125, heads, kv_heads, rank_k, rank_v, "mixed",
+        "10,20,10;14,28,14", (out,), 0)
     assert name == "lowrank_attention_quantized_aot" and len(_entry_params(ptx, name)) == 9
     assert (launch.grid_x, launch.grid_y) == (2, batch * heads) and list(extra) == [("i32", seq), ("i32", total)]
     # a joint latent: one cache head, which the kernel reads for each of the maps' KV heads
@@ -302,7 +316,7 @@ def test_registration_against_a_stand_in_for_tensorrt_plugin(monkeypatch):
     joint_scales = TensorDesc((batch, 1, total, 1), "F16")
     name, ptx, launch, extra = recorded[("aot_impl", float_op + "LatentKQuantized")](
         q_full, joint_k, joint_v, mask, joint_scales, joint_scales, positions, maps, maps, TensorDesc((64,), "F32"),
-        0.125, heads, kv_heads, rank_k, rank_v, "int8", 64, (out,), 0)
+        0.125, heads, kv_heads, rank_k, rank_v, "int8", "", 64, (out,), 0)
     assert name == "lowrank_attention_latent_quantized_aot" and len(_entry_params(ptx, name)) == 14
     assert (launch.grid_x, launch.grid_y) == (2, batch * heads)
     assert list(extra) == [("i32", seq), ("i32", total), ("i32", 1)]
