@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from eigen_export_plugins.lowrank_attention.onnx_op import complete_attributes
 from eigen_export_plugins.lowrank_attention.trt_plugin import AOT_OPS, INSTALL_HINT, register
 
 from ..artifacts.engine import RuntimeEnv, check_plan_compatible, read_build
@@ -240,7 +241,8 @@ def graph_for_parser(path: Path, graph: str) -> tuple[bytes, dict]:
     The export, folded further by Polygraphy where that removes nodes (backends/onnx_sanitize.py); for the
     plugin graph, each plugin node of a type with a compiled kernel (trt_plugin.AOT_OPS: every op type, float and
     quantized caches, `pre` mode's latent keys) carries `aot=1`, the attribute that makes TensorRT's parser take
-    the plugin's AOT implementation (compiled kernel, no Python at run time) instead of its JIT one
+    the plugin's AOT implementation (compiled kernel, no Python at run time) instead of its JIT one, and a quantized
+    node exported before the `kv_layout` attribute existed gets an empty one (onnx_op.complete_attributes)
     (https://github.com/NVIDIA/TensorRT/tree/main/samples/python/quickly_deployable_plugins#onnx-model-with-an-
     aot-plugin). External weights stay where they are, read from beside `path`. The file is not changed."""
     import onnx
@@ -251,6 +253,8 @@ def graph_for_parser(path: Path, graph: str) -> tuple[bytes, dict]:
         for node in model.graph.node:
             if node.op_type in AOT_OPS and not any(a.name == "aot" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("aot", 1))
+            if node.op_type in AOT_OPS:
+                complete_attributes(node)
     return model.SerializeToString(), sanitized.record()
 
 

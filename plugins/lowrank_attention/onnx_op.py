@@ -268,6 +268,15 @@ def take_ort_error() -> str | None:
     return errors[0] if errors else None
 
 
+def complete_attributes(node) -> None:
+    """Give a quantized node exported before the `kv_layout` attribute existed (int8 / int4 codes then) the empty
+    layout: ORT's Python op and the TensorRT plugin both declare every attribute and refuse a node without one."""
+    from onnx import helper
+
+    if node.op_type.endswith("Quantized") and not any(a.name == "kv_layout" for a in node.attribute):
+        node.attribute.append(helper.make_attribute("kv_layout", ""))
+
+
 def for_onnxruntime(model) -> int:
     """Move the plugin nodes of an onnx ModelProto (in memory) into the domain ORT's Python ops live in, each
     named as register_ort_op registered its kind (ort_op_type)."""
@@ -277,6 +286,7 @@ def for_onnxruntime(model) -> int:
     nodes = []
     for node in model.graph.node:
         if node.op_type in OP_TYPES.values() and node.domain == DOMAIN:
+            complete_attributes(node)
             kv_dtype = next((a.s.decode() for a in node.attribute if a.name == "kv_dtype"), None)
             node.op_type = ort_op_type(node.op_type, kv_dtype)
             node.domain = ORT_PYOP_DOMAIN

@@ -143,6 +143,25 @@ def test_plugin_graph_has_one_node_per_layer_with_the_model_attributes(exports, 
     assert {p.key: p.value for p in plugin.metadata_props} == {p.key: p.value for p in standard.metadata_props}
 
 
+def test_a_quantized_plugin_graph_exported_before_kv_layout_still_runs(exports, tmp_path):
+    """A plugin graph whose quantized nodes have no `kv_layout` attribute (exported before it existed) runs on ONNX
+    Runtime as before: the backend gives them the empty layout that the Python op declares."""
+    _, onnx_dir, reference, _ = exports.get("llama-gqa", "pre+int8")
+    copy = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, copy)
+    model = onnx.load(str(copy / MODEL_PLUGIN_ONNX))
+    for node in model.graph.node:
+        kept = [a for a in node.attribute if a.name != "kv_layout"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+    onnx.save(model, str(copy / MODEL_PLUGIN_ONNX))
+    ids, mask = _left_padded(3, 7)
+    positions = default_position_ids(mask, 0)
+    old, new = (OnnxRuntimeBackend(d, threads=1, plugin=True).forward(ids, mask, positions, None)
+                for d in (copy, onnx_dir))
+    assert torch.equal(old[0], new[0])
+
+
 def test_a_wrong_scale_is_caught(exports, tmp_path):
     """The tolerance bites: the classic bug, 1/sqrt(r_k) instead of 1/sqrt(head_dim), moves logits far past it."""
     _, onnx_dir, reference, standard = exports.get("llama-gqa", "post")

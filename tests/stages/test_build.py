@@ -256,6 +256,11 @@ def test_graph_choice_and_the_aot_attribute(tmp_path):
     assert not any(a.name == "aot" for a in parsed.graph.node[1].attribute)
     marked = {n.op_type: any(a.name == "aot" for a in n.attribute) for n in parsed.graph.node[2:]}
     assert marked == {f"LowRankAttention{kind}": True for kind in kinds}
+    # quantized nodes exported before `kv_layout` existed get the empty layout the plugin declares
+    layouts = {n.op_type: [helper.get_attribute_value(a) for a in n.attribute if a.name == "kv_layout"]
+               for n in parsed.graph.node[2:]}
+    assert layouts == {"LowRankAttentionLatentK": [], "LowRankAttentionQuantized": [b""],
+                       "LowRankAttentionLatentKQuantized": [b""]}
     assert not any(a.name == "aot" for a in onnx.load(str(path)).graph.node[0].attribute)
     standard = onnx.load_from_string(graph_for_parser(path, "standard")[0])
     assert not any(a.name == "aot" for a in standard.graph.node[0].attribute)
