@@ -83,11 +83,12 @@ def _attend_block(q, k, v, visible, m_i, l_i, acc, qk_scale_log2, IEEE_DOT: tl.c
 @triton.jit
 def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r, stride_st, n8, n4,
                BITS: tl.constexpr):
-    """[BLOCK_N, R_PAD] of one cache side: the stored floats (BITS 0), or int8 codes (BITS 8) or packed mid-rise
-    codes (BITS 4: int4 and mixed) times each token's fp16 scale, in fp32; masked elements are 0, as the padding
-    past the rank must be. Packed (kv_codec's format): the first n8 numbers are one byte each, the next n4 two to a
-    byte, the rest four to a byte, each run from a fresh byte, lowest bits first, a w-bit code c standing for
-    c - 2^(w-1) + 1/2; int4 is n8 = 0, n4 = rank."""
+    """[BLOCK_N, R_PAD] of one cache side (BITS: CODE_KINDS): the stored floats, or int8 / int4 / mixed codes times
+    each token's fp16 scale, in fp32; masked elements are 0, as the padding past the rank must be. Mid-rise packed
+    codes (kv_codec's format) stand for c - 2^(w-1) + 1/2: int4 element j is nibble j % 2 of byte j // 2; mixed:
+    the first n8 numbers are one byte each, the next n4 two to a byte, the rest four to a byte, each run from a
+    fresh byte, lowest bits first (int4 keeps its own branch: its byte index j // 2 is what the compiler can turn
+    into vector loads)."""
     ok = key_ok[:, None] & r_ok[None, :]
     if BITS == 0:
         x = tl.load(base + keys[:, None] * stride_t + offs_r[None, :] * stride_r, mask=ok, other=0.0)
@@ -95,6 +96,10 @@ def _load_side(base, scale_base, keys, key_ok, offs_r, r_ok, stride_t, stride_r,
         if BITS == 8:
             codes = tl.load(base + keys[:, None] * stride_t + offs_r[None, :] * stride_r, mask=ok, other=0)
             codes = codes.to(tl.float32)
+        elif BITS == 4:
+            packed = tl.load(base + keys[:, None] * stride_t + (offs_r[None, :] // 2) * stride_r, mask=ok, other=8)
+            codes = ((packed.to(tl.int32) >> ((offs_r[None, :] % 2) * 4)) & 15) - 8
+            codes = tl.where(ok, codes.to(tl.float32) + 0.5, 0.0)
         else:
             wide, mid = offs_r < n8, offs_r < n8 + n4
             i4, i2 = offs_r - n8, offs_r - n8 - n4
@@ -417,11 +422,15 @@ def _mask_for_kernel(attention_mask: torch.Tensor | None, fallback: torch.Tensor
     return attention_mask, attention_mask.stride(0), attention_mask.stride(1), True
 
 
+# The kernels' K_BITS / V_BITS: how a cache side is stored (floats: 0)
+CODE_KINDS = {"int8": 8, "int4": 4, "mixed": 1}
+
+
 @dataclass(frozen=True)
 class _Side:
     """What a kernel reads of one cache side: the tensor, its scales (a placeholder pointer for floats; never
-    read) and their strides, the code kind (0: floats, 8: int8 codes, 4: packed mid-rise codes, int4 or mixed)
-    and, packed, how many leading numbers are 8-bit, then 4-bit (kv_codec.Quantized.runs)."""
+    read) and their strides, the code kind (CODE_KINDS; 0: floats) and, mixed, how many leading numbers are 8-bit,
+    then 4-bit (kv_codec.Quantized.runs)."""
     data: torch.Tensor
     scale: torch.Tensor
     scale_strides: tuple[int, int, int]
@@ -432,9 +441,7 @@ class _Side:
     def of(cls, t: torch.Tensor | Quantized) -> "_Side":
         if not isinstance(t, Quantized):
             return cls(t, t, (0, 0, 0), 0)
-        if t.kv_dtype == "int8":
-            return cls(t.codes, t.scale, tuple(t.scale.stride()[:3]), 8)
-        return cls(t.codes, t.scale, tuple(t.scale.stride()[:3]), 4, t.runs)
+        return cls(t.codes, t.scale, tuple(t.scale.stride()[:3]), CODE_KINDS[t.kv_dtype], t.runs)
 
 
 def lowrank_attention(q: torch.Tensor, k: torch.Tensor | Quantized, v: torch.Tensor | Quantized,
@@ -528,7 +535,7 @@ def _default_decode_config(common: dict) -> DecodeConfig:
 
 
 def _runs(ks: _Side, vs: _Side) -> dict:
-    """The kernels' k_n8, k_n4, v_n8, v_n4: where each side's packed widths change (unused for floats and int8)."""
+    """The kernels' k_n8, k_n4, v_n8, v_n4: where each side's packed widths change (read for mixed codes only)."""
     return dict(zip(("k_n8", "k_n4", "v_n8", "v_n4"), (*ks.runs, *vs.runs)))
 
 

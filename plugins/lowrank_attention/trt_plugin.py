@@ -369,7 +369,7 @@ def contiguous_prefill(q_ptr, k_ptr, v_ptr, mask_ptr, ks_ptr, vs_ptr, pos_ptr, c
     """The prefill kernel on contiguous tensors, every stride derived from the shapes: q [B, H, S, QK_DIM],
     k [B, C, T, K_ROW], v [B, C, T, V_ROW] (K_ROW = r_k floats or int8 codes, ceil(r_k / 2) bytes of int4 codes;
     V_ROW alike; C = cache_heads, H_kv or, a joint latent, 1: read by every KV head through a head stride of 0),
-    mask [B, T], out [B, H, S, r_v]; with codes (BITS 8: int8, 4: packed int4 or mixed, whose 8- and 4-bit runs
+    mask [B, T], out [B, H, S, r_v]; with codes (BITS: triton_kernels.CODE_KINDS; mixed codes' 8- and 4-bit runs
     K_N8 / K_N4 and V_N8 / V_N4 long), scales ks / vs [B, C, T, 1]; with latent keys,
     key positions [B, T], basis_cos / basis_sin [H_kv, r_k, QK_DIM], freq [QK_DIM]. Pointers a node does not have
     are placeholders the kernel never reads (BITS 0: no scales; LATENT_KEYS False)."""
@@ -431,7 +431,7 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
     from triton.backends.compiler import GPUTarget
 
     from .kv_codec import code_width, packed_runs, parse_layout
-    from .triton_kernels import LOG2E, PrefillConfig, _padded
+    from .triton_kernels import CODE_KINDS, LOG2E, PrefillConfig, _padded
 
     if dtype not in _TRITON_TYPES:
         raise ValueError(f"lowrank_attention AOT: dtype {dtype!r} is not one of {', '.join(_TRITON_TYPES)}")
@@ -441,7 +441,7 @@ def compile_prefill_ptx(dtype: str, num_heads: int, num_kv_heads: int, rank_k: i
     if kv_dtype is not None:        # the code kind, each side's row width in bytes and its packed runs
         k_counts, v_counts = parse_layout(kv_layout)
         (k_n8, k_n4), (v_n8, v_n4) = packed_runs(kv_dtype, rank_k, k_counts), packed_runs(kv_dtype, rank_v, v_counts)
-        codes = {"BITS": 8 if kv_dtype == "int8" else 4, "K_ROW": code_width(rank_k, kv_dtype, k_counts),
+        codes = {"BITS": CODE_KINDS[kv_dtype], "K_ROW": code_width(rank_k, kv_dtype, k_counts),
                  "V_ROW": code_width(rank_v, kv_dtype, v_counts), "K_N8": k_n8, "K_N4": k_n4, "V_N8": v_n8,
                  "V_N4": v_n4}
     if num_kv_heads < 1 or num_heads % num_kv_heads:

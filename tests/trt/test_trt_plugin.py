@@ -130,7 +130,7 @@ from eigen_export_plugins.lowrank_attention.kv_codec import Quantized, encode
 from eigen_export_plugins.lowrank_attention.reference import lowrank_attention_reference
 from eigen_export_plugins.lowrank_attention.latent_rope import LatentKeys, latent_key_tables
 from eigen_export_plugins.lowrank_attention.trt_plugin import _aot_entry
-from eigen_export_plugins.lowrank_attention.triton_kernels import LOG2E, _padded
+from eigen_export_plugins.lowrank_attention.triton_kernels import CODE_KINDS, LOG2E, _padded
 
 results = {}
 for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype, joint in json.loads(sys.argv[2]):
@@ -161,7 +161,7 @@ for batch, heads, kv_heads, seq, past, rank_k, rank_v, dtype, head_dim, kv_dtype
         k, v = side(k), side(v)
         cache, extra = [k.codes, v.codes], [k.scale, v.scale]
         (k_n8, k_n4), (v_n8, v_n4) = k.runs, v.runs
-        sizes |= dict(BITS=8 if kv_dtype == "int8" else 4, K_ROW=k.codes.shape[-1], V_ROW=v.codes.shape[-1],
+        sizes |= dict(BITS=CODE_KINDS[kv_dtype], K_ROW=k.codes.shape[-1], V_ROW=v.codes.shape[-1],
                       K_N8=k_n8, K_N4=k_n4, V_N8=v_n8, V_N4=v_n4)
     latent = None
     if head_dim:                                          # a LowRankAttentionLatentK node's inputs, in its order
