@@ -61,6 +61,7 @@ OPTIMUM_ONNX = REPO / "build/bench-onnx/optimum"
 # and only the export runs with it on PYTHONPATH; the bench runs Optimum's ONNX file with our onnxruntime.
 OPTIMUM_OVERLAY = REPO / "build/optimum-overlay"
 SCENARIOS = [(1, 512), (1, 2048), (8, 512), (8, 2048)]          # (batch, past)
+SCENARIO_NAMES = ["prefill_512", *(f"b{b}_p{p}" for b, p in SCENARIOS)]
 PREFILL_TOKENS = 512
 # Idle worker threads sleep instead of spinning, in ORT and in torch's OpenMP pool: with all variants in one
 # process on 2 shared cores, one variant's spinning threads would otherwise steal the next one's cores.
@@ -78,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=None,
                    help="subset of: hf-sdpa hf-eager optimum-ort ours-original " + " ".join(FOLDED))
     p.add_argument("--scenarios", nargs="+", default=None,
-                   choices=["prefill_512", *(f"b{b}_p{p}" for b, p in SCENARIOS)],
+                   choices=SCENARIO_NAMES,
                    help="measure only these (default: all); e.g. b8_p2048 alone, for many short paired rounds")
     p.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
     p.add_argument("--out", type=Path, default=None)
@@ -446,7 +447,7 @@ def main(argv=None) -> int:
     record = _meta(argv)
     record["settings"] = {"threads": args.threads, "repeats": args.repeats, "steps": args.steps,
                           "prefill_tokens": PREFILL_TOKENS,
-                          "scenarios": args.scenarios or ["prefill_512", *(f"b{b}_p{p}" for b, p in SCENARIOS)],
+                          "scenarios": args.scenarios or SCENARIO_NAMES,
                           "dtype": "fp32", "model": "SmolLM2-135M-Instruct (dequantised Q4_1 GGUF weights)",
                           "timer": "time.perf_counter around one forward; median over repeats x steps",
                           "decode_cache": "random values, feeding presents back as generate() does",

@@ -251,10 +251,11 @@ def graph_for_parser(path: Path, graph: str) -> tuple[bytes, dict]:
     model = sanitized.model
     if graph == "plugin":
         for node in model.graph.node:
-            if node.op_type in AOT_OPS and not any(a.name == "aot" for a in node.attribute):
+            if node.op_type not in AOT_OPS:
+                continue
+            complete_attributes(node)
+            if not any(a.name == "aot" for a in node.attribute):
                 node.attribute.append(onnx.helper.make_attribute("aot", 1))
-            if node.op_type in AOT_OPS:
-                complete_attributes(node)
     return model.SerializeToString(), sanitized.record()
 
 
