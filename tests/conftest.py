@@ -22,16 +22,21 @@ def word_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def smollm2_path():
-    """The converted SmolLM2-135M folder (converted once into the shared cache, then reused)."""
+def smollm2_path(tmp_path_factory):
+    """The converted SmolLM2-135M folder (converted once into the shared cache, then reused; the lock keeps a
+    second worker from converting it at the same time on a fresh checkout)."""
+    from filelock import FileLock
+
     from eigen_export.assets import smollm2_dir, smollm2_gguf
     from eigen_export.errors import EigenExportError
+    from tests.helpers.shared import run_root
 
     try:
         smollm2_gguf()
     except EigenExportError as e:
         pytest.skip(str(e))
-    return smollm2_dir()
+    with FileLock(run_root(tmp_path_factory) / "smollm2-convert.lock"):
+        return smollm2_dir()
 
 
 @pytest.fixture(scope="session")
