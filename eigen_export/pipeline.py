@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -55,13 +56,28 @@ def isolated(stage: Callable, *args, **kwargs):
     of modules and caches under every later stage), so make engine's peak is that of its largest stage plus
     this process, not their sum."""
     level = logging.getLogger().getEffectiveLevel()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_child, initargs=(level,)) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=_stage_context(), initializer=_child,
+                             initargs=(level,)) as pool:
         try:
             return pool.submit(stage, *args, **kwargs).result()
         except BrokenProcessPool:
             raise EigenExportError(f"the process running {stage.__name__} died (out of memory?): its output was "
                                    "not completed; run the stage alone to see why") from None
+
+
+_STAGE_MODULES = [f"eigen_export.stages.{name}" for name in ("calibrate", "fold", "export", "build", "validate")]
+
+
+def _stage_context():
+    """On Linux a forkserver: it imports the stages (torch, transformers) once and every stage process forks from
+    it, a fresh address space without the 2-5 s import (a stage that found its output current was all import).
+    The server never runs a stage, so it holds no CUDA context to fork. Elsewhere spawn (macOS frameworks do not
+    survive a fork)."""
+    if not sys.platform.startswith("linux"):
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_STAGE_MODULES)
+    return context
 
 
 def _child(level: int) -> None:

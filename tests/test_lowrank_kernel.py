@@ -377,16 +377,21 @@ def test_reference_rejects_bad_shapes_clearly(kind, message):
 
 
 @pytest.fixture(scope="module")
-def kernel_results():
+def kernel_results(tmp_path_factory):
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install -e '.[dev]' provides it)")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, "--kernel-worker"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        pytest.fail(f"kernel worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    results = json.loads(lines[-1])
+    from tests.helpers.shared import built_once          # here: the file also runs as the kernel worker
+
+    def run_worker(out):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        proc = subprocess.run([sys.executable, __file__, "--kernel-worker"], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            pytest.fail(f"kernel worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+        (out / "results.json").write_text(lines[-1])
+
+    results = json.loads((built_once(tmp_path_factory, "kernel-results", run_worker) / "results.json").read_text())
     if "skip" in results:
         pytest.skip(results["skip"])
     return results

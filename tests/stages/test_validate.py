@@ -10,6 +10,7 @@ from eigen_export.cli import main
 from eigen_export.errors import EigenExportError
 from eigen_export.artifacts.report import table
 from eigen_export.stages.validate import Check
+from tests.helpers.shared import built_once
 
 # Small measurements, default limits: the project's trained Llama mini (4 layers, MHA 4 x 64) calibrated
 # on 8 x 128 tokens keeps the accuracy limits with room (top-1 0.996 at KV 0.7 when this was written).
@@ -35,11 +36,14 @@ def write_recipe(path, source="models/ptb-llama-mini", family="llama", extra=FAS
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """One engine run (calibrate -> fold -> export -> build -> validate) of the Llama mini."""
-    base = tmp_path_factory.mktemp("validate")
-    recipe = write_recipe(base / "tiny.toml")
-    code = main(["engine", str(recipe), "--build-dir", str(base / "build")])
-    return base / "build" / "tiny", recipe, code
+    """One engine run (calibrate -> fold -> export -> build -> validate) of the Llama mini, shared read-only by
+    the tests of this module on whichever worker they run."""
+    def make(base):
+        code = main(["engine", str(write_recipe(base / "tiny.toml")), "--build-dir", str(base / "build")])
+        (base / "exit_code").write_text(str(code))
+
+    base = built_once(tmp_path_factory, "validate", make)
+    return base / "build" / "tiny", base / "tiny.toml", int((base / "exit_code").read_text())
 
 
 def copy_build(built, tmp_path):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.shared import built_once
+
 REPO = Path(__file__).resolve().parents[2]
 from eigen_export_plugins.lowrank_attention.trt_plugin import (  # noqa: E402
     INSTALL_HINT, compile_prefill_ptx, drop_unused_entry_params, register,
@@ -206,12 +208,15 @@ TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
 
 
 @pytest.fixture(scope="module")
-def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED, str(REPO), json.dumps(INTERPRETED_CASES)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def interpreted(tmp_path_factory):
+    def run_cases(out):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        done = subprocess.run([sys.executable, "-c", _INTERPRETED, str(REPO), json.dumps(INTERPRETED_CASES)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (out / "results.json").write_text(done.stdout.strip().splitlines()[-1])
+
+    return json.loads((built_once(tmp_path_factory, "aot-interpreted", run_cases) / "results.json").read_text())
 
 
 @pytest.mark.parametrize("case", INTERPRETED_CASES, ids=lambda c: "-".join(map(str, c)))
