@@ -155,3 +155,15 @@ def test_engine_with_a_quantized_cache_from_the_recipe(tiny_llama_dir, tmp_path,
     assert report["compression"]["kv_dtype"] == kv_dtype
     assert report["backends"]["onnxruntime"]["present_max_abs"] <= 1e-3
     assert "quantization_effect" in report["backends"]["onnxruntime"]
+
+
+def test_the_stage_server_holds_no_gpu_runtime():
+    """On Linux every stage forks from a server that imported the stage modules: they must not pull in a GPU
+    runtime at import (TensorRT, Triton, ONNX Runtime) nor touch CUDA, whose state a fork cannot carry."""
+    code = ("import sys, torch; from eigen_export.pipeline import _STAGE_MODULES\n"
+            "for m in _STAGE_MODULES: __import__(m)\n"
+            "print(sorted({k.split('.')[0] for k in sys.modules} & {'tensorrt', 'triton', 'onnxruntime', 'pycuda'}),"
+            " torch.cuda.is_initialized())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["[]", "False"]
