@@ -50,11 +50,11 @@ def check_family(recipe: Recipe, source: str) -> None:
 
 
 def isolated(stage: Callable, *args, **kwargs):
-    """stage(*args, **kwargs) in a fresh Python process; its result, or its error raised here.
+    """stage(*args, **kwargs) in a process of its own; its result, or its error raised here.
 
     What a stage imports and leaves allocated goes with its process (torch.onnx's exporter alone kept 0.5 GB
     of modules and caches under every later stage), so make engine's peak is that of its largest stage plus
-    this process, not their sum."""
+    this process (and, on Linux, the server it forks from: `_stage_context`), not their sum."""
     level = logging.getLogger().getEffectiveLevel()
     with ProcessPoolExecutor(max_workers=1, mp_context=_stage_context(), initializer=_child,
                              initargs=(level,)) as pool:
