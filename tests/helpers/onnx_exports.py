@@ -23,8 +23,6 @@ class Exports:
         return self.cache[key]
 
     def _make(self, name, kind, dtype):
-        dirs = {}
-
         def make(base):
             if kind == "original":
                 model_dir = base / "hf"
